@@ -1,0 +1,188 @@
+"""Shared fixtures: free ports, real iperf3 servers, fake iperf3 executables, and the switches
+that turn a missing tool from a skip (a developer's laptop) into a failure (CI)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_SCRIPT = ROOT / "iperf_server.py"
+CLIENT_SCRIPT = ROOT / "iperf_client.py"
+
+
+def require(tool_ok, what, env_var):
+    """Skip the calling test when `tool_ok` is false, or fail it when `env_var` is set to 1.
+
+    CI sets REQUIRE_IPERF3 / REQUIRE_NETNS / REQUIRE_BROWSER so that a machine lacking a tool
+    fails loudly instead of passing with half the suite skipped.
+    """
+    if tool_ok:
+        return
+    if os.environ.get(env_var) == "1":
+        pytest.fail("%s is required (%s=1) but missing" % (what, env_var))
+    pytest.skip("%s not available" % what)
+
+
+def iperf3_path():
+    return shutil.which("iperf3")
+
+
+@pytest.fixture
+def iperf3():
+    """Path of the real iperf3 (skips or fails per REQUIRE_IPERF3 when there is none)."""
+    path = iperf3_path()
+    require(path is not None, "iperf3", "REQUIRE_IPERF3")
+    return path
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_accepts(port, host="127.0.0.1", timeout=0.5):
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout=10.0, interval=0.05):
+    """Poll `predicate` until it returns true or `timeout` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def kill_process(proc):
+    """Stop a Popen for good: SIGCONT (a stopped process cannot die of TERM), TERM, then KILL."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            return
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def kill_pid(pid):
+    """Like kill_process, for a process we did not start ourselves (a daemon); never raises."""
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+    if wait_until(lambda: not pid_alive(pid), timeout=3):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    wait_until(lambda: not pid_alive(pid), timeout=3)
+
+
+def pid_alive(pid):
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+class IperfServer:
+    """A real `iperf3 -s` in the foreground on a random free loopback port."""
+
+    def __init__(self, executable, port, extra=()):
+        self.port = port
+        self.proc = subprocess.Popen(
+            [executable, "-s", "-B", "127.0.0.1", "-p", str(port), *extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        if not wait_until(lambda: port_accepts(port) or self.proc.poll() is not None):
+            raise RuntimeError("iperf3 server did not start on port %d" % port)
+        if self.proc.poll() is not None:
+            raise RuntimeError("iperf3 server exited with %s" % self.proc.returncode)
+
+    def stop(self):
+        kill_process(self.proc)
+
+
+@pytest.fixture
+def iperf3_server(iperf3):
+    """A real iperf3 server on a random free port; yields it and kills it afterwards."""
+    server = IperfServer(iperf3, free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_iperf3_server(iperf3):
+    """Factory for extra real iperf3 servers (extra arguments allowed); all killed afterwards."""
+    servers = []
+
+    def start(extra=(), port=None):
+        server = IperfServer(iperf3, port or free_port(), extra)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def fake_iperf3(tmp_path):
+    """Factory writing an executable Python script named `iperf3` into its own folder.
+
+    `fake_iperf3(body)` returns the script's path; `body` is Python source run with `sys`, `os`,
+    `time`, `json` and `signal` imported and `args` = sys.argv[1:]. It stands in for what a real
+    iperf3 can't do on demand: hang, crash, print noise, claim another version.
+    """
+    count = [0]
+
+    def make(body):
+        count[0] += 1
+        folder = tmp_path / ("fake-bin-%d" % count[0])
+        folder.mkdir()
+        script = folder / "iperf3"
+        script.write_text(
+            "#!%s\nimport sys, os, time, json, signal\nargs = sys.argv[1:]\n%s\n"
+            % (sys.executable, textwrap.dedent(body))
+        )
+        script.chmod(0o755)
+        return script
+
+    return make
+
+
+def run_script(script, args, env=None, timeout=120, cwd=None):
+    """Run one of our scripts as cron would: a subprocess, stdin closed, no terminal."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(script), *[str(a) for a in args]],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, env=full_env, timeout=timeout, cwd=cwd,
+    )
