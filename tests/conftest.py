@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Test the scripts in this working tree, even when an older copy is pip-installed.
+sys.path.insert(0, str(ROOT))
 SERVER_SCRIPT = ROOT / "iperf_server.py"
 CLIENT_SCRIPT = ROOT / "iperf_client.py"
 

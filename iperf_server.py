@@ -1,0 +1,703 @@
+#!/usr/bin/env python3
+"""Keep exactly one healthy iperf3 server (`iperf3 -s -D`) running on this host.
+
+Meant for cron, every minute. Whatever it finds -- no daemon, a crashed one, a stale or garbled
+pidfile, a PID recycled by another program, a daemon that is alive but hung or stuck "busy" --
+it leaves one healthy daemon behind and says so only when something is wrong. A run that ends
+with a healthy server prints nothing (cron mails whatever a job prints); the log file has the
+details.
+
+Usage:
+    iperf_server.py                      # make sure the server runs (the cron job)
+    iperf_server.py --status             # one line; exit 0 healthy, 1 unhealthy, 3 not running
+    iperf_server.py --stop               # stop it
+    iperf_server.py -p 5202 -- --rcv-timeout 30000   # after --: passed to iperf3 unchanged
+
+Crontab line (every minute):
+    (crontab -l ; echo "* * * * * ~/iperf_server.py") | crontab -
+
+Exit codes: 0 a healthy server is running; 1 no healthy server could be had; 2 usage;
+--status: 0 healthy, 1 running but unhealthy, 3 not running.
+"""
+
+import argparse
+import errno
+import fcntl
+import json
+import logging
+import logging.handlers
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+__version__ = "1.0.0"
+
+# --- Settings an admin may edit (each one is also a command-line flag) ----------------------------
+IPERF_PID_FILE = os.path.expanduser("~/iperf.pid")  # where iperf3 writes its PID (absolute)
+IPERF_MONITOR_LOG = os.path.expanduser("~/iperf_monitor.log")  # this script's log
+IPERF_EXECUTABLE = "iperf3"  # iperf3 executable: a name looked up on PATH, or a path
+IPERF_PORT = 5201  # port the server listens on (iperf3's default)
+IPERF_BIND = None  # address to listen on; None = all addresses
+IPERF_EXTRA_ARGS = []  # more iperf3 server arguments, e.g. ["--rcv-timeout", "30000"]
+MAX_BUSY_MINUTES = 10.0  # restart a server that has answered "busy" for longer than this
+START_TIMEOUT = 5.0  # seconds to wait for a spawned daemon to write its pidfile and listen
+PROBE_TIMEOUT = 5.0  # seconds a health probe may take before the server counts as hung
+STOP_TIMEOUT = 3.0  # seconds between SIGTERM and SIGKILL when stopping the daemon
+LOCK_TIMEOUT = 50.0  # seconds to wait for another run of this script (cron runs every 60 s)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3  # --status only (LSB init-script convention)
+
+# Options the script owns: after `--` they would contradict or defeat what the watchdog manages.
+OWNED_OPTIONS = {
+    "-s": "--server", "-D": "--daemon", "-I": "--pidfile", "-p": "--port", "-B": "--bind",
+    "-c": "--client", "-1": "--one-off",
+}
+
+log = logging.getLogger("iperf_server")
+
+
+class IperfError(Exception):
+    """An expected failure, with a message fit for a person (one line)."""
+
+
+class UsageError(IperfError):
+    """Bad flags or settings: exit 2."""
+
+
+# --- Pure helpers ---------------------------------------------------------------------------------
+
+def parse_pidfile(content):
+    """Return the PID held in a pidfile's raw bytes, or None when it holds none.
+
+    iperf3 3.10+ writes "%d" with no newline, older versions add a NUL; other builds and admins
+    leave newlines or spaces. Empty or anything else is garbage: None (a stale pidfile).
+    """
+    text = content.replace(b"\0", b" ").strip()
+    if not text.isdigit():
+        return None
+    pid = int(text)
+    return pid if pid > 0 else None
+
+
+def owned_option(arg):
+    """The owned iperf3 option that `arg` spells (short, long, `--opt=v` or `-p5201`), else None."""
+    for short, long_ in OWNED_OPTIONS.items():
+        if arg == long_ or arg.startswith(long_ + "="):
+            return long_
+        if arg == short or (arg.startswith(short) and not arg.startswith("--")
+                            and short not in ("-s", "-D", "-1")):
+            return short
+    return None
+
+
+def check_extra_args(extra):
+    """Raise UsageError when an argument meant for iperf3 would replace one the script owns."""
+    for arg in extra:
+        option = owned_option(arg)
+        if option:
+            raise UsageError(
+                "%s cannot be passed to iperf3 after --: the script sets it "
+                "(use this script's own flag where there is one)" % option)
+
+
+def daemon_argv(executable, pidfile, port, bind, extra):
+    """The exact argv of the daemon to start; also what a live daemon's cmdline is compared to."""
+    argv = [executable, "-s", "-D", "--pidfile", pidfile, "-p", str(port)]
+    if bind:
+        argv += ["-B", bind]
+    return argv + list(extra)
+
+
+def probe_argv(executable, address, port):
+    """A tiny client test: 1 KB, JSON output, a 2 s connect timeout (iperf3 3.2+)."""
+    return [executable, "-c", address, "-p", str(port), "-n", "1K", "-J",
+            "--connect-timeout", "2000"]
+
+
+def probe_address(bind):
+    """Where to reach our own server: its bind address, or loopback when it listens everywhere."""
+    if not bind or bind in ("0.0.0.0", "::", "[::]"):
+        return "127.0.0.1"
+    return bind.split("%", 1)[0]  # "ADDR%dev" binds to a device too; connect to the address
+
+
+def classify_probe(returncode, stdout, timed_out):
+    """Turn a probe's outcome into (verdict, detail); verdict is "ok", "busy" or "fail".
+
+    iperf3's exit code says little (3.11-3.13 exit 0 on errors with -J), so the JSON decides.
+    An authorization failure is an answer: the server is alive and checks credentials.
+    """
+    if timed_out:
+        return "fail", "no answer within %g s (hung or stopped?)" % PROBE_TIMEOUT
+    start = stdout.find("{")
+    try:
+        document, _ = json.JSONDecoder().raw_decode(stdout[start:]) if start >= 0 else (None, 0)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        return "fail", "probe printed no result (exit code %s)" % returncode
+    error = document.get("error")
+    if error is None:
+        return "ok", "answered"
+    error = str(error)
+    if "busy" in error:
+        return "busy", "busy running a test"
+    if "authoriz" in error or "authentic" in error:
+        return "ok", "answered (authentication required)"
+    return "fail", error
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return "%dd%dh" % (days, hours)
+    if hours:
+        return "%dh%02dm" % (hours, minutes)
+    if minutes:
+        return "%dm%02ds" % (minutes, seconds)
+    return "%ds" % seconds
+
+
+# --- Processes ------------------------------------------------------------------------------------
+
+def process_info(pid):
+    """Return (state, argv) of a process, or None when there is no such process.
+
+    /proc first; `ps` where there is no /proc (its args column loses the argv boundaries, which
+    only matters for arguments with spaces).
+    """
+    if os.path.isdir("/proc/self"):
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as stat:
+                # The command name in parentheses may itself hold spaces or ")": split at the last.
+                state = stat.read().rsplit(b")", 1)[1].split()[0].decode()
+            with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+                raw = cmdline.read()
+        except (OSError, IndexError):
+            return None
+        argv = [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]] if raw else []
+        return state, argv
+    try:
+        out = subprocess.run(["ps", "-o", "stat=", "-o", "args=", "-p", str(pid)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, universal_newlines=True,
+                             timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if not out:
+        return None
+    state, _, args = out.partition(" ")
+    return state[:1], args.split()
+
+
+def all_pids():
+    if os.path.isdir("/proc/self"):
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    out = subprocess.run(["ps", "-A", "-o", "pid="], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         universal_newlines=True, timeout=5).stdout
+    return [int(word) for word in out.split()]
+
+
+def is_iperf3(argv):
+    return bool(argv) and os.path.basename(argv[0]).startswith("iperf3")
+
+
+def live_iperf3_argv(pid):
+    """argv of `pid` if it is a live (not zombie) iperf3, else None. Never trusts a bare PID:
+    a PID recycled by another program must never count as our server, nor be signalled."""
+    if pid is None:
+        return None
+    info = process_info(pid)
+    if info is None or info[0] in ("Z", "X") or not is_iperf3(info[1]):
+        return None
+    return info[1]
+
+
+def names_pidfile(argv, pidfile):
+    """True when an iperf3 command line writes to `pidfile` (it is one of ours)."""
+    for i, arg in enumerate(argv):
+        if arg in ("--pidfile", "-I") and i + 1 < len(argv) and argv[i + 1] == pidfile:
+            return True
+        if arg == "--pidfile=" + pidfile:
+            return True
+    return False
+
+
+def our_daemons(pidfile):
+    """PIDs of live iperf3 servers started with our pidfile (whether or not it names them)."""
+    found = []
+    for pid in all_pids():
+        if pid != os.getpid():
+            argv = live_iperf3_argv(pid)
+            if argv and names_pidfile(argv, pidfile):
+                found.append(pid)
+    return found
+
+
+def process_uptime(pid):
+    """Seconds since `pid` started, or None when unknown."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat:
+            start_ticks = int(stat.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime") as uptime:
+            boot_seconds = float(uptime.read().split()[0])
+        return boot_seconds - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        out = subprocess.run(["ps", "-o", "etimes=", "-p", str(pid)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             universal_newlines=True, timeout=5).stdout
+        return float(out.strip())
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def stop_process(pid, reason):
+    """SIGCONT (a stopped process cannot act on SIGTERM), SIGTERM, wait, SIGKILL. Re-checks
+    that `pid` is still an iperf3 right before signalling, so a recycled PID is left alone."""
+    if live_iperf3_argv(pid) is None:
+        return
+    log.warning("stopping iperf3 (pid %d): %s", pid, reason)
+    try:
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        raise IperfError("not allowed to stop iperf3 (pid %d): run as its owner" % pid)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        if live_iperf3_argv(pid) is None:
+            return
+        time.sleep(0.05)
+    log.warning("iperf3 (pid %d) ignored SIGTERM for %g s: sending SIGKILL", pid, STOP_TIMEOUT)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while live_iperf3_argv(pid) is not None:
+        if time.monotonic() > deadline:
+            raise IperfError("iperf3 (pid %d) survived SIGKILL" % pid)
+        time.sleep(0.05)
+
+
+def port_accepts(address, port, timeout=1.0):
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --- Files ----------------------------------------------------------------------------------------
+
+def read_pidfile(path):
+    try:
+        with open(path, "rb") as handle:
+            return parse_pidfile(handle.read(64))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise IperfError("cannot read pidfile %s: %s" % (path, exc.strerror))
+
+
+def remove_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise IperfError("cannot remove %s: %s" % (path, exc.strerror))
+
+
+def write_file_atomically(path, text, mode=0o600):
+    """Write a temporary file beside `path` (mkstemp: never follows a planted symlink), fsync,
+    rename: a reader sees the old file or the new one, never half of one."""
+    folder = os.path.dirname(path) or "."
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        remove_file(temporary)
+        raise
+
+
+def read_state(path):
+    """The watchdog's memory between runs (busy since when, last probe); {} when missing."""
+    try:
+        with open(path) as handle:
+            state = json.load(handle)
+        return state if isinstance(state, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_state(path, state):
+    try:
+        write_file_atomically(path, json.dumps(state, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise IperfError("cannot write state file %s: %s" % (path, exc.strerror))
+
+
+class FileLock:
+    """An exclusive flock on `path`, waited for up to `timeout` seconds.
+
+    Cron starts a run every minute whether or not the last one finished; the lock makes the
+    runs take turns, so they can never start two daemons.
+    """
+
+    def __init__(self, path, timeout):
+        self.path = path
+        self.timeout = timeout
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise IperfError("cannot open lock file %s: %s" % (self.path, exc.strerror))
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() > deadline:
+                os.close(self.fd)
+                raise IperfError("another iperf_server.py has held %s for %g s; giving up"
+                                 % (self.path, self.timeout))
+            time.sleep(0.05)
+
+    def __exit__(self, *exc_info):
+        os.close(self.fd)  # closing releases the flock
+
+
+# --- The watchdog ---------------------------------------------------------------------------------
+
+class Watchdog:
+    """Everything one run needs: the settings, the daemon's argv, its files."""
+
+    def __init__(self, executable, pidfile, port, bind, extra, max_busy_minutes, probe):
+        self.executable = executable
+        self.pidfile = pidfile
+        self.port = port
+        self.bind = bind
+        self.extra = list(extra)
+        self.max_busy_seconds = max_busy_minutes * 60
+        self.probe_enabled = probe
+        self.state_file = pidfile + ".state"
+        self.lock_file = pidfile + ".lock"
+        self.argv = daemon_argv(executable, pidfile, port, bind, extra)
+        self.address = probe_address(bind)
+
+    def find_daemon(self):
+        """(pid, argv) of the live iperf3 our pidfile names, else (None, None)."""
+        pid = read_pidfile(self.pidfile)
+        argv = live_iperf3_argv(pid)
+        return (pid, argv) if argv else (None, None)
+
+    def probe(self):
+        """Ask the server for a 1 KB test; returns (verdict, detail) as classify_probe does."""
+        argv = probe_argv(self.executable, self.address, self.port)
+        log.debug("probe: %s", " ".join(argv))
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, universal_newlines=True,
+                                  timeout=PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return classify_probe(None, "", timed_out=True)
+        except OSError as exc:
+            return "fail", "cannot run %s: %s" % (self.executable, exc.strerror)
+        return classify_probe(done.returncode, done.stdout, timed_out=False)
+
+    def remember(self, pid, verdict, detail, busy_since=None):
+        save_state(self.state_file, {
+            "pid": pid, "verdict": verdict, "detail": detail, "checked": time.time(),
+            "busy_since": busy_since,
+        })
+
+    def stop_all(self, reason):
+        """Stop the daemon the pidfile names and any of ours that lost its pidfile."""
+        pid, _ = self.find_daemon()
+        for victim in ([pid] if pid else []) + [p for p in our_daemons(self.pidfile) if p != pid]:
+            stop_process(victim, reason)
+        remove_file(self.pidfile)
+
+    def spawn(self):
+        """Start the daemon and wait until it is really up; `-D`'s exit code means nothing
+        (the parent exits 0 before the child writes the pidfile or binds the port)."""
+        if port_accepts(self.address, self.port):
+            raise IperfError("port %d is in use by another process (not our iperf3): "
+                             "stop it or choose another port with -p" % self.port)
+        log.debug("starting: %s", " ".join(self.argv))
+        try:
+            done = subprocess.run(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, universal_newlines=True,
+                                  timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise IperfError("%s did not return within %g s" % (self.executable, START_TIMEOUT))
+        except OSError as exc:
+            raise IperfError("cannot run %s: %s" % (self.executable, exc.strerror))
+        said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            pid, _ = self.find_daemon()
+            if pid and port_accepts(self.address, self.port):
+                return pid
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if said:
+            raise IperfError("iperf3 failed to start: %s" % said[-1])
+        raise IperfError("iperf3 did not come up within %g s (%s); for its own reason, pass "
+                         "-- --logfile /tmp/iperf3.log" % (
+                             START_TIMEOUT, "no pidfile" if not pid else
+                             "not listening on port %d" % self.port))
+
+    def start(self, reason):
+        log.warning("starting iperf3: %s", reason)
+        self.stop_all(reason)
+        pid = self.spawn()
+        verdict, detail = self.probe() if self.probe_enabled else ("ok", "not probed")
+        if verdict == "fail":
+            raise IperfError("iperf3 started (pid %d) but its probe failed: %s" % (pid, detail))
+        self.remember(pid, verdict, detail, time.time() if verdict == "busy" else None)
+        log.warning("iperf3 is running (pid %d, port %d)", pid, self.port)
+        return pid
+
+    def ensure_running(self):
+        """The cron job: find the daemon, judge it, and start or restart it when needed."""
+        pid, argv = self.find_daemon()
+        if pid is None:
+            stray = our_daemons(self.pidfile)
+            if stray:
+                return self.start("iperf3 (pid %s) lost its pidfile %s"
+                                  % (", ".join(map(str, stray)), self.pidfile))
+            if os.path.lexists(self.pidfile):
+                return self.start("stale pidfile %s (no iperf3 runs under the PID it names)"
+                                  % self.pidfile)
+            return self.start("not running")
+        if argv != self.argv:
+            return self.start("settings changed (running: %s; wanted: %s)"
+                              % (" ".join(argv[1:]), " ".join(self.argv[1:])))
+        if not self.probe_enabled:
+            log.debug("iperf3 is running (pid %d); not probed", pid)
+            return pid
+        verdict, detail = self.probe()
+        if verdict == "ok":
+            self.remember(pid, verdict, detail)
+            log.debug("iperf3 is running (pid %d) and %s", pid, detail)
+            return pid
+        if verdict == "busy":
+            state = read_state(self.state_file)
+            since = state.get("busy_since") if state.get("pid") == pid else None
+            since = since if isinstance(since, (int, float)) else time.time()
+            busy_for = time.time() - since
+            if busy_for <= self.max_busy_seconds:
+                self.remember(pid, verdict, detail, since)
+                log.info("iperf3 (pid %d) is busy with a test (for %s)", pid,
+                         format_duration(busy_for))
+                return pid
+            return self.start("busy for %s, longer than --max-busy %g min (stuck?)"
+                              % (format_duration(busy_for), self.max_busy_seconds / 60))
+        return self.start("iperf3 (pid %d) failed its health probe: %s" % (pid, detail))
+
+    def status(self):
+        """Return (exit code, one line) for --status; starts and stops nothing."""
+        pid, argv = self.find_daemon()
+        if pid is None:
+            stray = our_daemons(self.pidfile)
+            if not stray:
+                return EXIT_NOT_RUNNING, "iperf3 not running (pidfile %s)" % self.pidfile
+            pid = stray[0]
+            argv = live_iperf3_argv(pid) or []
+        uptime = process_uptime(pid)
+        head = "iperf3 running: pid %d, port %d, up %s" % (
+            pid, self.port, format_duration(uptime) if uptime is not None else "?")
+        if self.probe_enabled:
+            verdict, detail = self.probe()
+            when = "probe"
+        else:
+            state = read_state(self.state_file)
+            if state.get("pid") != pid:
+                return EXIT_OK, head + ", not probed yet"
+            verdict, detail = state.get("verdict"), state.get("detail")
+            when = "last probe %s ago" % format_duration(time.time() - state.get("checked", 0))
+        notes = []
+        if argv and argv != self.argv:
+            notes.append("settings differ from these")
+        if pid != read_pidfile(self.pidfile):
+            notes.append("pidfile lost")
+        tail = "; ".join(["%s: %s" % (when, detail)] + notes)
+        code = EXIT_FAILED if verdict == "fail" or notes else EXIT_OK
+        return code, "%s, %s" % (head, tail)
+
+
+# --- Command line ---------------------------------------------------------------------------------
+
+def minutes(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of minutes: %r" % text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of minutes: %r" % text)
+    return value
+
+
+def port_number(text):
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError("not a TCP port (1-65535): %r" % text)
+    return int(text)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="iperf_server.py",
+        description="Keep exactly one healthy iperf3 server running (run it from cron every "
+                    "minute). Arguments after -- are passed to iperf3 unchanged.",
+        epilog="exit codes: 0 healthy server running, 1 no healthy server could be had, "
+               "2 usage; --status: 0 healthy, 1 unhealthy, 3 not running")
+    parser.add_argument("--pidfile", default=IPERF_PID_FILE,
+                        help="iperf3's pidfile (default: %(default)s)")
+    parser.add_argument("--log-file", default=IPERF_MONITOR_LOG,
+                        help="this script's log (default: %(default)s)")
+    parser.add_argument("--iperf3", default=IPERF_EXECUTABLE, metavar="PATH",
+                        help="iperf3 executable (default: %(default)s)")
+    parser.add_argument("-p", "--port", type=port_number, default=IPERF_PORT,
+                        help="listen on this port (default: %(default)s)")
+    parser.add_argument("-B", "--bind", default=IPERF_BIND, metavar="ADDR",
+                        help="listen on this address only (default: all addresses)")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--status", action="store_true",
+                        help="print one status line and exit 0 (healthy), 1 (unhealthy) or 3 "
+                             "(not running); never starts anything")
+    action.add_argument("--stop", action="store_true", help="stop the server")
+    parser.add_argument("--no-probe", dest="probe", action="store_false",
+                        help="do not run a health probe (a tiny test) against the server")
+    parser.add_argument("--max-busy", type=minutes, default=MAX_BUSY_MINUTES, metavar="MINUTES",
+                        help="restart a server that has been busy this long "
+                             "(default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (debug: every run, the commands)")
+    parser.add_argument("-q", "--quiet", action="count", default=0,
+                        help="log less (on a terminal: errors only)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def split_extra(argv):
+    """Split our arguments from iperf3's: everything after the first `--` goes to iperf3."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, list(IPERF_EXTRA_ARGS)
+
+
+def setup_logging(log_file, verbose, quiet):
+    """Log to the file (following logrotate's renames) and, on a terminal, to stderr.
+
+    Returns True when errors already reach stderr through logging.
+    """
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    log.addHandler(logging.NullHandler())  # until the file opens: no stray "last resort" lines
+    try:
+        try:
+            file_handler = logging.handlers.WatchedFileHandler(log_file)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(log_file), exist_ok=True)
+            file_handler = logging.handlers.WatchedFileHandler(log_file)
+    except OSError as exc:
+        raise IperfError("cannot write log file %s: %s" % (log_file, exc.strerror))
+    file_handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(name)-12s %(levelname)-8s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    file_handler.setLevel(level)
+    log.addHandler(file_handler)
+    if sys.stderr.isatty():
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        console.setLevel(logging.ERROR if quiet else level)
+        log.addHandler(console)
+        return True
+    return False
+
+
+def resolve_executable(name):
+    path = shutil.which(name)
+    if path is None:
+        raise IperfError("%s not found: install it (e.g. apt-get install iperf3) or pass "
+                         "--iperf3 PATH" % name)
+    return os.path.abspath(path)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ours, extra = split_extra(argv)
+    parser = build_parser()
+    args = parser.parse_args(ours)
+    try:
+        check_extra_args(extra)
+    except UsageError as exc:
+        parser.error(str(exc))
+    pidfile = os.path.abspath(os.path.expanduser(args.pidfile))
+    log_file = os.path.abspath(os.path.expanduser(args.log_file))
+
+    errors_shown = False
+    try:
+        errors_shown = setup_logging(log_file, args.verbose, args.quiet)
+        os.makedirs(os.path.dirname(pidfile), exist_ok=True)
+        executable = resolve_executable(os.path.expanduser(args.iperf3))
+        watchdog = Watchdog(executable, pidfile, args.port, args.bind, extra,
+                            args.max_busy, args.probe)
+        if args.status:
+            code, line = watchdog.status()
+            print(line)
+            return code
+        with FileLock(watchdog.lock_file, LOCK_TIMEOUT):
+            if args.stop:
+                watchdog.stop_all("--stop")
+                remove_file(watchdog.state_file)
+                return EXIT_OK
+            watchdog.ensure_running()
+        return EXIT_OK
+    except IperfError as exc:
+        log.error("%s", exc)
+        if not errors_shown:
+            print("iperf_server.py: error: %s" % exc, file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        where = " %s" % exc.filename if exc.filename else ""
+        log.error("%s%s: %s", exc.strerror, where, exc)
+        if not errors_shown:
+            print("iperf_server.py: error:%s: %s" % (where, exc.strerror or exc), file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

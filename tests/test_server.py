@@ -1,0 +1,330 @@
+"""iperf_server.py: the watchdog, against real iperf3 daemons on random free ports."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import iperf_server
+from conftest import (SERVER_SCRIPT, free_port, kill_pid, kill_process, pid_alive, port_accepts,
+                      run_script, wait_until)
+
+
+class ServerHost:
+    """One test's server-side files and port, and the way to run the script against them."""
+
+    def __init__(self, folder, port):
+        self.folder = folder
+        self.port = port
+        self.pidfile = str(folder / "iperf.pid")
+        self.log_file = str(folder / "iperf_monitor.log")
+
+    def run(self, *extra, port=None, env=None):
+        args = ["--pidfile", self.pidfile, "--log-file", self.log_file,
+                "-p", str(port or self.port), *extra]
+        return run_script(SERVER_SCRIPT, args, env=env)
+
+    def pid(self):
+        with open(self.pidfile, "rb") as handle:
+            return iperf_server.parse_pidfile(handle.read())
+
+    def daemons(self):
+        return iperf_server.our_daemons(self.pidfile)
+
+    def log(self):
+        with open(self.log_file) as handle:
+            return handle.read()
+
+
+@pytest.fixture
+def host(tmp_path, iperf3):
+    server_host = ServerHost(tmp_path, free_port())
+    try:
+        yield server_host
+    finally:
+        for pid in server_host.daemons():
+            kill_pid(pid)
+
+
+def assert_quiet_success(done):
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert done.stderr == ""
+
+
+def assert_one_line_error(done, code, *fragments):
+    assert done.returncode == code, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_first_run_starts_a_daemon_and_the_second_keeps_it(host):
+    assert_quiet_success(host.run())
+    first = host.pid()
+    assert host.daemons() == [first]
+    assert port_accepts(host.port)
+    assert "starting iperf3: not running" in host.log()
+
+    assert_quiet_success(host.run())
+    assert host.pid() == first
+    assert host.daemons() == [first]
+
+
+def test_twenty_concurrent_runs_after_kill_9_leave_exactly_one(host):
+    assert_quiet_success(host.run())
+    os.kill(host.pid(), signal.SIGKILL)  # leaves the pidfile behind, as a crash would
+    wait_until(lambda: not host.daemons())
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(lambda _: host.run(), range(20)))
+    for done in results:
+        assert_quiet_success(done)
+    assert host.daemons() == [host.pid()]
+    assert port_accepts(host.port)
+
+
+def test_recycled_pid_is_left_alone_and_a_server_starts(host):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with open(host.pidfile, "w") as handle:
+            handle.write(str(sleeper.pid))
+        assert_quiet_success(host.run())
+        assert sleeper.poll() is None, "the recycled PID's process was signalled"
+        assert host.pid() != sleeper.pid
+        assert host.daemons() == [host.pid()]
+    finally:
+        kill_process(sleeper)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage\n", b"\0", b"-5", b"12 34"],
+                         ids=["empty", "garbage", "nul", "negative", "two-numbers"])
+def test_garbled_pidfile_is_stale(host, content):
+    with open(host.pidfile, "wb") as handle:
+        handle.write(content)
+    assert_quiet_success(host.run())
+    assert host.daemons() == [host.pid()]
+    assert "stale pidfile" in host.log()
+
+
+@pytest.mark.parametrize("spelling", [b"%d\0", b"%d\n", b"  %d  \n", b"%d"],
+                         ids=["nul", "newline", "spaces", "bare"])
+def test_live_daemon_pid_in_any_spelling_is_kept(host, spelling):
+    assert_quiet_success(host.run())
+    pid = host.pid()
+    with open(host.pidfile, "wb") as handle:
+        handle.write(spelling % pid)
+    assert_quiet_success(host.run())
+    assert host.daemons() == [pid]
+
+
+@pytest.mark.parametrize("parse_case", [
+    (b"1234", 1234), (b"1234\0", 1234), (b"1234\n", 1234), (b" 1234 ", 1234),
+    (b"", None), (b"abc", None), (b"0", None), (b"12ab", None), (b"\0\0", None),
+])
+def test_parse_pidfile(parse_case):
+    content, expected = parse_case
+    assert iperf_server.parse_pidfile(content) == expected
+
+
+def test_changed_port_restarts_the_daemon(host):
+    assert_quiet_success(host.run())
+    old = host.pid()
+    new_port = free_port()
+    assert_quiet_success(host.run(port=new_port))
+    assert host.pid() != old and not pid_alive(old)
+    assert port_accepts(new_port) and not port_accepts(host.port)
+    assert "settings changed" in host.log()
+
+
+def test_changed_extra_argument_restarts_the_daemon(host):
+    assert_quiet_success(host.run())
+    old = host.pid()
+    assert_quiet_success(host.run("--", "--idle-timeout", "3600"))
+    new = host.pid()
+    assert new != old
+    assert iperf_server.live_iperf3_argv(new)[-2:] == ["--idle-timeout", "3600"]
+    assert_quiet_success(host.run("--", "--idle-timeout", "3600"))
+    assert host.pid() == new
+
+
+def test_daemon_that_lost_its_pidfile_is_replaced(host):
+    assert_quiet_success(host.run())
+    old = host.pid()
+    os.unlink(host.pidfile)
+    assert_quiet_success(host.run())
+    assert host.daemons() == [host.pid()] and host.pid() != old
+    assert "lost its pidfile" in host.log()
+
+
+def test_stopped_daemon_is_replaced(host):
+    assert_quiet_success(host.run())
+    old = host.pid()
+    os.kill(old, signal.SIGSTOP)
+    assert_quiet_success(host.run())
+    assert host.pid() != old
+    assert not pid_alive(old)
+    assert host.daemons() == [host.pid()]
+    assert "failed its health probe: no answer" in host.log()
+
+
+def test_status_says_unhealthy_for_a_hung_daemon(host):
+    assert_quiet_success(host.run())
+    pid = host.pid()
+    os.kill(pid, signal.SIGSTOP)
+    done = host.run("--status")
+    assert done.returncode == 1, done.stdout
+    assert "pid %d" % pid in done.stdout and "no answer" in done.stdout
+    assert host.pid() == pid, "--status must not restart anything"
+
+
+@pytest.fixture
+def busy_server(host, iperf3):
+    """The watched daemon, held busy by a long test from another client."""
+    assert_quiet_success(host.run())
+    client = subprocess.Popen([iperf3, "-c", "127.0.0.1", "-p", str(host.port), "-t", "60",
+                               "-b", "1M"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    probe = iperf_server.Watchdog(iperf3, host.pidfile, host.port, None, [], 1, True).probe
+    try:
+        assert wait_until(lambda: probe()[0] == "busy", timeout=10)
+        yield host
+    finally:
+        kill_process(client)
+
+
+def test_busy_for_less_than_max_busy_is_kept(busy_server):
+    pid = busy_server.pid()
+    for _ in range(2):
+        assert_quiet_success(busy_server.run("--max-busy", "10"))
+    assert busy_server.pid() == pid
+    assert "is busy with a test" in busy_server.log()
+
+
+def test_busy_for_longer_than_max_busy_is_restarted(busy_server):
+    pid = busy_server.pid()
+    assert_quiet_success(busy_server.run("--max-busy", "0.01"))  # 0.6 s
+    assert busy_server.pid() == pid, "the first busy answer only starts the clock"
+    time.sleep(1)
+    assert_quiet_success(busy_server.run("--max-busy", "0.01"))
+    assert busy_server.pid() != pid
+    assert "longer than --max-busy" in busy_server.log()
+
+
+def test_status_and_stop_exit_codes(host):
+    done = host.run("--status")
+    assert done.returncode == 3 and "not running" in done.stdout
+    assert host.run("--stop").returncode == 0, "stopping nothing is fine"
+
+    assert_quiet_success(host.run())
+    pid = host.pid()
+    done = host.run("--status")
+    assert done.returncode == 0
+    assert "pid %d" % pid in done.stdout and "port %d" % host.port in done.stdout
+    assert len(done.stdout.splitlines()) == 1
+    done = host.run("--status", "--no-probe")
+    assert done.returncode == 0 and "last probe" in done.stdout
+
+    assert_quiet_success(host.run("--stop"))
+    assert not pid_alive(pid)
+    assert not os.path.exists(host.pidfile)
+    assert host.run("--status").returncode == 3
+
+
+def test_missing_executable(host, tmp_path):
+    done = host.run("--iperf3", str(tmp_path / "no-such-iperf3"))
+    assert_one_line_error(done, 1, "not found", "--iperf3 PATH")
+
+
+def test_port_held_by_another_listener(host):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", host.port))
+        listener.listen()
+        done = host.run()
+    assert_one_line_error(done, 1, "port %d is in use by another process" % host.port)
+    assert host.daemons() == []
+
+
+def test_default_paths_live_under_home(tmp_path, iperf3):
+    home = tmp_path / "home"
+    elsewhere = tmp_path / "cwd"
+    home.mkdir()
+    elsewhere.mkdir()
+    env = {"HOME": str(home)}
+    port = free_port()
+    pidfile = str(home / "iperf.pid")
+    try:
+        done = subprocess.run([sys.executable, str(SERVER_SCRIPT), "-p", str(port)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True,
+                              cwd=str(elsewhere), env=dict(os.environ, **env), timeout=60)
+        assert_quiet_success(done)
+        assert os.path.exists(pidfile)
+        assert (home / "iperf_monitor.log").exists()
+        assert os.listdir(str(elsewhere)) == []
+    finally:
+        for pid in iperf_server.our_daemons(pidfile):
+            kill_pid(pid)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--max-busy", "-1"], "--max-busy"),
+    (["--max-busy", "soon"], "--max-busy"),
+    (["--port", "0"], "--port"),
+    (["--port", "http"], "--port"),
+    (["--status", "--stop"], "not allowed with"),
+    (["--", "-p", "5999"], "-p cannot be passed"),
+    (["--", "--pidfile=/tmp/x"], "--pidfile cannot be passed"),
+    (["--", "-s"], "-s cannot be passed"),
+    (["--no-such-flag"], "unrecognized"),
+])
+def test_bad_usage_exits_2_without_traceback(host, args, fragment):
+    done = host.run(*args)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert fragment in done.stderr
+    assert host.daemons() == []
+    assert not os.path.exists(host.pidfile)
+
+
+def test_unwritable_log_file_is_named(host, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = run_script(SERVER_SCRIPT, ["--pidfile", host.pidfile, "--log-file",
+                                      str(blocker / "log"), "-p", str(host.port)])
+    assert_one_line_error(done, 1, str(blocker / "log"))
+    assert host.daemons() == []
+
+
+def test_failing_daemon_start_reports_iperf3s_words(host, fake_iperf3):
+    fake = fake_iperf3("""
+        sys.stderr.write("iperf3: parameter error - some option is not supported\\n")
+        sys.exit(1)
+    """)
+    done = host.run("--iperf3", str(fake))
+    assert_one_line_error(done, 1, "iperf3 failed to start", "not supported")
+
+
+def test_main_in_process_rejects_owned_options():
+    with pytest.raises(SystemExit) as exit_info:
+        iperf_server.main(["--", "--daemon"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("outcome,verdict", [
+    ((0, '{"start": {}, "end": {}}', False), "ok"),
+    ((0, '{"error": "the server is busy running a test. try again later"}', False), "busy"),
+    ((1, 'warning\n{"error": "test authorization failed"}\n', False), "ok"),
+    ((0, '{"error": "unable to connect to server: Connection refused"}', False), "fail"),
+    ((None, "", True), "fail"),
+    ((-9, "", False), "fail"),
+    ((0, '{"start": {', False), "fail"),
+])
+def test_classify_probe(outcome, verdict):
+    assert iperf_server.classify_probe(*outcome)[0] == verdict
