@@ -189,11 +189,18 @@ def busy_server(host, iperf3):
     """The watched daemon, held busy by a long test from another client."""
     assert_quiet_success(host.run())
     client = subprocess.Popen([iperf3, "-c", "127.0.0.1", "-p", str(host.port), "-t", "60",
-                               "-b", "1M"], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "-b", "1M", "-i", "0.5", "--forceflush"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True)
     probe = iperf_server.Watchdog(iperf3, host.pidfile, host.port, None, [], 1, True).probe
     try:
-        assert wait_until(lambda: probe()[0] == "busy", timeout=10)
+        # Probe only once the test runs: a probe racing the client's connect would take the
+        # server first and leave the client with "busy".
+        for line in client.stdout:
+            if "sec" in line and "bits/sec" in line:
+                break
+        assert client.poll() is None, "the holding client did not start its test"
+        assert probe()[0] == "busy"
         yield host
     finally:
         kill_process(client)
