@@ -1,0 +1,819 @@
+#!/usr/bin/env python3
+"""Measure a link both ways with iperf3, every few minutes from cron, and never lose a result.
+
+Each run takes one local timestamp, runs a forward test (this host sends to the server) and then a
+reverse test (`-R`, the server sends), and writes into the results folder:
+
+    <prefix><ts>_client.json     the forward test: iperf3's JSON plus a "continuous_iperf" object
+    <prefix><ts>_server.json     the reverse test, likewise
+    <prefix><ts>_iperf_mon.log   this run's log (every attempt, every command)
+    results.csv                  the ledger: one row appended per test
+
+Usage:
+
+    iperf_client.py --server 192.0.2.10                    # 2 x 60 s, 30 streams
+    iperf_client.py --server 192.0.2.10 -t 10 -P 4 -- -Z   # arguments after -- go to iperf3
+    iperf_client.py --server 192.0.2.10 --dry-run          # print the two commands only
+
+Crontab line (every five minutes; 2 x duration plus busy waits must fit in the interval):
+
+    (crontab -l ; echo "*/5 * * * * ~/iperf_client.py --server HOST") | crontab -
+
+A good run prints nothing. Exit status: 0 both tests succeeded, 1 a test failed, 2 usage or bad
+input, 75 another run holds the results folder's lock, 128+N stopped by signal N.
+"""
+
+import argparse
+import csv
+import datetime
+import errno
+import fcntl
+import io
+import json
+import logging
+import os
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+__version__ = "2.0.0"
+
+# --- Settings an admin may edit (the command-line flags default to these) -----------------------
+IPERF_EXECUTABLE = "iperf3"                 # iperf3 executable to run (a name on PATH or a path)
+TEST_DURATION = 60                          # length of each test, whole seconds (iperf3 -t)
+NUMBER_STREAMS = 30                         # parallel streams per test (iperf3 -P)
+IPERF_SERVER = "CHANGE_TO_IP"               # server's address or DNS name (placeholder: refused)
+IPERF_PORT = 5201                           # server's port (iperf3 -p)
+RESULTS_DIR = os.path.abspath(os.path.expanduser("~/iperf_results"))  # where results go
+FILES_PREFIX = ""                           # prefix of every file a run writes
+IPERF_EXTRA_ARGS = []                       # more iperf3 arguments, e.g. ["-Z", "-O", "2"]
+RETRIES = 1                                 # retries of a failed test (busy retries not counted)
+BUSY_WAIT = 120                             # seconds to keep retrying a busy server
+JITTER = 0                                  # random 0..JITTER s sleep before the first test
+TIMEOUT_MARGIN = 30                         # hard limit per attempt: duration + omit + this
+BUSY_DELAY = (5.0, 30.0)                    # random pause between busy retries (min, max) s
+KILL_GRACE = 5.0                            # seconds from SIGTERM to SIGKILL for a late iperf3
+LEDGER_NAME = "results.csv"                 # the ledger's file name in the results folder
+LOCK_NAME = ".lock"                         # the lock file's name in the results folder
+# -------------------------------------------------------------------------------------------------
+
+PLACEHOLDER_SERVER = "CHANGE_TO_IP"
+TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
+LOG_FORMAT = "%(asctime)s %(name)-12s %(levelname)-8s %(message)s"
+LOG_DATE_FORMAT = "%m-%d %H:%M:%S"
+LEDGER_COLUMNS = (
+    "timestamp", "run", "prefix", "direction", "server", "port", "streams", "duration", "status",
+    "error", "sent_bps", "received_bps", "retransmits", "attempts", "file",
+)
+# direction -> (file suffix, extra iperf3 flag); forward runs first, as in the original.
+DIRECTIONS = (("forward", "_client.json", []), ("reverse", "_server.json", ["-R"]))
+EX_TEMPFAIL = 75
+PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]*$")
+BUSY_MARK = "server is busy"
+# Options this script sets itself; in extra arguments they would break the run or its parsing.
+OWNED_SHORT = "cptPRJ"
+OWNED_LONG = ("client", "port", "time", "parallel", "reverse", "json", "json-stream", "logfile")
+# iperf3's short options that take a value (from its getopt string), to tell "-B10.0.0.1" apart
+# from bundled flags such as "-ZR".
+SHORT_WITH_VALUE = "pficbtnklPwBMSLOFATCIX"
+
+log = logging.getLogger("iperf_client")
+
+
+class IperfError(Exception):
+    """An expected failure, with a message fit for a person; `status` is the exit code."""
+
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
+
+
+# --- Pure helpers ---------------------------------------------------------------------------------
+
+def owned_option(args):
+    """Return the first argument in `args` that sets an option this script owns, or None.
+
+    Understands attached values (`-t5`, `--time=5`), bundled short flags (`-ZR`) and the
+    abbreviations getopt_long accepts (`--rev`).
+    """
+    skip_next = False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0]
+            if any(owned.startswith(name) for owned in OWNED_LONG):
+                return arg
+        elif arg.startswith("-") and len(arg) > 1:
+            for index, char in enumerate(arg[1:], start=1):
+                if char in OWNED_SHORT:
+                    return arg
+                if char in SHORT_WITH_VALUE:
+                    skip_next = index == len(arg) - 1
+                    break
+    return None
+
+
+def omit_seconds(args):
+    """The `-O/--omit` seconds found in iperf3 arguments (0 when absent or unreadable)."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg in ("-O", "--omit") and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith("--omit="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("-O") and len(arg) > 2:
+            value = arg[2:]
+    try:
+        return max(0, int(float(value))) if value is not None else 0
+    except ValueError:
+        return 0
+
+
+def iperf3_argv(executable, server, port, duration, streams, reverse=False, extra=()):
+    """The argv of one test: JSON on stdout (never --logfile: a retry would append to it)."""
+    argv = [executable, "-c", server, "-p", str(port), "-t", str(duration), "-P", str(streams),
+            "-J"]
+    if reverse:
+        argv.append("-R")
+    return argv + list(extra)
+
+
+def command_line(argv):
+    """A shell-quoted command line for logs and metadata (no secret ever travels in argv)."""
+    return " ".join(shlex.quote(str(arg)) for arg in argv)
+
+
+def parse_json_output(text):
+    """Return the first JSON object in iperf3's output, or None.
+
+    Warnings can precede the document and an "iperf3: error - ..." line can follow it, so this
+    decodes from the first `{` and ignores what follows. A later `{` at a line start is tried when
+    the first one is noise (a brace inside a warning), a few times at most.
+    """
+    decoder = json.JSONDecoder()
+    starts = [text.find("{")]
+    starts += [m.start() + 1 for m in re.finditer(r"\n\{", text)][:5]
+    for start in starts:
+        if start < 0:
+            continue
+        try:
+            document, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            continue
+        if isinstance(document, dict):
+            return document
+    return None
+
+
+def one_line(text, limit=500):
+    """Collapse whitespace so a message fits one log or CSV line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def result_document(stdout, stderr, returncode, timed_out=None, stopped_by=None, failure=None):
+    """Build a test's result document from one iperf3 attempt.
+
+    Given iperf3's stdout/stderr text and exit code, the hard limit in seconds when it ended the
+    attempt, the signal name that stopped the script, or `failure` (why iperf3 could not start).
+    Returns iperf3's own JSON when it printed one, else {"error": ...}; our reason for ending the
+    attempt comes first in "error", followed by iperf3's own message.
+    """
+    document = parse_json_output(stdout or "")
+    own_error = None
+    if document is None:
+        if failure:
+            own_error = failure
+        else:
+            # A half document (a crash) is not worth quoting; a plain-text message is.
+            detail = one_line(stderr or "")
+            if not detail and "{" not in (stdout or ""):
+                detail = one_line(stdout or "")
+            what = "an incomplete" if "{" in (stdout or "") else "no"
+            own_error = "iperf3 printed %s JSON result (exit code %s)%s" % (
+                what, returncode, ": " + detail if detail else "")
+        document = {}
+    reasons = []
+    if timed_out is not None:
+        reasons.append("timed out after %s s" % format_seconds(timed_out))
+    if stopped_by:
+        reasons.append("interrupted by %s" % stopped_by)
+    if own_error:
+        reasons.append(own_error)
+    if "error" in document:
+        reasons.append(str(document["error"]))
+    if reasons:
+        document["error"] = "; ".join(reasons)
+    return document
+
+
+def format_seconds(value):
+    """`60` rather than `60.0`, `2.5` stays `2.5`."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def is_busy(document):
+    """True when the server answered that it is busy with another client's test."""
+    return BUSY_MARK in str(document.get("error", ""))
+
+
+def _dig(document, *keys):
+    for key in keys:
+        if not isinstance(document, dict) or key not in document:
+            return None
+        document = document[key]
+    return document
+
+
+def _number(value):
+    """A CSV cell for a number from the JSON: exact repr, empty when absent or not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    return repr(value)
+
+
+def iso_time(seconds):
+    """Unix seconds -> local ISO 8601 with the UTC offset, whole seconds."""
+    moment = datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc).astimezone()
+    return moment.isoformat(timespec="seconds")
+
+
+def ledger_row(document, file_name):
+    """The ledger row (a dict keyed by LEDGER_COLUMNS) for one result document.
+
+    Reads the "continuous_iperf" metadata this script writes, and iperf3's own keys for the start
+    time and the figures. Used after each test and when the ledger is rebuilt from the files.
+    """
+    meta = document.get("continuous_iperf")
+    meta = meta if isinstance(meta, dict) else {}
+    start = _dig(document, "start", "timestamp", "timesecs")
+    if not isinstance(start, (int, float)) or isinstance(start, bool):
+        start = meta.get("start")
+    error = document.get("error")
+    row = {
+        "timestamp": iso_time(start) if isinstance(start, (int, float)) else "",
+        "run": meta.get("run", ""),
+        "prefix": meta.get("prefix", ""),
+        "direction": meta.get("direction", ""),
+        "server": meta.get("server", ""),
+        "port": meta.get("port", ""),
+        "streams": meta.get("streams", ""),
+        "duration": meta.get("duration", ""),
+        "status": "error" if error is not None else "ok",
+        "error": one_line(error) if error is not None else "",
+        "sent_bps": _number(_dig(document, "end", "sum_sent", "bits_per_second")),
+        "received_bps": _number(_dig(document, "end", "sum_received", "bits_per_second")),
+        "retransmits": _number(_dig(document, "end", "sum_sent", "retransmits")),
+        "attempts": meta.get("attempts", ""),
+        "file": file_name,
+    }
+    return {key: "" if value is None else str(value) for key, value in row.items()}
+
+
+def encode_result(document):
+    """A result document as the bytes of its file: compact JSON (a year of files is large)."""
+    return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def csv_line(values):
+    """One CSV line (with its newline) for a sequence of cells."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+# --- Effects ------------------------------------------------------------------------------------
+
+class Stopper:
+    """Remembers the first SIGTERM/SIGINT/SIGHUP so the run can stop iperf3 and clean up.
+
+    The handler only records the signal: an exception raised at a random point could cut a
+    result file or the ledger in half, so the loops poll `signum` instead.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def install(self):
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+    def sleep(self, seconds):
+        """Sleep up to `seconds`, returning early when a signal arrived."""
+        deadline = time.monotonic() + seconds
+        while self.signum is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.2))
+
+
+class CommandResult:
+    """What one command did: exit code, output, and why it was ended early, if it was."""
+
+    def __init__(self, returncode=None, stdout="", stderr="", timed_out=None, stopped_by=None,
+                 failure=None):
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.timed_out = timed_out
+        self.stopped_by = stopped_by
+        self.failure = failure
+
+
+def _signal_group(proc, signum):
+    try:
+        os.killpg(proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_GRACE):
+    """Run one command (iperf3) and return a CommandResult; never leaves the process running.
+
+    The argv is logged at DEBUG first. stdin is /dev/null, output captured. The command runs in
+    its own session, so a terminal's Ctrl-C reaches only us; after `limit` seconds, or when
+    `stopper` saw a signal, its group gets SIGTERM (iperf3 then prints its partial JSON) and,
+    `grace` seconds later, SIGKILL. `progress(elapsed)` is called about twice a second.
+    """
+    log.debug("running: %s", command_line(argv))
+    try:
+        proc = subprocess.Popen(
+            [str(arg) for arg in argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=env, start_new_session=True, universal_newlines=True,
+            errors="replace",
+        )
+    except OSError as exc:
+        return CommandResult(failure="cannot run %s: %s" % (argv[0], exc.strerror or exc))
+    started = time.monotonic()
+    result = CommandResult()
+    try:
+        while True:
+            try:
+                result.stdout, result.stderr = proc.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            elapsed = time.monotonic() - started
+            if progress is not None:
+                progress(elapsed)
+            if stopper is not None and stopper.signum is not None:
+                result.stopped_by = stopper.name
+            elif elapsed >= limit:
+                result.timed_out = limit
+            else:
+                continue
+            log.warning("%s: sending SIGTERM to %s", "stopping" if result.stopped_by
+                        else "hard limit of %s s reached" % format_seconds(limit), argv[0])
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                result.stdout, result.stderr = proc.communicate(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log.warning("%s ignored SIGTERM for %s s: sending SIGKILL", argv[0], grace)
+                _signal_group(proc, signal.SIGKILL)
+                result.stdout, result.stderr = proc.communicate()
+            break
+    finally:
+        if proc.poll() is None:  # an unexpected exception: still leave nothing behind
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+    result.returncode = proc.returncode
+    return result
+
+
+def write_atomic(path, data):
+    """Write bytes to `path` so a reader sees the old file or the whole new one, never half.
+
+    A temporary file in the same folder, fsync, rename; the temporary file is removed on error.
+    """
+    folder = os.path.dirname(path) or "."
+    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def append_ledger(path, row):
+    """Append one row to the ledger, with the header first when the file is new or empty.
+
+    A single write per row, so a crash leaves at most a missing row, never a merged one.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        text = csv_line([row[column] for column in LEDGER_COLUMNS])
+        if os.fstat(fd).st_size == 0:
+            text = csv_line(LEDGER_COLUMNS) + text
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def take_lock(folder):
+    """Take the exclusive lock of a results folder; return its open fd (keep it open).
+
+    Raises IperfError with status 75 when another run holds it.
+    """
+    path = os.path.join(folder, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise IperfError("another run is in progress in %s (lock %s held): skipping this run"
+                             % (folder, path), EX_TEMPFAIL)
+        raise
+    return fd
+
+
+class Progress:
+    """A single updating line on a terminal: direction and seconds elapsed of the total."""
+
+    def __init__(self, stream, total):
+        self.stream = stream
+        self.total = total
+        self.shown = False
+
+    def __call__(self, direction):
+        def show(elapsed):
+            self.stream.write("\r%s: %d/%d s " % (direction, elapsed, self.total))
+            self.stream.flush()
+            self.shown = True
+        return show
+
+    def clear(self):
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=None,
+             rng=random):
+    """Run one direction's test with its retries; write its result file; return the document.
+
+    A busy server is retried after a random pause until --busy-wait seconds have passed (not
+    counted as retries); other failures are retried --retries times. The file holds the last
+    attempt, with the "continuous_iperf" metadata; the log holds every attempt.
+    """
+    argv = iperf3_argv(options.iperf3, options.server, options.port, options.duration,
+                       options.streams, reverse, options.extra)
+    limit = options.duration + omit_seconds(options.extra) + options.timeout_margin
+    attempts = failures = 0
+    busy_deadline = None
+    while True:
+        attempts += 1
+        started = time.time()
+        log.info("%s test, attempt %d", direction, attempts)
+        outcome = run_command(argv, limit, stopper=stopper, progress=progress)
+        document = result_document(outcome.stdout, outcome.stderr, outcome.returncode,
+                                   outcome.timed_out, outcome.stopped_by, outcome.failure)
+        error = document.get("error")
+        if outcome.stderr.strip():
+            log.debug("iperf3 stderr: %s", one_line(outcome.stderr, 2000))
+        if error is None:
+            log.info("%s test, attempt %d: ok", direction, attempts)
+            break
+        log.warning("%s test, attempt %d failed: %s", direction, attempts, one_line(error))
+        if stopper.signum is not None:
+            break
+        if is_busy(document) and not outcome.timed_out:
+            now = time.monotonic()
+            if busy_deadline is None:
+                busy_deadline = now + options.busy_wait
+            if now < busy_deadline:
+                delay = min(rng.uniform(*BUSY_DELAY), busy_deadline - now)
+                log.info("server busy: retrying in %.1f s", delay)
+                stopper.sleep(delay)
+                if stopper.signum is not None:
+                    break
+                continue
+            log.warning("server still busy after %s s: giving up", options.busy_wait)
+            break
+        failures += 1
+        if failures > options.retries:
+            break
+    # The metadata goes first: a reader of many files finds it in the first bytes, and iperf3's
+    # "end" object stays (nearly) last, as iperf3 writes it.
+    meta = {
+        "version": __version__,
+        "run": run_ts,
+        "prefix": options.prefix,
+        "direction": direction,
+        "server": options.server,
+        "port": options.port,
+        "streams": options.streams,
+        "duration": options.duration,
+        "attempts": attempts,
+        "start": round(started, 3),
+        "command": command_line(argv),
+        "exit_code": outcome.returncode,
+    }
+    document = dict([("continuous_iperf", meta)] + list(document.items()))
+    write_atomic(file_path, encode_result(document))
+    return document
+
+
+def run_timestamp(folder, prefix):
+    """This run's local timestamp; waits for the next second if that one's files exist already
+    (a run that failed fast in the same second must not be overwritten)."""
+    while True:
+        stamp = time.strftime(TIMESTAMP_FORMAT)
+        names = [prefix + stamp + suffix for _, suffix, _ in DIRECTIONS]
+        if not any(os.path.exists(os.path.join(folder, name)) for name in names):
+            return stamp
+        time.sleep(1.05 - (time.time() % 1))
+
+
+# --- Command line -------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (cron mails it; the usage block is noise)."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def _whole_seconds(text):
+    if not re.match(r"^\s*\+?\d+\s*$", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(
+            "%r is not a whole number of seconds >= 1 (iperf3 would read it as 'forever')" % text)
+    return int(text)
+
+
+def _streams(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 128:
+        raise argparse.ArgumentTypeError("%r is not a number of streams from 1 to 128" % text)
+    return value
+
+
+def _port(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("%r is not a port number (1-65535)" % text)
+    return value
+
+
+def _count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r is not a whole number >= 0" % text)
+    return value
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a number of seconds >= 0" % text)
+    return value
+
+
+def _prefix(text):
+    if not PREFIX_RE.match(text):
+        raise argparse.ArgumentTypeError(
+            "%r may only contain letters, digits, '.', '_' and '-'" % text)
+    return text
+
+
+def build_parser():
+    """The parser of a run's flags; defaults are the settings above."""
+    parser = _Parser(
+        prog="iperf_client.py",
+        description="Run a forward and a reverse iperf3 test against a server and record both.",
+        epilog="Arguments after -- go to iperf3 unchanged (except the options this script sets: "
+               "-c -p -t -P -R -J --logfile). 'iperf_client.py report --help' describes the "
+               "report. Exit status: 0 ok, 1 a test failed, 2 usage, 75 another run in "
+               "progress, 128+N stopped by signal N.",
+    )
+    parser.add_argument("-c", "--server", default=IPERF_SERVER, metavar="HOST",
+                        help="iperf3 server to test against (default: %(default)s)")
+    parser.add_argument("-p", "--port", type=_port, default=IPERF_PORT, metavar="N",
+                        help="server's port (default: %(default)s)")
+    parser.add_argument("-t", "--duration", type=_whole_seconds, default=TEST_DURATION,
+                        metavar="S", help="seconds per test, whole (default: %(default)s)")
+    parser.add_argument("-P", "--streams", type=_streams, default=NUMBER_STREAMS, metavar="N",
+                        help="parallel streams per test, 1-128 (default: %(default)s)")
+    parser.add_argument("-d", "--results-dir", default=RESULTS_DIR, metavar="DIR",
+                        help="folder for results, log and ledger (default: %(default)s)")
+    parser.add_argument("--prefix", type=_prefix, default=FILES_PREFIX, metavar="TEXT",
+                        help="prefix of every file a run writes (default: %(default)r)")
+    parser.add_argument("--iperf3", default=IPERF_EXECUTABLE, metavar="PATH",
+                        help="iperf3 executable (default: %(default)s)")
+    parser.add_argument("--retries", type=_count, default=RETRIES, metavar="N",
+                        help="retries of a failed test (default: %(default)s)")
+    parser.add_argument("--busy-wait", type=_seconds, default=BUSY_WAIT, metavar="S",
+                        help="keep retrying a busy server for S seconds, after random pauses "
+                             "(default: %(default)s)")
+    parser.add_argument("--jitter", type=_seconds, default=JITTER, metavar="S",
+                        help="sleep a random 0..S seconds before the first test "
+                             "(default: %(default)s)")
+    parser.add_argument("--timeout-margin", type=_seconds, default=TIMEOUT_MARGIN, metavar="S",
+                        help="an attempt is stopped after duration + omit + S seconds "
+                             "(default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the two iperf3 commands and exit; measure nothing")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more messages on stderr (-v: each attempt, -vv: each command)")
+    parser.add_argument("-q", "--quiet", action="count", default=0,
+                        help="print nothing, not even failed tests (the exit code still tells)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def _split_extra(argv):
+    """Split our arguments from iperf3's at the first `--`."""
+    if "--" in argv:
+        index = argv.index("--")
+        return argv[:index], argv[index + 1:]
+    return argv, []
+
+
+def _check_options(parser, options):
+    """Refuse what argparse's types cannot see; exits 2 with one line."""
+    server = options.server.strip()
+    if not server or server == PLACEHOLDER_SERVER:
+        parser.error("no server configured: give --server HOST "
+                     "(or set IPERF_SERVER in the script)")
+    if server.startswith("-"):
+        parser.error("argument -c/--server: %r is not a host name" % options.server)
+    options.server = server
+    owned = owned_option(options.extra)
+    if owned is not None:
+        parser.error("iperf3 argument %r is set by this script itself; use its own flags "
+                     "(-c -p -t -P), it runs -R and -J itself" % owned)
+    options.results_dir = os.path.abspath(os.path.expanduser(options.results_dir))
+
+
+def _setup_logging(options):
+    """stderr gets only what a person must act on (a failed test, a skipped run) by default, so
+    cron mails nothing for a good run; -v adds progress of the run, -vv every command, -q silences
+    even failures (the exit code and the files still tell)."""
+    if options.quiet:
+        level = logging.CRITICAL + 10
+    else:
+        level = (logging.ERROR, logging.INFO, logging.DEBUG)[min(options.verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("iperf_client: %(message)s"))
+    handler.setLevel(level)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    log.addHandler(handler)
+    return handler
+
+
+def run(options, stopper):
+    """One run: lock, timestamp, log file, forward then reverse test, ledger rows.
+
+    Returns the exit code; raises IperfError for what stops a run before any test.
+    """
+    try:
+        os.makedirs(options.results_dir, exist_ok=True)
+    except OSError as exc:
+        raise IperfError("cannot create results folder %s: %s"
+                         % (options.results_dir, exc.strerror))
+    lock_fd = take_lock(options.results_dir)
+    handler = None
+    try:
+        run_ts = run_timestamp(options.results_dir, options.prefix)
+        log_path = os.path.join(options.results_dir, options.prefix + run_ts + "_iperf_mon.log")
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+        handler.setLevel(logging.DEBUG)
+        log.addHandler(handler)
+        log.info("run %s: server %s port %s, %s s x %s streams, iperf3 %s, version %s", run_ts,
+                 options.server, options.port, options.duration, options.streams,
+                 options.iperf3, __version__)
+        if options.jitter > 0:
+            delay = random.uniform(0, options.jitter)
+            log.info("jitter: sleeping %.1f s", delay)
+            stopper.sleep(delay)
+        progress = None
+        if sys.stderr.isatty() and options.quiet == 0:
+            progress = Progress(sys.stderr, options.duration)
+        status = 0
+        for direction, suffix, flags in DIRECTIONS:
+            if stopper.signum is not None:
+                break
+            file_name = options.prefix + run_ts + suffix
+            document = run_test(options, direction, bool(flags),
+                                os.path.join(options.results_dir, file_name), run_ts, stopper,
+                                progress(direction) if progress else None)
+            if progress:
+                progress.clear()
+            append_ledger(os.path.join(options.results_dir, LEDGER_NAME),
+                          ledger_row(document, file_name))
+            if "error" in document:
+                status = 1
+                log.error("%s test failed: %s", direction, one_line(document["error"]))
+        if stopper.signum is not None:
+            log.warning("stopped by %s", stopper.name)
+            return 128 + stopper.signum
+        log.info("run %s finished: %s", run_ts, "ok" if status == 0 else "a test failed")
+        return status
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        os.close(lock_fd)
+
+
+def main(argv=None):
+    """Entry point: parse `argv` (default sys.argv[1:]), run, return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ours, extra = _split_extra(argv)
+    try:
+        options = parser.parse_args(ours)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    options.extra = list(IPERF_EXTRA_ARGS) + extra
+    try:
+        _check_options(parser, options)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    if options.dry_run:
+        for _, _, flags in DIRECTIONS:
+            print(command_line(iperf3_argv(options.iperf3, options.server, options.port,
+                                           options.duration, options.streams, bool(flags),
+                                           options.extra)))
+        return 0
+    handler = _setup_logging(options)
+    stopper = Stopper()
+    stopper.install()
+    try:
+        return run(options, stopper)
+    except IperfError as exc:
+        log.error("%s", exc)
+        return exc.status
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        stopper.restore()
+        log.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
