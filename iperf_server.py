@@ -23,6 +23,8 @@ Exit codes: 0 a healthy server is running; 1 no healthy server could be had; 2 u
 import argparse
 import errno
 import fcntl
+import getpass
+import hashlib
 import json
 import logging
 import logging.handlers
@@ -30,6 +32,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,6 +47,9 @@ IPERF_EXECUTABLE = "iperf3"  # iperf3 executable: a name looked up on PATH, or a
 IPERF_PORT = 5201  # port the server listens on (iperf3's default)
 IPERF_BIND = None  # address to listen on; None = all addresses
 IPERF_EXTRA_ARGS = []  # more iperf3 server arguments, e.g. ["--rcv-timeout", "30000"]
+RSA_PRIVATE_KEY_PATH = None  # with AUTHORIZED_USERS_PATH: only authorised clients get tests
+AUTHORIZED_USERS_PATH = None  # "username,sha256hex" lines; made by --add-user
+OPENSSL_EXECUTABLE = "openssl"  # used by --make-keys only
 MAX_BUSY_MINUTES = 10.0  # restart a server that has answered "busy" for longer than this
 START_TIMEOUT = 5.0  # seconds to wait for a spawned daemon to write its pidfile and listen
 PROBE_TIMEOUT = 5.0  # seconds a health probe may take before the server counts as hung
@@ -59,6 +65,8 @@ EXIT_NOT_RUNNING = 3  # --status only (LSB init-script convention)
 OWNED_OPTIONS = {
     "-s": "--server", "-D": "--daemon", "-I": "--pidfile", "-p": "--port", "-B": "--bind",
     "-c": "--client", "-1": "--one-off",
+    "--rsa-private-key-path": "--rsa-private-key-path",
+    "--authorized-users-path": "--authorized-users-path",
 }
 
 log = logging.getLogger("iperf_server")
@@ -108,12 +116,41 @@ def check_extra_args(extra):
                 "(use this script's own flag where there is one)" % option)
 
 
-def daemon_argv(executable, pidfile, port, bind, extra):
-    """The exact argv of the daemon to start; also what a live daemon's cmdline is compared to."""
+def daemon_argv(executable, pidfile, port, bind, extra, auth=None):
+    """The exact argv of the daemon to start; also what a live daemon's cmdline is compared to.
+
+    `auth` is (private key path, authorized users path), absolute, or None.
+    """
     argv = [executable, "-s", "-D", "--pidfile", pidfile, "-p", str(port)]
     if bind:
         argv += ["-B", bind]
+    if auth:
+        argv += ["--rsa-private-key-path", auth[0], "--authorized-users-path", auth[1]]
     return argv + list(extra)
+
+
+def password_hash(username, password):
+    """What iperf3 keeps in its authorized users file: hex SHA-256 of "{username}password"."""
+    return hashlib.sha256(("{%s}%s" % (username, password)).encode()).hexdigest()
+
+
+def check_credentials(username, password):
+    """Raise UsageError for what iperf3 cannot carry: commas or blanks in a name (the file is
+    "name,hash"), blanks in a password (they do not survive iperf3's handling)."""
+    if not username or any(c == "," or c.isspace() for c in username):
+        raise UsageError("user name must be non-empty, without commas or whitespace: %r"
+                         % username)
+    if not password:
+        raise UsageError("empty password")
+    if any(c.isspace() for c in password):
+        raise UsageError("password must not contain whitespace (iperf3 cannot carry it)")
+
+
+def users_file_with(lines, username, digest):
+    """The users file's lines with `username`'s entry replaced (or appended); comments kept."""
+    entry = "%s,%s" % (username, digest)
+    kept = [line for line in lines if line.split(",", 1)[0].strip() != username]
+    return kept + [entry]
 
 
 def probe_argv(executable, address, port):
@@ -303,6 +340,52 @@ def port_accepts(address, port, timeout=1.0):
         return False
 
 
+def decode_proc_address(hex_address):
+    """An address from /proc/net/tcp{,6}: 32-bit words in host byte order, as hex."""
+    words = [int(hex_address[i:i + 8], 16) for i in range(0, len(hex_address), 8)]
+    packed = b"".join(struct.pack("=I", word) for word in words)
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+
+
+def listening_addresses(port):
+    """Addresses with a TCP socket listening on `port`, read from /proc/net/tcp and tcp6, or
+    None where those files do not exist."""
+    found, readable = set(), False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for row in rows:
+            fields = row.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: TCP_LISTEN
+                found.add(decode_proc_address(address))
+    return found if readable else None
+
+
+WILDCARDS = {"0.0.0.0", "::"}
+
+
+def port_listening(address, port, bind):
+    """True when something listens on `port` where a server bound to `bind` (None: every
+    address) would collide with it.
+
+    Read passively from /proc: connecting to an iperf3 server counts as a (failed) test, and
+    one that comes just before our probe can reset the probe's connection. Only without
+    /proc do we connect.
+    """
+    listeners = listening_addresses(port)
+    if listeners is None:
+        return port_accepts(address, port)
+    if not bind or bind.split("%", 1)[0] in WILDCARDS:
+        return bool(listeners)
+    wanted = {bind.split("%", 1)[0], "::ffff:" + bind.split("%", 1)[0]}
+    return bool(listeners & (wanted | WILDCARDS))
+
+
 # --- Files ----------------------------------------------------------------------------------------
 
 def read_pidfile(path):
@@ -393,13 +476,110 @@ class FileLock:
         os.close(self.fd)  # closing releases the flock
 
 
+def check_auth_files(executable, private_key, users_file):
+    """Refuse to start an authenticating daemon that would fail after forking, where iperf3
+    says nothing: no authentication in this build, missing or unreadable files, or a private
+    key others can read."""
+    try:
+        version = subprocess.run([executable, "--version"], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 universal_newlines=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise IperfError("cannot run %s --version: %s" % (executable, exc))
+    if "authentication" not in version:
+        raise IperfError("%s was built without authentication (its --version does not list "
+                         "it): install an OpenSSL build of iperf3 3.2 or newer" % executable)
+    for path in (private_key, users_file):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise IperfError("cannot read %s: %s" % (path, exc.strerror))
+    if os.stat(private_key).st_mode & 0o077:
+        raise IperfError("private key %s is readable by others: chmod 600 %s"
+                         % (private_key, private_key))
+
+
+def read_password(stdin):
+    """The password from the terminal without echo, or the first line of a non-terminal stdin."""
+    if stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != first:
+            raise UsageError("the passwords differ")
+        return first
+    return stdin.readline().rstrip("\r\n")
+
+
+def add_user(users_file, username, password):
+    """Add or replace `username` in iperf3's authorized users file (created 0600, atomically).
+    Returns True when an entry was replaced."""
+    check_credentials(username, password)
+    try:
+        with open(users_file) as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    except OSError as exc:
+        raise IperfError("cannot read %s: %s" % (users_file, exc.strerror))
+    replaced = any(line.split(",", 1)[0].strip() == username for line in lines)
+    text = "\n".join(users_file_with(lines, username, password_hash(username, password))) + "\n"
+    try:
+        write_file_atomically(users_file, text, mode=0o600)
+    except OSError as exc:
+        raise IperfError("cannot write %s: %s" % (users_file, exc.strerror))
+    return replaced
+
+
+def make_keys(folder, openssl=OPENSSL_EXECUTABLE):
+    """Create folder/private.pem (0600) and folder/public.pem with openssl; never overwrite.
+    Returns the two paths."""
+    if shutil.which(openssl) is None:
+        raise IperfError("%s not found: install it (e.g. apt-get install openssl)" % openssl)
+    private, public = (os.path.join(folder, name) for name in ("private.pem", "public.pem"))
+    for path in (private, public):
+        if os.path.lexists(path):
+            raise IperfError("%s exists: not overwriting a key" % path)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise IperfError("cannot create %s: %s" % (folder, exc.strerror))
+    made = []
+    try:
+        # mkstemp files are 0600 before openssl writes a byte into them.
+        for path in (private, public):
+            fd, temporary = tempfile.mkstemp(dir=folder, prefix=".key.")
+            os.close(fd)
+            made.append(temporary)
+        commands = [[openssl, "genrsa", "-out", made[0], "2048"],
+                    [openssl, "rsa", "-in", made[0], "-pubout", "-out", made[1]]]
+        for command in commands:
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+            if done.returncode != 0:
+                said = done.stderr.strip().splitlines()
+                raise IperfError("%s failed: %s" % (" ".join(command[:2]),
+                                                    said[-1] if said else done.returncode))
+        os.chmod(made[1], 0o644)
+        # link() fails if the name exists: a key that appeared meanwhile is not overwritten.
+        os.link(made[0], private)
+        os.link(made[1], public)
+    except OSError as exc:
+        raise IperfError("cannot write keys in %s: %s" % (folder, exc.strerror or exc))
+    finally:
+        for temporary in made:
+            remove_file(temporary)
+    return private, public
+
+
 # --- The watchdog ---------------------------------------------------------------------------------
 
 class Watchdog:
     """Everything one run needs: the settings, the daemon's argv, its files."""
 
-    def __init__(self, executable, pidfile, port, bind, extra, max_busy_minutes, probe):
+    def __init__(self, executable, pidfile, port, bind, extra, max_busy_minutes, probe,
+                 auth=None):
         self.executable = executable
+        self.auth = auth
         self.pidfile = pidfile
         self.port = port
         self.bind = bind
@@ -408,7 +588,7 @@ class Watchdog:
         self.probe_enabled = probe
         self.state_file = pidfile + ".state"
         self.lock_file = pidfile + ".lock"
-        self.argv = daemon_argv(executable, pidfile, port, bind, extra)
+        self.argv = daemon_argv(executable, pidfile, port, bind, extra, auth)
         self.address = probe_address(bind)
 
     def find_daemon(self):
@@ -447,7 +627,9 @@ class Watchdog:
     def spawn(self):
         """Start the daemon and wait until it is really up; `-D`'s exit code means nothing
         (the parent exits 0 before the child writes the pidfile or binds the port)."""
-        if port_accepts(self.address, self.port):
+        if self.auth:
+            check_auth_files(self.executable, *self.auth)
+        if port_listening(self.address, self.port, self.bind):
             raise IperfError("port %d is in use by another process (not our iperf3): "
                              "stop it or choose another port with -p" % self.port)
         log.debug("starting: %s", " ".join(self.argv))
@@ -463,7 +645,7 @@ class Watchdog:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             pid, _ = self.find_daemon()
-            if pid and port_accepts(self.address, self.port):
+            if pid and port_listening(self.address, self.port, self.bind):
                 return pid
             if time.monotonic() > deadline:
                 break
@@ -594,6 +776,17 @@ def build_parser():
                         help="print one status line and exit 0 (healthy), 1 (unhealthy) or 3 "
                              "(not running); never starts anything")
     action.add_argument("--stop", action="store_true", help="stop the server")
+    action.add_argument("--add-user", metavar="NAME",
+                        help="add or replace NAME in --authorized-users-path (password from the "
+                             "terminal, or the first line of stdin), then exit")
+    action.add_argument("--make-keys", metavar="DIR",
+                        help="create DIR/private.pem and DIR/public.pem with openssl, then exit")
+    parser.add_argument("--rsa-private-key-path", default=RSA_PRIVATE_KEY_PATH, metavar="FILE",
+                        help="require authentication: the server's RSA private key "
+                             "(with --authorized-users-path)")
+    parser.add_argument("--authorized-users-path", default=AUTHORIZED_USERS_PATH, metavar="FILE",
+                        help="require authentication: the users file "
+                             "(with --rsa-private-key-path)")
     parser.add_argument("--no-probe", dest="probe", action="store_false",
                         help="do not run a health probe (a tiny test) against the server")
     parser.add_argument("--max-busy", type=minutes, default=MAX_BUSY_MINUTES, metavar="MINUTES",
@@ -656,6 +849,39 @@ def resolve_executable(name):
     return os.path.abspath(path)
 
 
+def absolute(path):
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def run_reporting_errors(action):
+    """Run a one-off command (not the watchdog); an IperfError becomes one line and exit 1."""
+    try:
+        action()
+        return EXIT_OK
+    except UsageError as exc:
+        print("iperf_server.py: error: %s" % exc, file=sys.stderr)
+        return EXIT_USAGE
+    except IperfError as exc:
+        print("iperf_server.py: error: %s" % exc, file=sys.stderr)
+        return EXIT_FAILED
+
+
+def add_user_command(parser, args):
+    if not args.authorized_users_path:
+        parser.error("--add-user needs --authorized-users-path FILE")
+    users_file = absolute(args.authorized_users_path)
+
+    def add():
+        try:
+            password = read_password(sys.stdin)
+        except (EOFError, KeyboardInterrupt):
+            raise UsageError("no password given")
+        replaced = add_user(users_file, args.add_user, password)
+        print("%s user %s in %s" % ("replaced" if replaced else "added", args.add_user,
+                                    users_file))
+    return run_reporting_errors(add)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     ours, extra = split_extra(argv)
@@ -665,8 +891,18 @@ def main(argv=None):
         check_extra_args(extra)
     except UsageError as exc:
         parser.error(str(exc))
-    pidfile = os.path.abspath(os.path.expanduser(args.pidfile))
-    log_file = os.path.abspath(os.path.expanduser(args.log_file))
+    pidfile = absolute(args.pidfile)
+    log_file = absolute(args.log_file)
+    if args.add_user is not None:
+        return add_user_command(parser, args)
+    if args.make_keys is not None:
+        return run_reporting_errors(lambda: print(
+            "created %s and %s" % make_keys(absolute(args.make_keys))))
+    if bool(args.rsa_private_key_path) != bool(args.authorized_users_path):
+        parser.error("--rsa-private-key-path and --authorized-users-path go together")
+    auth = None
+    if args.rsa_private_key_path:
+        auth = (absolute(args.rsa_private_key_path), absolute(args.authorized_users_path))
 
     errors_shown = False
     try:
@@ -674,7 +910,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(pidfile), exist_ok=True)
         executable = resolve_executable(os.path.expanduser(args.iperf3))
         watchdog = Watchdog(executable, pidfile, args.port, args.bind, extra,
-                            args.max_busy, args.probe)
+                            args.max_busy, args.probe, auth)
         if args.status:
             code, line = watchdog.status()
             print(line)

@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Test the scripts in this working tree, even when an older copy is pip-installed.
 sys.path.insert(0, str(ROOT))
+
+import iperf_server  # noqa: E402 (needs the path above)
 SERVER_SCRIPT = ROOT / "iperf_server.py"
 CLIENT_SCRIPT = ROOT / "iperf_client.py"
 
@@ -188,3 +190,62 @@ def run_script(script, args, env=None, timeout=120, cwd=None):
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True, env=full_env, timeout=timeout, cwd=cwd,
     )
+
+
+# --- The server script's test host ---
+
+def listening(port):
+    """Passive check (/proc/net/tcp): connecting would count as a test to the server."""
+    return bool(iperf_server.listening_addresses(port))
+
+
+class ServerHost:
+    """One test's server-side files and port, and the way to run the script against them."""
+
+    def __init__(self, folder, port):
+        self.folder = folder
+        self.port = port
+        self.pidfile = str(folder / "iperf.pid")
+        self.log_file = str(folder / "iperf_monitor.log")
+
+    def run(self, *extra, port=None, env=None):
+        args = ["--pidfile", self.pidfile, "--log-file", self.log_file,
+                "-p", str(port or self.port), *extra]
+        return run_script(SERVER_SCRIPT, args, env=env)
+
+    def pid(self):
+        with open(self.pidfile, "rb") as handle:
+            return iperf_server.parse_pidfile(handle.read())
+
+    def daemons(self):
+        return iperf_server.our_daemons(self.pidfile)
+
+    def log(self):
+        with open(self.log_file) as handle:
+            return handle.read()
+
+
+@pytest.fixture
+def host(tmp_path, iperf3):
+    """Files and a free port for one iperf_server.py; kills every daemon it started."""
+    server_host = ServerHost(tmp_path, free_port())
+    try:
+        yield server_host
+    finally:
+        for pid in server_host.daemons():
+            kill_pid(pid)
+
+
+def assert_quiet_success(done):
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert done.stderr == ""
+
+
+def assert_one_line_error(done, code, *fragments):
+    assert done.returncode == code, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]

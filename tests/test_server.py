@@ -11,66 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import iperf_server
-from conftest import (SERVER_SCRIPT, free_port, kill_pid, kill_process, pid_alive, port_accepts,
-                      run_script, wait_until)
-
-
-class ServerHost:
-    """One test's server-side files and port, and the way to run the script against them."""
-
-    def __init__(self, folder, port):
-        self.folder = folder
-        self.port = port
-        self.pidfile = str(folder / "iperf.pid")
-        self.log_file = str(folder / "iperf_monitor.log")
-
-    def run(self, *extra, port=None, env=None):
-        args = ["--pidfile", self.pidfile, "--log-file", self.log_file,
-                "-p", str(port or self.port), *extra]
-        return run_script(SERVER_SCRIPT, args, env=env)
-
-    def pid(self):
-        with open(self.pidfile, "rb") as handle:
-            return iperf_server.parse_pidfile(handle.read())
-
-    def daemons(self):
-        return iperf_server.our_daemons(self.pidfile)
-
-    def log(self):
-        with open(self.log_file) as handle:
-            return handle.read()
-
-
-@pytest.fixture
-def host(tmp_path, iperf3):
-    server_host = ServerHost(tmp_path, free_port())
-    try:
-        yield server_host
-    finally:
-        for pid in server_host.daemons():
-            kill_pid(pid)
-
-
-def assert_quiet_success(done):
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == ""
-    assert done.stderr == ""
-
-
-def assert_one_line_error(done, code, *fragments):
-    assert done.returncode == code, (done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
+from conftest import (SERVER_SCRIPT, assert_one_line_error, assert_quiet_success, free_port,
+                      kill_pid, kill_process, listening, pid_alive, run_script, wait_until)
 
 
 def test_first_run_starts_a_daemon_and_the_second_keeps_it(host):
     assert_quiet_success(host.run())
     first = host.pid()
     assert host.daemons() == [first]
-    assert port_accepts(host.port)
+    assert listening(host.port)
     assert "starting iperf3: not running" in host.log()
 
     assert_quiet_success(host.run())
@@ -87,7 +36,7 @@ def test_twenty_concurrent_runs_after_kill_9_leave_exactly_one(host):
     for done in results:
         assert_quiet_success(done)
     assert host.daemons() == [host.pid()]
-    assert port_accepts(host.port)
+    assert listening(host.port)
 
 
 def test_recycled_pid_is_left_alone_and_a_server_starts(host):
@@ -139,7 +88,7 @@ def test_changed_port_restarts_the_daemon(host):
     new_port = free_port()
     assert_quiet_success(host.run(port=new_port))
     assert host.pid() != old and not pid_alive(old)
-    assert port_accepts(new_port) and not port_accepts(host.port)
+    assert listening(new_port) and not listening(host.port)
     assert "settings changed" in host.log()
 
 
