@@ -24,13 +24,19 @@ input, 75 another run holds the results folder's lock, 128+N stopped by signal N
 """
 
 import argparse
+import collections
 import csv
 import datetime
 import errno
 import fcntl
+import gc
+import gzip
+import heapq
 import io
 import json
 import logging
+import math
+import multiprocessing
 import os
 import random
 import re
@@ -40,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 __version__ = "2.0.0"
 
@@ -56,6 +63,8 @@ RETRIES = 1                                 # retries of a failed test (busy ret
 BUSY_WAIT = 120                             # seconds to keep retrying a busy server
 JITTER = 0                                  # random 0..JITTER s sleep before the first test
 TIMEOUT_MARGIN = 30                         # hard limit per attempt: duration + omit + this
+COMPRESS = False                            # write results as .json.gz (about 15x smaller)
+KEEP_DAYS = 0                               # delete raw files older than this (0: keep forever)
 BUSY_DELAY = (5.0, 30.0)                    # random pause between busy retries (min, max) s
 KILL_GRACE = 5.0                            # seconds from SIGTERM to SIGKILL for a late iperf3
 LEDGER_NAME = "results.csv"                 # the ledger's file name in the results folder
@@ -289,6 +298,334 @@ def csv_line(values):
     return buffer.getvalue()
 
 
+# --- Pure helpers of the report and of the ledger's rebuild -------------------------------------
+
+RESULT_NAME_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9._-]*?)(?P<run>\d{8}_\d{6})"
+                            r"_(?P<side>client|server)\.json(?P<gz>\.gz)?$")
+RUN_FILE_RE = r"^%s(?P<run>\d{8}_\d{6})(?:_client\.json|_server\.json|_iperf_mon\.log)(?:\.gz)?$"
+SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
+SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+SUMMARY_KEYS = ("count", "ok", "failed", "min_bps", "p5_bps", "median_bps", "mean_bps", "p95_bps",
+                "max_bps", "retransmits")
+COL = {name: index for index, name in enumerate(LEDGER_COLUMNS)}
+NUMBER_COLUMNS = ("port", "streams", "duration", "sent_bps", "received_bps", "retransmits",
+                  "attempts")
+# A row whose cells, joined by \x1f, match this needs no escaping: its number cells are JSON
+# numbers or empty, its string cells hold no quote, backslash or control character.
+_ROW_OK_RE = re.compile("\x1f".join(
+    r"(?:-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?)?" if c in NUMBER_COLUMNS
+    else r'[^"\\\x00-\x1f]*' for c in LEDGER_COLUMNS) + r"\Z")
+# One ledger row as a JSON object, string cells known to need no escaping, number cells valid.
+_RUN_TEMPLATE = "{" + ",".join(
+    '"%s":%s' % (c, "%s" if c in NUMBER_COLUMNS else '"%s"') for c in LEDGER_COLUMNS) + "}"
+
+
+def run_time(run_ts):
+    """A run's `<ts>` (local time) -> Unix seconds, or None when it is not one."""
+    try:
+        return time.mktime(time.strptime(run_ts, TIMESTAMP_FORMAT))
+    except (ValueError, OverflowError):
+        return None
+
+
+def parse_when(text, now):
+    """A --since/--until value -> Unix seconds.
+
+    An ISO date or date-time (local time without an offset) or a span back from `now` such as
+    `90m`, `24h`, `7d`, `2w`. Raises ValueError.
+    """
+    span = SPAN_RE.match(text)
+    if span:
+        return now - float(span.group(1)) * SPAN_UNITS[span.group(2)]
+    value = text.strip()
+    if value[-1:] in ("Z", "z"):
+        value = value[:-1] + "+00:00"
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("%r is neither an ISO date/date-time nor a span like 90m, 24h, 7d"
+                         % text)
+    return moment.timestamp()  # a naive date-time is local time
+
+
+def row_time(timestamp):
+    """A ledger timestamp -> Unix seconds, or None."""
+    try:
+        return datetime.datetime.fromisoformat(timestamp).timestamp()
+    except ValueError:
+        return None
+
+
+def select_rows(rows, prefix=None, since=None, until=None, direction="both"):
+    """The ledger rows (lists) of one prefix, direction and period [since, until)."""
+    if prefix is not None:
+        rows = [row for row in rows if row[COL["prefix"]] == prefix]
+    if direction != "both":
+        rows = [row for row in rows if row[COL["direction"]] == direction]
+    if since is not None or until is not None:
+        low = float("-inf") if since is None else since
+        high = float("inf") if until is None else until
+        kept = []
+        for row in rows:
+            moment = row_time(row[0])
+            if moment is not None and low <= moment < high:
+                kept.append(row)
+        rows = kept
+    return rows
+
+
+def percentile(ordered, fraction):
+    """Linear interpolation between closest ranks of a sorted list (numpy's default, and
+    statistics.quantiles(method="inclusive")); None for an empty list."""
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * fraction
+    low = int(position)
+    if low + 1 >= len(ordered):
+        return ordered[-1]
+    return ordered[low] + (ordered[low + 1] - ordered[low]) * (position - low)
+
+
+def _floats(cells):
+    """Finite floats from CSV cells, skipping empty or unreadable ones."""
+    values = []
+    for cell in cells:
+        try:
+            value = float(cell)
+        except ValueError:
+            continue
+        if value == value and value not in (float("inf"), float("-inf")):
+            values.append(value)
+    return values
+
+
+def _received(rows):
+    """(row, received_bps) of the ok rows that have a figure."""
+    ok = [row for row in rows if row[COL["status"]] == "ok" and row[COL["received_bps"]]]
+    try:
+        return list(zip(ok, map(float, (row[COL["received_bps"]] for row in ok))))
+    except ValueError:
+        pairs = []
+        for row in ok:
+            values = _floats([row[COL["received_bps"]]])
+            if values:
+                pairs.append((row, values[0]))
+        return pairs
+
+
+def summarize(rows, received=None):
+    """Statistics of one direction's rows: SUMMARY_KEYS -> numbers (bits/s; None when no ok
+    row has a figure). `received` is _received(rows) when the caller has it already."""
+    ok_rows = [row for row in rows if row[COL["status"]] == "ok"]
+    values = sorted(value for _, value in (_received(rows) if received is None else received))
+    retransmits = 0
+    for value in _floats(row[COL["retransmits"]] for row in ok_rows if row[COL["retransmits"]]):
+        retransmits += int(value)
+    return {
+        "count": len(rows),
+        "ok": len(ok_rows),
+        "failed": len(rows) - len(ok_rows),
+        "min_bps": values[0] if values else None,
+        "p5_bps": percentile(values, 0.05),
+        "median_bps": percentile(values, 0.5),
+        "mean_bps": math.fsum(values) / len(values) if values else None,
+        "p95_bps": percentile(values, 0.95),
+        "max_bps": values[-1] if values else None,
+        "retransmits": retransmits,
+    }
+
+
+def directions_of(direction):
+    return ("forward", "reverse") if direction == "both" else (direction,)
+
+
+def summary_of(rows, direction="both", received=None):
+    """{direction: summarize(rows of that direction)} for the selected directions."""
+    received = _received(rows) if received is None else received
+    summary = {}
+    for name in directions_of(direction):
+        summary[name] = summarize([row for row in rows if row[COL["direction"]] == name],
+                                  [pair for pair in received if pair[0][COL["direction"]] == name])
+    return summary
+
+
+def _number_json(cell):
+    """A number cell as JSON text: the number, or null when empty or not a finite number."""
+    try:
+        value = int(cell)
+    except ValueError:
+        values = _floats([cell])
+        return repr(values[0]) if values else "null"
+    return str(value)
+
+
+def run_json(row):
+    """One ledger row as a JSON object (text), its number columns as numbers."""
+    if _ROW_OK_RE.match("\x1f".join(row)):  # the common case, made fast: 200,000 rows a year
+        (timestamp, run, prefix, direction, server, port, streams, duration, status, error, sent,
+         received, retransmits, attempts, name) = row
+        return _RUN_TEMPLATE % (
+            timestamp, run, prefix, direction, server, port or "null", streams or "null",
+            duration or "null", status, error, sent or "null", received or "null",
+            retransmits or "null", attempts or "null", name)
+    return "{" + ",".join(
+        "%s:%s" % (json.dumps(name), _number_json(cell) if name in NUMBER_COLUMNS
+                   else json.dumps(cell, ensure_ascii=False))
+        for name, cell in zip(LEDGER_COLUMNS, row)) + "}"
+
+
+def human_bps(value):
+    """Bits per second for a person: 941.2 Mbit/s, 9.41 Gbit/s."""
+    if value is None:
+        return "-"
+    for scale, unit, digits in ((1e9, "Gbit/s", 2), (1e6, "Mbit/s", 1), (1e3, "kbit/s", 1)):
+        if abs(value) >= scale:
+            return "%.*f %s" % (digits, value / scale, unit)
+    return "%.0f bit/s" % value
+
+
+def text_report(rows, summary, folder, prefix, since, until, received=None):
+    """The report for a person, as a list of lines (`received` as in summary_of)."""
+    received = _received(rows) if received is None else received
+    lines = ["continuous-iperf report: %s, %s" % (
+        folder, "prefix %r" % prefix if prefix is not None else "all prefixes")]
+    if not rows:
+        lines.append("no results%s." % (" in the selected period" if since or until else ""))
+        return lines
+    # The first and last test: compare timestamps as text within each UTC offset (DST changes
+    # it), then parse only those few.
+    bounds = {}
+    for stamp in [row[0] for row in rows]:
+        pair = bounds.get(stamp[-6:])
+        if pair is None:
+            bounds[stamp[-6:]] = [stamp, stamp]
+        elif stamp < pair[0]:
+            pair[0] = stamp
+        elif stamp > pair[1]:
+            pair[1] = stamp
+    moments = [m for m in map(row_time, [t for pair in bounds.values() for t in pair])
+               if m is not None]
+    if moments:
+        lines.append("period: %s to %s, %d runs" % (
+            iso_time(min(moments)), iso_time(max(moments)),
+            len({(row[COL["prefix"]], row[COL["run"]]) for row in rows})))
+    lines.append("")
+    for name, stats in summary.items():
+        count = stats["count"]
+        lines.append("%s: %d tests, %d ok, %d failed (%.1f%%)" % (
+            name, count, stats["ok"], stats["failed"],
+            100.0 * stats["failed"] / count if count else 0.0))
+        if stats["median_bps"] is not None:
+            lines.append("  received: median %s, mean %s, p5 %s, p95 %s, min %s, max %s" % tuple(
+                human_bps(stats[key]) for key in
+                ("median_bps", "mean_bps", "p5_bps", "p95_bps", "min_bps", "max_bps")))
+            lines.append("  retransmits: %d (ok tests)" % stats["retransmits"])
+    by_hour = {}
+    for row, value in received:
+        by_hour.setdefault((row[COL["direction"]], row[0][11:13]), []).append(value)
+    if by_hour:
+        names = list(summary)
+        lines += ["", "median received by hour of day (local time of the test):",
+                  "  hour " + "".join("%18s" % name for name in names)]
+        for hour in ("%02d" % h for h in range(24)):
+            cells = []
+            for name in names:
+                values = sorted(by_hour.get((name, hour), []))
+                cells.append("%18s" % ("%s (%d)" % (human_bps(percentile(values, 0.5)),
+                                                    len(values)) if values else "-"))
+            lines.append("  %s   %s" % (hour, "".join(cells)))
+    lowest = heapq.nsmallest(5, received, key=lambda pair: pair[1])
+    if lowest:
+        lines += ["", "lowest runs:"]
+        lines += ["  %s %-7s %12s  %s" % (row[0], row[COL["direction"]], human_bps(value),
+                                          row[COL["file"]]) for row, value in lowest]
+    failed = [row for row in rows if row[COL["status"]] != "ok"]
+    if failed:
+        lines += ["", "failed runs (%s):" % (
+            "all %d" % len(failed) if len(failed) <= 10 else "the last 10 of %d" % len(failed))]
+        lines += ["  %s %-7s %s" % (row[0], row[COL["direction"]], row[COL["error"]])
+                  for row in failed[-10:]]
+        counts = collections.Counter(row[COL["error"]] for row in failed)
+        if len(failed) > 10:
+            lines += ["", "errors, most frequent first:"]
+            lines += ["  %6d  %s" % (n, error) for error, n in counts.most_common(5)]
+    return lines
+
+
+def complete_row(row, document, file_name):
+    """Fill what a file without our metadata leaves empty, from iperf3's keys, then the name."""
+    named = RESULT_NAME_RE.match(file_name)
+    start = document.get("start") if isinstance(document.get("start"), dict) else {}
+    test_start = start.get("test_start") if isinstance(start.get("test_start"), dict) else {}
+    connecting = start.get("connecting_to") if isinstance(start.get("connecting_to"), dict) else {}
+    if not row["direction"]:
+        if test_start.get("reverse") in (0, 1):
+            row["direction"] = "reverse" if test_start["reverse"] else "forward"
+        elif named:
+            row["direction"] = "reverse" if named.group("side") == "server" else "forward"
+    fill = {"server": connecting.get("host"), "port": connecting.get("port"),
+            "streams": test_start.get("num_streams"), "duration": test_start.get("duration")}
+    if named:
+        fill["run"] = named.group("run")
+        fill["prefix"] = named.group("prefix")
+        moment = run_time(named.group("run"))
+        fill["timestamp"] = iso_time(moment) if moment is not None else None
+    for key, value in fill.items():
+        if not row[key] and value is not None:
+            row[key] = str(value)
+    return row
+
+
+def unreadable_row(file_name, reason):
+    """The ledger row of a result file that cannot be read."""
+    row = dict.fromkeys(LEDGER_COLUMNS, "")
+    row.update(file=file_name, status="error", error=one_line("unreadable result: %s" % reason))
+    return complete_row(row, {}, file_name)
+
+
+_META_RE = re.compile(r'\A\s*\{\s*"continuous_iperf"\s*:\s*(?=\{)')
+_TIMESECS_RE = re.compile(r'"timestamp"\s*:\s*\{[^{}]*?"timesecs"\s*:\s*(\d+)\s*[,}]')
+_END_RE = re.compile(r'"end"\s*:\s*(?=\{)')
+_AFTER_END_RE = re.compile(r'\s*(?:,\s*"error"\s*:\s*("(?:[^"\\]|\\.)*")\s*)?\}\s*\Z')
+
+
+def quick_document(head, tail):
+    """The parts of a large result file the ledger needs, without parsing its intervals.
+
+    Given the file's first and last bytes (the same bytes when the file is small), returns a
+    document with "continuous_iperf", "start.timestamp.timesecs", "end" and "error", or None when
+    unsure (then the caller parses the whole file). Relies on our layout: the metadata first,
+    iperf3's "end" object last but for an "error" string.
+    """
+    while tail[:1] and 0x80 <= tail[0] < 0xC0:  # cut inside a UTF-8 character
+        tail = tail[1:]
+    try:
+        head, tail = head.decode("utf-8"), tail.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    decoder = json.JSONDecoder()
+    meta = _META_RE.match(head)
+    ends = list(_END_RE.finditer(tail))
+    if not meta or not ends:
+        return None
+    try:
+        metadata, after_meta = decoder.raw_decode(head, meta.end())
+        secs = _TIMESECS_RE.search(head, after_meta)
+        if not secs:
+            return None
+        end, position = decoder.raw_decode(tail, ends[-1].end())
+        after = _AFTER_END_RE.match(tail, position)
+        if not after or not isinstance(end, dict) or not isinstance(metadata, dict):
+            return None
+        document = {"continuous_iperf": metadata,
+                    "start": {"timestamp": {"timesecs": int(secs.group(1))}}, "end": end}
+        if after.group(1):
+            document["error"] = json.loads(after.group(1))
+    except ValueError:
+        return None
+    return document
+
+
 # --- Effects ------------------------------------------------------------------------------------
 
 class Stopper:
@@ -457,20 +794,27 @@ def append_ledger(path, row):
         os.close(fd)
 
 
-def take_lock(folder):
+def take_lock(folder, wait=False):
     """Take the exclusive lock of a results folder; return its open fd (keep it open).
 
-    Raises IperfError with status 75 when another run holds it.
+    Raises IperfError with status 75 when another run holds it, or, with `wait`, says so on
+    stderr and waits for it.
     """
     path = os.path.join(folder, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            if not wait:
+                raise IperfError("another run is in progress in %s (lock %s held): skipping "
+                                 "this run" % (folder, path), EX_TEMPFAIL)
+            sys.stderr.write("iperf_client: waiting for the run in progress in %s\n" % folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise IperfError("another run is in progress in %s (lock %s held): skipping this run"
-                             % (folder, path), EX_TEMPFAIL)
         raise
     return fd
 
@@ -559,7 +903,8 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
         "exit_code": outcome.returncode,
     }
     document = dict([("continuous_iperf", meta)] + list(document.items()))
-    write_atomic(file_path, encode_result(document))
+    data = encode_result(document)
+    write_atomic(file_path, gzip.compress(data, 6) if file_path.endswith(".gz") else data)
     return document
 
 
@@ -568,10 +913,148 @@ def run_timestamp(folder, prefix):
     (a run that failed fast in the same second must not be overwritten)."""
     while True:
         stamp = time.strftime(TIMESTAMP_FORMAT)
-        names = [prefix + stamp + suffix for _, suffix, _ in DIRECTIONS]
+        names = [prefix + stamp + suffix + gz for _, suffix, _ in DIRECTIONS
+                 for gz in ("", ".gz")]
         if not any(os.path.exists(os.path.join(folder, name)) for name in names):
             return stamp
         time.sleep(1.05 - (time.time() % 1))
+
+
+def result_name(prefix, run_ts, suffix, compress):
+    return prefix + run_ts + suffix + (".gz" if compress else "")
+
+
+def delete_old_files(folder, prefix, keep_days, now=None):
+    """Delete this prefix's result and log files whose run (the `<ts>` in the name) is older than
+    `keep_days` days; the ledger keeps their rows. Returns the names deleted."""
+    limit = (time.time() if now is None else now) - keep_days * 86400
+    pattern = re.compile(RUN_FILE_RE % re.escape(prefix))
+    deleted = []
+    for name in sorted(os.listdir(folder)):
+        match = pattern.match(name)
+        moment = run_time(match.group("run")) if match else None
+        if moment is not None and moment < limit:
+            try:
+                os.unlink(os.path.join(folder, name))
+                deleted.append(name)
+            except FileNotFoundError:
+                pass
+    return deleted
+
+
+class LedgerError(IperfError):
+    """The ledger is missing or damaged: `report --rebuild` is the remedy."""
+
+
+def read_ledger(path, lenient=False):
+    """The ledger's rows as lists of strings (header checked and left out).
+
+    Raises LedgerError when it is missing or damaged, or, when `lenient`, skips what is damaged
+    (the rebuild keeps what it can of an old ledger). A missing file is an empty ledger then.
+    """
+    remedy = "run 'iperf_client.py report --rebuild' to regenerate it from the result files"
+    width = len(LEDGER_COLUMNS)
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            rows = list(reader)
+    except FileNotFoundError:
+        if lenient:
+            return []
+        raise LedgerError("no ledger %s: %s" % (path, remedy))
+    except csv.Error as exc:
+        if lenient:
+            return []
+        raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, remedy))
+    except OSError as exc:
+        raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
+    if header is not None and tuple(header) != LEDGER_COLUMNS:
+        if lenient:
+            return []
+        raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, remedy))
+    bad = [index for index, row in enumerate(rows) if len(row) != width]
+    if bad:
+        if not lenient:
+            raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
+                path, bad[0] + 2, len(rows[bad[0]]), width, remedy))
+        rows = [row for row in rows if len(row) == width]
+    return rows
+
+
+QUICK_HEAD = 16 * 1024     # our metadata and iperf3's "start" lie in a file's first bytes
+QUICK_TAIL = 128 * 1024    # iperf3's "end" (with every stream's summary) in its last bytes
+
+
+def read_result_file(path):
+    """The ledger row (a list) of one result file, plain or gzipped; never raises.
+
+    Large files are read by their head and tail only (see quick_document), with a full parse
+    as the fallback; a file that cannot be read gives an "unreadable result" error row.
+    """
+    name = os.path.basename(path)
+    head = tail = data = None
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as handle:
+                data = handle.read()
+            if len(data) > QUICK_HEAD + QUICK_TAIL:
+                head, tail = data[:QUICK_HEAD], data[-QUICK_TAIL:]
+        else:
+            with open(path, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size > QUICK_HEAD + QUICK_TAIL:
+                    head = handle.read(QUICK_HEAD)
+                    handle.seek(-QUICK_TAIL, os.SEEK_END)
+                    tail = handle.read()
+                else:
+                    data = handle.read()
+        document = quick_document(head, tail) if head is not None else None
+        if document is None:
+            if data is None:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            document = json.loads(data)
+            if not isinstance(document, dict):
+                raise ValueError("not a JSON object")
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        return [unreadable_row(name, reason)[column] for column in LEDGER_COLUMNS]
+    row = complete_row(ledger_row(document, name), document, name)
+    return [row[column] for column in LEDGER_COLUMNS]
+
+
+def _run_order(row):
+    return (row[COL["run"]], row[COL["direction"]] != "forward", row[COL["prefix"]],
+            row[COL["file"]])
+
+
+def rebuild_ledger(folder, jobs=None):
+    """Regenerate `folder`'s ledger from its result files, atomically; return the row count.
+
+    Rows of the old ledger whose file is gone (deleted by --keep-days) are kept: the ledger
+    outlives the raw files. Files are read in parallel when there are many.
+    """
+    names = sorted(name for name in os.listdir(folder) if RESULT_NAME_RE.match(name))
+    paths = [os.path.join(folder, name) for name in names]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs > 1 and len(paths) >= 64:
+        try:
+            context = multiprocessing.get_context("fork")
+        except ValueError:
+            context = multiprocessing.get_context()
+        with context.Pool(min(jobs, 32)) as pool:
+            rows = pool.map(read_result_file, paths, chunksize=max(1, len(paths) // (jobs * 8)))
+    else:
+        rows = [read_result_file(path) for path in paths]
+    present = set(names)
+    for name in names:  # a run's file and its gzipped twin count as one
+        present.add(name[:-3] if name.endswith(".gz") else name + ".gz")
+    ledger = os.path.join(folder, LEDGER_NAME)
+    rows += [row for row in read_ledger(ledger, lenient=True) if row[COL["file"]] not in present]
+    rows.sort(key=_run_order)
+    text = csv_line(LEDGER_COLUMNS) + "".join(csv_line(row) for row in rows)
+    write_atomic(ledger, text.encode("utf-8"))
+    return len(rows)
 
 
 # --- Command line -------------------------------------------------------------------------------
@@ -641,6 +1124,7 @@ def build_parser():
     """The parser of a run's flags; defaults are the settings above."""
     parser = _Parser(
         prog="iperf_client.py",
+        usage="%(prog)s [options] [-- IPERF3_ARGS]\n       %(prog)s report [report options]",
         description="Run a forward and a reverse iperf3 test against a server and record both.",
         epilog="Arguments after -- go to iperf3 unchanged (except the options this script sets: "
                "-c -p -t -P -R -J --logfile). 'iperf_client.py report --help' describes the "
@@ -672,6 +1156,12 @@ def build_parser():
     parser.add_argument("--timeout-margin", type=_seconds, default=TIMEOUT_MARGIN, metavar="S",
                         help="an attempt is stopped after duration + omit + S seconds "
                              "(default: %(default)s)")
+    parser.add_argument("--compress", action="store_true", default=COMPRESS,
+                        help="write results as .json.gz, about 15x smaller")
+    parser.add_argument("--keep-days", type=_count, default=KEEP_DAYS, metavar="N",
+                        help="after a run, delete this prefix's result and log files of runs "
+                             "older than N days; ledger rows are kept (default: %(default)s, "
+                             "keep forever)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the two iperf3 commands and exit; measure nothing")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -756,7 +1246,7 @@ def run(options, stopper):
         for direction, suffix, flags in DIRECTIONS:
             if stopper.signum is not None:
                 break
-            file_name = options.prefix + run_ts + suffix
+            file_name = result_name(options.prefix, run_ts, suffix, options.compress)
             document = run_test(options, direction, bool(flags),
                                 os.path.join(options.results_dir, file_name), run_ts, stopper,
                                 progress(direction) if progress else None)
@@ -770,6 +1260,10 @@ def run(options, stopper):
         if stopper.signum is not None:
             log.warning("stopped by %s", stopper.name)
             return 128 + stopper.signum
+        if options.keep_days:
+            deleted = delete_old_files(options.results_dir, options.prefix, options.keep_days)
+            log.info("deleted %d files older than %d days (their ledger rows stay)",
+                     len(deleted), options.keep_days)
         log.info("run %s finished: %s", run_ts, "ok" if status == 0 else "a test failed")
         return status
     finally:
@@ -779,9 +1273,116 @@ def run(options, stopper):
         os.close(lock_fd)
 
 
+def build_report_parser():
+    """The parser of the `report` subcommand."""
+    parser = _Parser(
+        prog="iperf_client.py report",
+        description="Summarise the results folder's ledger: counts, failures, throughput "
+                    "(received bits/s) per direction, the median by hour of day, the lowest "
+                    "and the failed runs.",
+        epilog="WHEN is an ISO date or date-time (local time without an offset) or a span back "
+               "from now: 90m, 24h, 7d, 2w. Exit status: 0 a report (also 'no results'), 1 the "
+               "folder or ledger cannot be read, 2 usage.",
+    )
+    parser.add_argument("-d", "--results-dir", default=RESULTS_DIR, metavar="DIR",
+                        help="results folder (default: %(default)s)")
+    parser.add_argument("--prefix", type=_prefix, default=None, metavar="TEXT",
+                        help="only this prefix's runs (default: every prefix)")
+    parser.add_argument("--since", metavar="WHEN", help="only tests started at or after WHEN")
+    parser.add_argument("--until", metavar="WHEN", help="only tests started before WHEN")
+    parser.add_argument("--direction", choices=("forward", "reverse", "both"), default="both",
+                        help="which tests (default: %(default)s)")
+    parser.add_argument("--format", choices=("text", "csv", "json"), default="text",
+                        help="text for a person, csv (the selected ledger rows) or json "
+                             "(summary and rows) (default: %(default)s)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="first regenerate the ledger from the result files (the remedy "
+                             "for a missing or damaged ledger)")
+    return parser
+
+
+def _write_report(out, options, rows, folder, since, until):
+    received = _received(rows)
+    summary = summary_of(rows, options.direction, received)
+    if options.format == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(LEDGER_COLUMNS)
+        writer.writerows(rows)
+    elif options.format == "json":
+        out.write('{"summary": %s,\n"runs": [' % json.dumps(summary))
+        for start in range(0, len(rows), 2000):
+            out.write(("\n" if start == 0 else ",\n") + ",\n".join(
+                run_json(row) for row in rows[start:start + 2000]))
+        out.write("\n]}\n")
+    else:
+        lines = text_report(rows, summary, folder, options.prefix, since, until, received)
+        out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
+def report_main(argv):
+    """`iperf_client.py report ...`: returns 0 (a report), 1 (unreadable folder or ledger), 2."""
+    parser = build_report_parser()
+    try:
+        options = parser.parse_args(argv)
+        now = time.time()
+        since = until = None
+        try:
+            since = parse_when(options.since, now) if options.since else None
+            until = parse_when(options.until, now) if options.until else None
+        except ValueError as exc:
+            parser.error(str(exc))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    folder = os.path.abspath(os.path.expanduser(options.results_dir))
+    # Hundreds of thousands of rows are lists that live until the end: the cyclic garbage
+    # collector would walk them again and again for nothing (it doubles the report's time).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if not os.path.isdir(folder):
+            raise IperfError("cannot read results folder %s: no such folder" % folder)
+        if options.rebuild:
+            lock_fd = take_lock(folder, wait=True)
+            try:
+                count = rebuild_ledger(folder)
+            finally:
+                os.close(lock_fd)
+            sys.stderr.write("iperf_client: rebuilt %s: %d rows\n"
+                             % (os.path.join(folder, LEDGER_NAME), count))
+        ledger = os.path.join(folder, LEDGER_NAME)
+        if not os.path.exists(ledger) and not any(map(RESULT_NAME_RE.match, os.listdir(folder))):
+            rows = []  # a folder where no test ran yet: a report that says so
+        else:
+            rows = read_ledger(ledger)
+        rows = select_rows(rows, options.prefix, since, until, options.direction)
+        _write_report(sys.stdout, options, rows, folder, since, until)
+    except BrokenPipeError:
+        # `report | head`: the reader has what it wanted. Point stdout at /dev/null so that
+        # Python's final flush does not complain either.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+        return 0
+    except IperfError as exc:
+        sys.stderr.write("iperf_client.py report: error: %s\n" % exc)
+        return exc.status
+    except OSError as exc:
+        sys.stderr.write("iperf_client.py report: error: %s\n" % exc)
+        return 1
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return 0
+
+
 def main(argv=None):
     """Entry point: parse `argv` (default sys.argv[1:]), run, return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     parser = build_parser()
     ours, extra = _split_extra(argv)
     try:
