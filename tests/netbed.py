@@ -285,22 +285,25 @@ class NetBed:
             raise RuntimeError("iperf3 -s exited: %s" % proc.stderr.read())
         return proc
 
-    def raw_iperf3(self, args, port=5201, timeout=60):
-        """One plain iperf3 test from the client host to a one-off server on the server host.
+    def raw_iperf3_client(self, args, port=5201, timeout=60):
+        """One plain iperf3 test from the client host to the server already running on the server
+        host; `args` are the options besides -c, -p and -J. Returns the parsed JSON."""
+        proc = self.exec_in(self.client_ns,
+                            ["iperf3", "-c", SERVER_ADDR, "-p", port, "-J"] + list(args),
+                            check=False, timeout=timeout)
+        return json.loads(proc.stdout)
 
-        `args` are the client's options besides -c, -p and -J; returns the parsed JSON.
-        """
+    def raw_iperf3(self, args, port=5201, timeout=60):
+        """Like raw_iperf3_client, against a one-off plain `iperf3 -s -1` started for it."""
         server = self.iperf3_server(port)
         try:
-            proc = self.exec_in(self.client_ns,
-                                ["iperf3", "-c", SERVER_ADDR, "-p", port, "-J"] + list(args),
-                                check=False, timeout=timeout)
+            result = self.raw_iperf3_client(args, port, timeout)
             server.wait(timeout=10)
         finally:
             if server.poll() is None:
                 server.kill()
             server.communicate()
-        return json.loads(proc.stdout)
+        return result
 
     def kill_all_in(self, netns):
         """Kill every process in `netns` (daemons included) and wait for them to go."""

@@ -10,13 +10,20 @@ Needs root, iproute2 and /dev/net/tun: otherwise these tests skip, or fail under
 REQUIRE_NETNS=1 (CI).
 """
 
+import csv
+import json
 import os
+import signal
+import statistics
 import subprocess
+import sys
+import time
 
 import pytest
 
+import iperf_server
 import netbed
-from conftest import require
+from conftest import (CLIENT_SCRIPT, SERVER_SCRIPT, assert_quiet_success, kill_pid, require)
 from netbed import SERVER_ADDR, NetBed, Shape
 
 pytestmark = pytest.mark.netns
@@ -30,7 +37,7 @@ def mbit(bps):
 
 
 @pytest.fixture
-def make_bed():
+def make_bed(iperf3):
     """Factory: `make_bed(forward=Shape(...), reverse=Shape(...))` builds a bed; all of them are
     torn down afterwards, whatever the test did."""
     ok, why = netbed.available()
@@ -135,3 +142,265 @@ def test_link_down_stops_traffic_and_up_restores_it(bed):
     bed.link(up=True)
     assert bed.exec_in(bed.client_ns, probe, check=False).returncode == 0
     assert server.poll() is None
+
+
+# --- the scripts on the bed, as in production ---
+
+PORT = 5201
+DURATION = 2
+STREAMS = 2
+MARGIN = 2
+SLACK = 5  # seconds allowed beyond the hard limits for process start, JSON, files
+
+
+class Hosts:
+    """iperf_server.py on the bed's server host and iperf_client.py on its client host, with
+    their files in one test's tmp_path."""
+
+    def __init__(self, bed, folder):
+        self.bed = bed
+        self.folder = folder
+        self.pidfile = folder / "iperf.pid"
+        self.log_file = folder / "iperf_monitor.log"
+
+    def server(self, *args):
+        """Run the server script once in the server host; returns the CompletedProcess."""
+        return self.bed.exec_in(
+            self.bed.server_ns,
+            [sys.executable, SERVER_SCRIPT, "--pidfile", self.pidfile, "--log-file",
+             self.log_file, "-p", PORT, "-B", SERVER_ADDR] + list(args),
+            check=False, timeout=60)
+
+    def daemon_pid(self):
+        with open(str(self.pidfile), "rb") as handle:
+            return iperf_server.parse_pidfile(handle.read())
+
+    def client_argv(self, results, args, duration=DURATION, margin=MARGIN):
+        return [sys.executable, CLIENT_SCRIPT, "-c", SERVER_ADDR, "-p", PORT,
+                "-t", duration, "-P", STREAMS, "-d", self.folder / results,
+                "--timeout-margin", margin] + list(args)
+
+    def client(self, *args, results="results", duration=DURATION, margin=MARGIN):
+        """Run the client script once in the client host; returns (CompletedProcess, seconds)."""
+        start = time.monotonic()
+        done = self.bed.exec_in(self.bed.client_ns,
+                                self.client_argv(results, args, duration, margin),
+                                check=False, timeout=120)
+        return done, time.monotonic() - start
+
+    def client_in_background(self, *args, results="results", duration=DURATION,
+                             margin=MARGIN):
+        return self.bed.popen_in(self.bed.client_ns,
+                                 self.client_argv(results, args, duration, margin))
+
+    def ledger(self, results="results"):
+        """The ledger's rows, each checked against the JSON file it names."""
+        with open(str(self.folder / results / "results.csv"), newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        for row in rows:
+            with open(str(self.folder / results / row["file"])) as handle:
+                document = json.load(handle)
+            assert ("error" in document) == (row["status"] == "error"), row
+        return rows
+
+    def wait_until_idle(self, timeout=30):
+        """Wait until the server answers a tiny test (it is neither busy nor gone)."""
+        probe = ["iperf3", "-c", SERVER_ADDR, "-p", PORT, "-n", "1K", "-J",
+                 "--connect-timeout", "1000"]
+
+        def idle():
+            done = self.bed.exec_in(self.bed.client_ns, probe, check=False, timeout=10)
+            return '"error"' not in done.stdout and done.returncode == 0
+
+        return netbed.wait_for(idle, timeout=timeout, interval=0.5)
+
+    def stop(self):
+        """Stop the daemon the server script started (destroy() kills whatever is left)."""
+        try:
+            kill_pid(self.daemon_pid())
+        except (OSError, TypeError, ValueError):
+            pass
+
+
+@pytest.fixture
+def make_hosts(make_bed, tmp_path):
+    """Factory: `make_hosts(forward, reverse)` builds a bed and returns its Hosts."""
+    made = []
+
+    def make(forward=None, reverse=None):
+        hosts = Hosts(make_bed(forward, reverse), tmp_path)
+        made.append(hosts)
+        return hosts
+
+    try:
+        yield make
+    finally:
+        for hosts in made:
+            hosts.stop()
+
+
+@pytest.fixture
+def hosts(make_hosts):
+    """A server host running iperf_server.py, on a 50 Mbit/s forward, 20 Mbit/s reverse link."""
+    hosts = make_hosts(Shape(FWD_MBIT), Shape(REV_MBIT))
+    assert_quiet_success(hosts.server())
+    return hosts
+
+
+def by_direction(rows):
+    return {row["direction"]: row for row in rows}
+
+
+def test_server_bound_to_its_host_address_passes_its_probe(hosts):
+    status = hosts.server("--status")
+    assert status.returncode == 0, (status.stdout, status.stderr)
+    # Bound to 198.18.0.1 only: the server host's loopback has nothing on the port.
+    probe = ["python3", "-c",
+             "import socket; socket.create_connection(('127.0.0.1', %d), timeout=1)" % PORT]
+    assert hosts.bed.exec_in(hosts.bed.server_ns, probe, check=False).returncode != 0
+    assert hosts.daemon_pid() in netbed.netns_pids(hosts.bed.server_ns)
+
+
+def test_reported_figures_match_plain_iperf3_and_the_shaped_rates(hosts):
+    raw = {"forward": [], "reverse": []}
+    for _ in range(3):
+        done, _ = hosts.client()
+        assert_quiet_success(done)
+        # Plain iperf3 against the same daemon over the same link, between the script's runs.
+        for direction, extra in (("forward", []), ("reverse", ["-R"])):
+            result = hosts.bed.raw_iperf3_client(["-t", DURATION, "-P", STREAMS] + extra)
+            raw[direction].append(result["end"]["sum_received"]["bits_per_second"])
+    rows = hosts.ledger()
+    assert [row["status"] for row in rows] == ["ok"] * 6
+    for direction, rate in (("forward", FWD_MBIT), ("reverse", REV_MBIT)):
+        ours = statistics.median(float(row["received_bps"]) for row in rows
+                                 if row["direction"] == direction)
+        theirs = statistics.median(raw[direction])
+        # Measured: the two agree to 0.1 %; both are 96.7 % of the shaped rate (TCP payload
+        # of 1500-byte packets). A few percent of tolerance, as the issue asks.
+        assert abs(ours - theirs) <= 0.03 * theirs, (direction, ours, theirs)
+        assert rate * 0.85 < mbit(ours) <= rate * 1.02, (direction, ours)
+
+
+def test_loss_shows_up_as_retransmits_in_the_ledger(make_hosts):
+    hosts = make_hosts(Shape(FWD_MBIT, loss_pct=2), Shape(REV_MBIT, loss_pct=2))
+    assert_quiet_success(hosts.server())
+    done, _ = hosts.client()
+    assert_quiet_success(done)
+    rows = by_direction(hosts.ledger())
+    for direction in ("forward", "reverse"):
+        row = rows[direction]
+        assert row["status"] == "ok"
+        with open(str(hosts.folder / "results" / row["file"])) as handle:
+            sent_bytes = json.load(handle)["end"]["sum_sent"]["bytes"]
+        # About 2 % of the packets are lost and sent again.
+        assert int(row["retransmits"]) > sent_bytes / 1448.0 * 0.01, row
+
+
+def test_a_50ms_round_trip_still_gives_sensible_figures(make_hosts):
+    hosts = make_hosts(Shape(FWD_MBIT, delay_ms=25), Shape(REV_MBIT, delay_ms=25))
+    assert_quiet_success(hosts.server())
+    done, _ = hosts.client()
+    assert_quiet_success(done)
+    rows = by_direction(hosts.ledger())
+    for direction, rate in (("forward", FWD_MBIT), ("reverse", REV_MBIT)):
+        # Slow start over 50 ms costs part of a 2 s test: measured 43 of 50 and 18 of 20.
+        assert rate * 0.6 < mbit(float(rows[direction]["received_bps"])) <= rate * 1.02
+    # The client measures the round trip when it sends (forward).
+    with open(str(hosts.folder / "results" / rows["forward"]["file"])) as handle:
+        rtt_us = json.load(handle)["end"]["streams"][0]["sender"]["mean_rtt"]
+    assert 50 <= rtt_us / 1000.0 < 150
+
+
+def test_link_down_mid_test_fails_both_tests_in_time_and_the_next_run_succeeds(hosts):
+    start = time.monotonic()
+    client = hosts.client_in_background("--retries", "0", duration=3)
+    time.sleep(1)
+    hosts.bed.link(up=False)
+    _, stderr = client.communicate(timeout=60)
+    elapsed = time.monotonic() - start
+    assert client.returncode == 1, stderr
+    # Forward hangs until its hard limit; reverse can't even connect.
+    assert elapsed < 2 * (3 + MARGIN) + SLACK
+    rows = by_direction(hosts.ledger())
+    assert rows["forward"]["status"] == rows["reverse"]["status"] == "error"
+    assert "timed out after" in rows["forward"]["error"]
+    assert "unreachable" in rows["reverse"]["error"]
+    assert "forward" in stderr and "reverse" in stderr
+
+    hosts.bed.link(up=True)
+    # The server first finishes the interrupted test: the client host's kernel still delivers
+    # what the killed iperf3 had queued. Then the next run succeeds.
+    assert hosts.wait_until_idle()
+    done, _ = hosts.client(results="after")
+    assert_quiet_success(done)
+    assert [row["status"] for row in hosts.ledger("after")] == ["ok", "ok"]
+
+
+def test_link_flapping_mid_test_neither_hangs_nor_loses_results(hosts):
+    client = hosts.client_in_background("--retries", "0", duration=3)
+    time.sleep(1)
+    hosts.bed.link(up=False)
+    time.sleep(2)
+    hosts.bed.link(up=True)
+    _, stderr = client.communicate(timeout=60)
+    assert client.returncode in (0, 1), stderr
+    rows = hosts.ledger()
+    assert [row["direction"] for row in rows] == ["forward", "reverse"]
+    assert (client.returncode == 0) == all(row["status"] == "ok" for row in rows)
+    files = sorted(path.name for path in (hosts.folder / "results").iterdir()
+                   if path.suffix == ".json")
+    assert files == sorted(row["file"] for row in rows)
+
+
+def test_daemon_killed_mid_test_is_recorded_and_restored_by_the_next_server_run(hosts):
+    client = hosts.client_in_background("--retries", "0", duration=3)
+    time.sleep(1)
+    old = hosts.daemon_pid()
+    os.kill(old, signal.SIGKILL)
+    _, stderr = client.communicate(timeout=60)
+    assert client.returncode == 1, stderr
+    rows = by_direction(hosts.ledger())
+    assert rows["forward"]["status"] == rows["reverse"]["status"] == "error"
+    assert rows["forward"]["error"] and rows["reverse"]["error"]
+
+    assert_quiet_success(hosts.server())
+    assert hosts.daemon_pid() != old
+    assert netbed.pid_alive(hosts.daemon_pid())
+    done, _ = hosts.client(results="after")
+    assert_quiet_success(done)
+
+
+def test_stopped_daemon_times_the_client_out_and_is_replaced(hosts):
+    old = hosts.daemon_pid()
+    os.kill(old, signal.SIGSTOP)
+    done, elapsed = hosts.client("--retries", "0")
+    assert done.returncode == 1, done.stderr
+    assert elapsed < 2 * (DURATION + MARGIN) + SLACK
+    rows = by_direction(hosts.ledger())
+    for direction in ("forward", "reverse"):
+        assert rows[direction]["status"] == "error"
+        assert rows[direction]["error"].startswith("timed out after %d s" % (DURATION + MARGIN))
+
+    assert_quiet_success(hosts.server())
+    assert hosts.daemon_pid() != old
+    assert not netbed.pid_alive(old)
+    assert netbed.pid_alive(hosts.daemon_pid())
+    done, _ = hosts.client(results="after")
+    assert_quiet_success(done)
+
+
+def test_busy_server_is_waited_out(hosts):
+    holder = hosts.bed.popen_in(
+        hosts.bed.client_ns,
+        ["iperf3", "-c", SERVER_ADDR, "-p", PORT, "-t", "3", "--forceflush"])
+    # Wait for the holder's first interval line: its test is running.
+    for line in holder.stdout:
+        if " sec " in line:
+            break
+    done, _ = hosts.client("--busy-wait", "8")
+    assert_quiet_success(done)
+    assert holder.wait(timeout=30) == 0
+    rows = by_direction(hosts.ledger())
+    assert rows["forward"]["status"] == rows["reverse"]["status"] == "ok"
+    assert int(rows["forward"]["attempts"]) >= 2
