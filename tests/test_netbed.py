@@ -203,6 +203,15 @@ class Hosts:
             assert ("error" in document) == (row["status"] == "error"), row
         return rows
 
+    def report(self, results="results"):
+        """`iperf_client.py report --format json` run on the client host; returns its summary."""
+        done = self.bed.exec_in(
+            self.bed.client_ns,
+            [sys.executable, CLIENT_SCRIPT, "report", "-d", self.folder / results,
+             "--format", "json"], check=False, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["summary"]
+
     def wait_until_idle(self, timeout=30):
         """Wait until the server answers a tiny test (it is neither busy nor gone)."""
         probe = ["iperf3", "-c", SERVER_ADDR, "-p", PORT, "-n", "1K", "-J",
@@ -272,9 +281,11 @@ def test_reported_figures_match_plain_iperf3_and_the_shaped_rates(hosts):
             raw[direction].append(result["end"]["sum_received"]["bits_per_second"])
     rows = hosts.ledger()
     assert [row["status"] for row in rows] == ["ok"] * 6
+    summary = hosts.report()
     for direction, rate in (("forward", FWD_MBIT), ("reverse", REV_MBIT)):
-        ours = statistics.median(float(row["received_bps"]) for row in rows
-                                 if row["direction"] == direction)
+        ours = summary[direction]["median_bps"]
+        assert ours == statistics.median(float(row["received_bps"]) for row in rows
+                                         if row["direction"] == direction)
         theirs = statistics.median(raw[direction])
         # Measured: the two agree to 0.1 %; both are 96.7 % of the shaped rate (TCP payload
         # of 1500-byte packets). A few percent of tolerance, as the issue asks.
@@ -295,6 +306,7 @@ def test_loss_shows_up_as_retransmits_in_the_ledger(make_hosts):
             sent_bytes = json.load(handle)["end"]["sum_sent"]["bytes"]
         # About 2 % of the packets are lost and sent again.
         assert int(row["retransmits"]) > sent_bytes / 1448.0 * 0.01, row
+        assert hosts.report()[direction]["retransmits"] == int(row["retransmits"])
 
 
 def test_a_50ms_round_trip_still_gives_sensible_figures(make_hosts):
@@ -327,6 +339,8 @@ def test_link_down_mid_test_fails_both_tests_in_time_and_the_next_run_succeeds(h
     assert "timed out after" in rows["forward"]["error"]
     assert "unreachable" in rows["reverse"]["error"]
     assert "forward" in stderr and "reverse" in stderr
+    summary = hosts.report()
+    assert summary["forward"]["failed"] == summary["reverse"]["failed"] == 1
 
     hosts.bed.link(up=True)
     # The server first finishes the interrupted test: the client host's kernel still delivers
