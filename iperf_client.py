@@ -986,11 +986,12 @@ QUICK_HEAD = 16 * 1024     # our metadata and iperf3's "start" lie in a file's f
 QUICK_TAIL = 128 * 1024    # iperf3's "end" (with every stream's summary) in its last bytes
 
 
-def read_result_file(path):
+def read_result_file(path, with_start=False):
     """The ledger row (a list) of one result file, plain or gzipped; never raises.
 
     Large files are read by their head and tail only (see quick_document), with a full parse
-    as the fallback; a file that cannot be read gives an "unreadable result" error row.
+    as the fallback; a file that cannot be read gives an "unreadable result" error row. With
+    `with_start`, returns (the test's start in Unix seconds or None, row): the rebuild's order.
     """
     name = os.path.basename(path)
     head = tail = data = None
@@ -1018,14 +1019,31 @@ def read_result_file(path):
                 raise ValueError("not a JSON object")
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         reason = getattr(exc, "strerror", None) or exc
-        return [unreadable_row(name, reason)[column] for column in LEDGER_COLUMNS]
+        row = [unreadable_row(name, reason)[column] for column in LEDGER_COLUMNS]
+        return (None, row) if with_start else row
     row = complete_row(ledger_row(document, name), document, name)
-    return [row[column] for column in LEDGER_COLUMNS]
+    row = [row[column] for column in LEDGER_COLUMNS]
+    if not with_start:
+        return row
+    meta = document.get("continuous_iperf")
+    start = meta.get("start") if isinstance(meta, dict) else None
+    return (start if isinstance(start, (int, float)) else None), row
 
 
-def _run_order(row):
-    return (row[COL["run"]], row[COL["direction"]] != "forward", row[COL["prefix"]],
-            row[COL["file"]])
+def _rebuild_item(path):
+    return read_result_file(path, with_start=True)
+
+
+def _ledger_order(item):
+    """Sort key of (start, row) in the rebuild: the order the rows were appended in. Runs never
+    overlap (the lock), a run's forward test comes first; the run's <ts> (local time, with DST
+    repeats) and the ledger's whole seconds only stand in when the precise start is unknown."""
+    start, row = item
+    if start is None:
+        start = row_time(row[COL["timestamp"]])
+    if start is None:
+        start = run_time(row[COL["run"]]) or 0.0
+    return (start, row[COL["direction"]] != "forward", row[COL["file"]])
 
 
 def rebuild_ledger(folder, jobs=None):
@@ -1043,15 +1061,17 @@ def rebuild_ledger(folder, jobs=None):
         except ValueError:
             context = multiprocessing.get_context()
         with context.Pool(min(jobs, 32)) as pool:
-            rows = pool.map(read_result_file, paths, chunksize=max(1, len(paths) // (jobs * 8)))
+            items = pool.map(_rebuild_item, paths, chunksize=max(1, len(paths) // (jobs * 8)))
     else:
-        rows = [read_result_file(path) for path in paths]
+        items = [_rebuild_item(path) for path in paths]
     present = set(names)
     for name in names:  # a run's file and its gzipped twin count as one
         present.add(name[:-3] if name.endswith(".gz") else name + ".gz")
     ledger = os.path.join(folder, LEDGER_NAME)
-    rows += [row for row in read_ledger(ledger, lenient=True) if row[COL["file"]] not in present]
-    rows.sort(key=_run_order)
+    items += [(None, row) for row in read_ledger(ledger, lenient=True)
+              if row[COL["file"]] not in present]
+    items.sort(key=_ledger_order)
+    rows = [row for _, row in items]
     text = csv_line(LEDGER_COLUMNS) + "".join(csv_line(row) for row in rows)
     write_atomic(ledger, text.encode("utf-8"))
     return len(rows)

@@ -1,0 +1,412 @@
+"""Tests of `iperf_client.py report`, the ledger's rebuild, --compress and --keep-days."""
+
+import csv
+import gzip
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CLIENT_SCRIPT, run_script
+
+sys.path.insert(0, str(CLIENT_SCRIPT.parent))
+import iperf_client  # noqa: E402
+
+COLUMNS = list(iperf_client.LEDGER_COLUMNS)
+SUMMARY_KEYS = ["count", "ok", "failed", "min_bps", "p5_bps", "median_bps", "mean_bps",
+                "p95_bps", "max_bps", "retransmits"]
+
+# A fake iperf3 printing an iperf3-shaped result; INTERVALS streams x seconds makes it large.
+FAKE = """
+reverse = 1 if "-R" in args else 0
+streams, seconds = %d, %d
+doc = {"start": {"connecting_to": {"host": "h", "port": 5201},
+                 "timestamp": {"timesecs": int(time.time())},
+                 "test_start": {"num_streams": streams, "duration": seconds, "omit": 0,
+                                "reverse": reverse}},
+       "intervals": [{"streams": [{"socket": s, "start": t, "end": t + 1.0, "bytes": 12345678,
+                                   "bits_per_second": 98765432.1, "retransmits": 0,
+                                   "snd_cwnd": 123456, "rtt": 321, "omitted": False,
+                                   "sender": True} for s in range(streams)],
+                      "sum": {"start": t, "end": t + 1.0, "bits_per_second": 1.5e9}}
+                     for t in range(seconds)],
+       "end": {"streams": [{"sender": {"socket": s, "end": 60.0, "bits_per_second": 1.0},
+                            "receiver": {"socket": s, "end": 60.0, "bits_per_second": 2.0}}
+                           for s in range(streams)],
+               "sum_sent": {"end": 60.0, "bits_per_second": 2000.5 + reverse, "retransmits": 7},
+               "sum_received": {"end": 60.0, "bits_per_second": 1999.25 + reverse},
+               "cpu_utilization_percent": {"host_total": 1.5}}}
+print(json.dumps(doc, indent="\\t"))
+"""
+
+
+def row(timestamp, direction="forward", status="ok", received="", retransmits="", prefix="",
+        error="", run="20240301_100000", file=None):
+    cells = dict.fromkeys(COLUMNS, "")
+    cells.update(timestamp=timestamp, run=run, prefix=prefix, direction=direction,
+                 server="192.0.2.1", port="5201", streams="30", duration="60", status=status,
+                 error=error, sent_bps=received, received_bps=received, retransmits=retransmits,
+                 attempts="1",
+                 file=file or "%s%s_%s.json" % (prefix, run, "client" if direction == "forward"
+                                                else "server"))
+    return cells
+
+
+def write_ledger(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(str(folder / "results.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_ledger(folder):
+    with open(str(folder / "results.csv"), newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def report(capsys, folder, *args):
+    code = iperf_client.main(["report", "-d", str(folder)] + list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def report_json(capsys, folder, *args):
+    code, out, err = report(capsys, folder, "--format", "json", *args)
+    assert (code, err) == (0, "")
+    return json.loads(out)
+
+
+def utc(hour, minute=0, day=1):
+    return "2024-03-%02dT%02d:%02d:00+00:00" % (day, hour, minute)
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+def test_statistics_from_known_values(tmp_path, capsys):
+    forward = [100.0, 200.0, 300.0, 400.0, 1000.0]
+    rows = [row(utc(10, i), received=repr(v), retransmits=str(i)) for i, v in enumerate(forward)]
+    rows.append(row(utc(11), status="error", error="boom", retransmits="99"))
+    rows.append(row(utc(12), direction="reverse", received="50.5", retransmits="4"))
+    write_ledger(tmp_path, rows)
+    summary = report_json(capsys, tmp_path)["summary"]
+    assert list(summary) == ["forward", "reverse"]
+    assert list(summary["forward"]) == SUMMARY_KEYS
+    # Closest-rank interpolation by hand: p5 at rank 0.2, p95 at rank 3.8 of 0..4.
+    assert summary["forward"] == pytest.approx({
+        "count": 6, "ok": 5, "failed": 1, "min_bps": 100.0, "p5_bps": 100.0 + 0.2 * 100.0,
+        "median_bps": 300.0, "mean_bps": 400.0, "p95_bps": 400.0 + 0.8 * 600.0,
+        "max_bps": 1000.0, "retransmits": 0 + 1 + 2 + 3 + 4}, rel=1e-12)
+    assert summary["reverse"] == {
+        "count": 1, "ok": 1, "failed": 0, "min_bps": 50.5, "p5_bps": 50.5, "median_bps": 50.5,
+        "mean_bps": 50.5, "p95_bps": 50.5, "max_bps": 50.5, "retransmits": 4}
+
+
+def test_percentiles_match_statistics_quantiles_inclusive(tmp_path, capsys):
+    rng = random.Random(7)
+    values = [rng.uniform(1e8, 1e9) for _ in range(997)]
+    write_ledger(tmp_path, [row("2024-03-01T10:00:00+00:00", received=repr(v)) for v in values])
+    stats = report_json(capsys, tmp_path, "--direction", "forward")["summary"]["forward"]
+    cuts = statistics.quantiles(values, n=20, method="inclusive")
+    assert stats["p5_bps"] == pytest.approx(cuts[0], rel=1e-12)
+    assert stats["p95_bps"] == pytest.approx(cuts[18], rel=1e-12)
+    assert stats["median_bps"] == pytest.approx(statistics.median(values), rel=1e-12)
+    assert stats["mean_bps"] == pytest.approx(statistics.fmean(values)
+                                              if hasattr(statistics, "fmean")
+                                              else statistics.mean(values), rel=1e-12)
+    assert (stats["min_bps"], stats["max_bps"]) == (min(values), max(values))
+
+
+def test_json_runs_are_the_ledger_rows_with_numbers(tmp_path, capsys):
+    rows = [row(utc(10), received="123.5", retransmits="3"),
+            row(utc(10, 1), direction="reverse", status="error",
+                error='refused: "quoted" \\ and, comma')]
+    write_ledger(tmp_path, rows)
+    runs = report_json(capsys, tmp_path)["runs"]
+    assert list(runs[0]) == COLUMNS
+    assert runs[0]["received_bps"] == 123.5 and runs[0]["retransmits"] == 3
+    assert runs[0]["port"] == 5201 and runs[0]["attempts"] == 1 and runs[0]["run"] == rows[0]["run"]
+    assert runs[1]["received_bps"] is None and runs[1]["error"] == rows[1]["error"]
+
+
+def test_csv_format_is_the_selected_rows(tmp_path, capsys):
+    rows = [row(utc(10), received="1.0"), row(utc(10, 1), direction="reverse", received="2.0"),
+            row(utc(11), prefix="other", received="3.0")]
+    write_ledger(tmp_path, rows)
+    code, out, err = report(capsys, tmp_path, "--format", "csv", "--direction", "reverse")
+    assert (code, err) == (0, "")
+    assert list(csv.DictReader(out.splitlines())) == [rows[1]]
+    code, out, err = report(capsys, tmp_path, "--format", "csv", "--prefix", "other")
+    assert list(csv.DictReader(out.splitlines())) == [rows[2]]
+
+
+# --- filters ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, expected", [
+    ([], 4),
+    (["--since", "2024-03-01T10:00:00+00:00"], 3),          # inclusive
+    (["--since", "2024-03-01T10:00:01+00:00"], 2),
+    (["--until", "2024-03-01T10:00:00+00:00"], 1),          # exclusive
+    (["--until", "2024-03-01T10:00:00.001+00:00"], 2),
+    (["--since", "2024-03-01T09:00:00Z", "--until", "2024-03-01T11:00:00+00:00"], 2),
+    (["--since", "2024-03-01T11:00:00+01:00"], 3),          # 10:00 UTC
+    (["--since", "2024-03-02"], 1),
+])
+def test_since_until_edges(tmp_path, capsys, args, expected):
+    write_ledger(tmp_path, [row("2024-03-01T09:59:59+00:00", received="1"),
+                            row("2024-03-01T10:00:00+00:00", received="2"),
+                            row("2024-03-01T11:00:00+00:00", received="3"),
+                            row("2024-03-02T12:00:00+00:00", received="4")])
+    assert report_json(capsys, tmp_path, *args)["summary"]["forward"]["count"] == expected
+
+
+def test_naive_dates_are_local_time(tmp_path, capsys):
+    midnight = time.mktime((2024, 3, 5, 0, 0, 0, 0, 0, -1))
+    write_ledger(tmp_path, [row(iperf_client.iso_time(midnight - 1), received="1"),
+                            row(iperf_client.iso_time(midnight), received="2")])
+    stats = report_json(capsys, tmp_path, "--since", "2024-03-05")["summary"]["forward"]
+    assert (stats["count"], stats["max_bps"]) == (1, 2.0)
+    stats = report_json(capsys, tmp_path, "--until", "2024-03-05T00:00")["summary"]["forward"]
+    assert (stats["count"], stats["max_bps"]) == (1, 1.0)
+
+
+def test_spans_back_from_now(tmp_path, capsys):
+    now = time.time()
+    write_ledger(tmp_path, [row(iperf_client.iso_time(now - age), received=str(age))
+                            for age in (60, 2 * 3600, 2 * 86400, 30 * 86400)])
+    for span, count in (("90m", 1), ("24h", 2), ("7d", 3), ("5w", 4)):
+        assert report_json(capsys, tmp_path, "--since", span)["summary"]["forward"][
+            "count"] == count
+    assert report_json(capsys, tmp_path, "--until", "24h")["summary"]["forward"]["count"] == 2
+
+
+def test_prefix_and_direction_select(tmp_path, capsys):
+    write_ledger(tmp_path, [row(utc(10), received="1", prefix="a"),
+                            row(utc(10), direction="reverse", received="2", prefix="a"),
+                            row(utc(10), received="3", prefix="b")])
+    summary = report_json(capsys, tmp_path, "--prefix", "a", "--direction", "reverse")["summary"]
+    assert list(summary) == ["reverse"] and summary["reverse"]["max_bps"] == 2.0
+    assert report_json(capsys, tmp_path)["summary"]["forward"]["count"] == 2
+
+
+@pytest.mark.parametrize("args", [
+    ["--since", "yesterday"], ["--until", "2024-13-01"], ["--since", "5y"],
+    ["--direction", "up"], ["--format", "xml"], ["--prefix", "a/b"],
+])
+def test_report_bad_input_exits_2(tmp_path, capsys, args):
+    write_ledger(tmp_path, [row(utc(10), received="1")])
+    code, out, err = report(capsys, tmp_path, *args)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+
+
+# --- missing, damaged, empty --------------------------------------------------------------------
+
+def test_empty_folder_is_a_report_without_results(tmp_path, capsys):
+    code, out, err = report(capsys, tmp_path)
+    assert (code, err) == (0, "")
+    assert "no results" in out
+    assert report_json(capsys, tmp_path)["summary"]["forward"]["count"] == 0
+
+
+def test_missing_folder_exits_1(tmp_path, capsys):
+    code, out, err = report(capsys, tmp_path / "nope")
+    assert code == 1 and out == "" and "no such folder" in err and len(err.splitlines()) == 1
+
+
+def test_missing_ledger_with_results_says_rebuild(tmp_path, capsys):
+    (tmp_path / "20240301_100000_client.json").write_text("{}")
+    code, out, err = report(capsys, tmp_path)
+    assert code == 1 and "no ledger" in err and "--rebuild" in err
+
+
+@pytest.mark.parametrize("damage", [
+    "timestamp,run\n",
+    ",".join(COLUMNS) + "\n" + "only,three,fields\n",
+    ",".join(COLUMNS) + '\n"unterminated\0quote\n',
+])
+def test_damaged_ledger_says_so_and_rebuild_repairs_it(tmp_path, capsys, fake_iperf3, damage):
+    folder = tmp_path / "r"
+    assert run_script(CLIENT_SCRIPT, ["-c", "h", "-d", folder, "--iperf3",
+                                      fake_iperf3(FAKE % (2, 2))]).returncode == 0
+    good = read_ledger(folder)
+    (folder / "results.csv").write_text(damage)
+    code, out, err = report(capsys, folder)
+    assert code == 1 and "damaged" in err and "--rebuild" in err and "Traceback" not in err
+    code, out, err = report(capsys, folder, "--rebuild", "--format", "csv")
+    assert code == 0 and "rebuilt" in err
+    assert read_ledger(folder) == good
+
+
+def test_text_report_with_only_failures(tmp_path, capsys):
+    write_ledger(tmp_path, [row(utc(10), status="error", error="unable to connect"),
+                            row(utc(10), direction="reverse", status="error", error="busy")])
+    code, out, err = report(capsys, tmp_path)
+    assert (code, err) == (0, "")
+    assert "forward: 1 tests, 0 ok, 1 failed (100.0%)" in out
+    assert "unable to connect" in out and "busy" in out
+    assert "median" not in out
+
+
+def test_text_report_for_a_person(tmp_path, capsys):
+    rows = [row(utc(h), received=repr(9.5e8 - h * 1e7)) for h in range(24)]
+    rows += [row(utc(3), direction="reverse", received="2.5e9"),
+             row(utc(4), direction="reverse", status="error", error="server busy")]
+    write_ledger(tmp_path, rows)
+    code, out, err = report(capsys, tmp_path)
+    assert (code, err) == (0, "")
+    assert "period: 2024-03-01" in out
+    assert "forward: 24 tests, 24 ok, 0 failed (0.0%)" in out
+    assert "reverse: 2 tests, 1 ok, 1 failed (50.0%)" in out
+    assert "950.0 Mbit/s" in out and "2.50 Gbit/s" in out
+    hour_lines = [line for line in out.splitlines() if line.startswith("  23 ")]
+    assert hour_lines and "720.0 Mbit/s" in hour_lines[0]
+    assert "lowest runs" in out and "failed runs" in out and "server busy" in out
+
+
+@pytest.mark.parametrize("fmt", ["text", "csv", "json"])
+def test_report_into_head_does_not_crash(tmp_path, fmt):
+    write_ledger(tmp_path, [row(utc(i % 24, i % 60, 1 + i % 28), received=str(i))
+                            for i in range(30000)])
+    proc = subprocess.run(
+        ["bash", "-c", 'set -o pipefail; "$0" "$1" report -d "$2" --format "$3" | head -1',
+         sys.executable, str(CLIENT_SCRIPT), str(tmp_path), fmt],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60)
+    assert proc.returncode == 0
+    assert len(proc.stdout.splitlines()) == 1 and proc.stderr == ""
+
+
+# --- rebuild ------------------------------------------------------------------------------------
+
+def test_rebuild_equals_the_ledger_from_plain_gzipped_failed_and_corrupt_files(
+        tmp_path, capsys, fake_iperf3):
+    folder = tmp_path / "r"
+    big = fake_iperf3(FAKE % (30, 60))  # large documents: the fast path reads them
+    small = fake_iperf3(FAKE % (1, 1))
+    failing = fake_iperf3('print(json.dumps({"start": {}, "end": {}, "error": "busy, x"}))')
+    for extra in ([], ["--compress"]):
+        for fake in (big, small, failing):
+            run_script(CLIENT_SCRIPT, ["-c", "h", "-d", folder, "--iperf3", fake, "--retries",
+                                       "0", "--prefix", "p."] + extra)
+    assert run_script(CLIENT_SCRIPT, ["-c", "h", "-d", folder, "--iperf3", tmp_path / "none",
+                                      "--retries", "0"]).returncode == 1
+    original = read_ledger(folder)
+    assert len(original) == 14
+    assert sum(r["file"].endswith(".gz") for r in original) == 6
+    assert max(os.path.getsize(str(folder / r["file"])) for r in original) > (
+        iperf_client.QUICK_HEAD + iperf_client.QUICK_TAIL)
+    os.unlink(str(folder / "results.csv"))
+    (folder / "p.20240101_000000_client.json").write_text('{"start": {"conn')
+    (folder / "p.20240101_000000_server.json.gz").write_bytes(b"not gzip at all")
+    (folder / "20240102_000000_server.json").write_text("[1, 2]")
+    code, out, err = report(capsys, folder, "--rebuild", "--format", "csv")
+    assert code == 0 and "rebuilt" in err
+    rebuilt = read_ledger(folder)
+    assert list(csv.DictReader(out.splitlines())) == rebuilt
+    corrupt = [r for r in rebuilt if r["error"].startswith("unreadable result: ")]
+    assert sorted(r["file"] for r in corrupt) == [
+        "20240102_000000_server.json", "p.20240101_000000_client.json",
+        "p.20240101_000000_server.json.gz"]
+    assert [(r["direction"], r["run"], r["prefix"], r["status"]) for r in corrupt] == [
+        ("forward", "20240101_000000", "p.", "error"),
+        ("reverse", "20240101_000000", "p.", "error"),
+        ("reverse", "20240102_000000", "", "error")]
+    assert corrupt[0]["timestamp"] == iperf_client.iso_time(
+        time.mktime((2024, 1, 1, 0, 0, 0, 0, 0, -1)))
+    assert [r for r in rebuilt if r not in corrupt] == original  # row for row
+
+
+def test_quick_path_agrees_with_a_full_parse(tmp_path):
+    doc = {"continuous_iperf": {"run": "20240101_000000", "direction": "forward", "start": 5},
+           "start": {"timestamp": {"timesecs": 1704067200}, "test_start": {"reverse": 0}},
+           "intervals": [{"sum": {"end": float(i), "bits_per_second": 1.0}}
+                         for i in range(20000)],
+           "end": {"sum_sent": {"end": 60, "bits_per_second": 5.5, "retransmits": 2},
+                   "sum_received": {"end": 60, "bits_per_second": 4.25}},
+           "error": "interrupted by SIGTERM; \"quoted\""}
+    data = iperf_client.encode_result(doc)
+    quick = iperf_client.quick_document(data[:16384], data[-131072:])
+    assert quick["end"] == doc["end"] and quick["error"] == doc["error"]
+    assert quick["continuous_iperf"] == doc["continuous_iperf"]
+    path = tmp_path / "20240101_000000_client.json"
+    path.write_bytes(data)
+    assert iperf_client.read_result_file(str(path)) == [
+        iperf_client.ledger_row(doc, path.name)[c] for c in COLUMNS]
+    # Unsure: something after "end" other than "error" -> None, and the full parse decides.
+    doc["zz"] = 1
+    data = iperf_client.encode_result(doc)
+    assert iperf_client.quick_document(data[:16384], data[-131072:]) is None
+    assert iperf_client.quick_document(b'{"start": {}}', b'{"start": {}}') is None
+
+
+def test_rebuild_reads_files_without_metadata(tmp_path, capsys):
+    legacy = {"start": {"connecting_to": {"host": "192.0.2.9", "port": 5202},
+                        "timestamp": {"timesecs": 1704067260},
+                        "test_start": {"num_streams": 30, "duration": 60, "reverse": 1}},
+              "intervals": [], "end": {"sum_sent": {"bits_per_second": 10.5, "retransmits": 1},
+                                       "sum_received": {"bits_per_second": 9.5}}}
+    # The original scripts' names: the reverse test was "_server"; here its name says forward
+    # (client) to show that iperf3's own "reverse" key wins over the name.
+    (tmp_path / "CHANGE_TO_SUFFIX20240101_000100_client.json").write_text(
+        json.dumps(legacy, indent="\t"))
+    (tmp_path / "x20240101_000200_server.json").write_text('{"error": "old failure"}')
+    code, out, err = report(capsys, tmp_path, "--rebuild", "--format", "csv")
+    assert code == 0
+    first, second = read_ledger(tmp_path)
+    assert (first["direction"], first["server"], first["port"], first["streams"],
+            first["duration"], first["prefix"], first["run"], first["received_bps"],
+            first["timestamp"]) == (
+        "reverse", "192.0.2.9", "5202", "30", "60", "CHANGE_TO_SUFFIX", "20240101_000100",
+        "9.5", iperf_client.iso_time(1704067260))
+    assert (second["direction"], second["status"], second["error"], second["timestamp"]) == (
+        "reverse", "error", "old failure",
+        iperf_client.iso_time(time.mktime((2024, 1, 1, 0, 2, 0, 0, 0, -1))))
+
+
+# --- storage: --compress and --keep-days --------------------------------------------------------
+
+def test_compress_writes_gzipped_json(tmp_path, fake_iperf3):
+    proc = run_script(CLIENT_SCRIPT, ["-c", "h", "-d", tmp_path, "--compress",
+                                      "--iperf3", fake_iperf3(FAKE % (30, 60))])
+    assert (proc.returncode, proc.stderr) == (0, "")
+    rows = read_ledger(tmp_path)
+    assert [r["file"].split("_", 2)[2] for r in rows] == ["client.json.gz", "server.json.gz"]
+    for r in rows:
+        raw = (tmp_path / r["file"]).read_bytes()
+        doc = json.loads(gzip.decompress(raw))
+        assert float(r["received_bps"]) == doc["end"]["sum_received"]["bits_per_second"]
+        assert len(gzip.decompress(raw)) > 10 * len(raw)
+    assert not [n for n in os.listdir(str(tmp_path)) if n.endswith(".tmp")]
+
+
+def test_keep_days_deletes_old_raw_files_and_keeps_rows(tmp_path, capsys, fake_iperf3):
+    old_ts = time.strftime("%Y%m%d_%H%M%S", time.localtime(time.time() - 40 * 86400))
+    recent_ts = time.strftime("%Y%m%d_%H%M%S", time.localtime(time.time() - 20 * 86400))
+    old = ["p.%s%s" % (old_ts, suffix)
+           for suffix in ("_client.json", "_server.json.gz", "_iperf_mon.log")]
+    kept = ["p.%s_client.json" % recent_ts, "q.%s_client.json" % old_ts,
+            "%s_client.json" % old_ts, "p.%s_notes.txt" % old_ts]
+    for name in old + kept:
+        (tmp_path / name).write_text("{}")
+    old_rows = [row(iperf_client.iso_time(time.time() - 40 * 86400), prefix="p.", run=old_ts,
+                    received="5", file=old[0])]
+    write_ledger(tmp_path, old_rows)
+    proc = run_script(CLIENT_SCRIPT, ["-c", "h", "-d", tmp_path, "--prefix", "p.",
+                                      "--keep-days", "30", "--iperf3", fake_iperf3(FAKE % (1, 1))])
+    assert (proc.returncode, proc.stderr) == (0, "")
+    present = set(os.listdir(str(tmp_path)))
+    assert not present & set(old)
+    assert set(kept) <= present
+    assert len([n for n in present if n.startswith("p.") and n.endswith(".json")]) == 3
+    rows = read_ledger(tmp_path)
+    assert rows[0] == old_rows[0] and len(rows) == 3
+    # The rebuild keeps the rows whose raw files are gone.
+    for name in kept:
+        os.unlink(str(tmp_path / name))
+    code, out, err = report(capsys, tmp_path, "--rebuild", "--prefix", "p.", "--format", "csv")
+    assert code == 0 and read_ledger(tmp_path) == rows
