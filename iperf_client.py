@@ -516,9 +516,10 @@ def text_report(rows, summary, folder, prefix, since, until, received=None):
             name, count, stats["ok"], stats["failed"],
             100.0 * stats["failed"] / count if count else 0.0))
         if stats["median_bps"] is not None:
-            lines.append("  received: median %s, mean %s, p5 %s, p95 %s, min %s, max %s" % tuple(
-                human_bps(stats[key]) for key in
-                ("median_bps", "mean_bps", "p5_bps", "p95_bps", "min_bps", "max_bps")))
+            figures = {key: human_bps(stats[key]) for key in SUMMARY_KEYS if key.endswith("_bps")}
+            lines.append("  received: median %(median_bps)s, mean %(mean_bps)s" % figures)
+            lines.append("            p5 %(p5_bps)s, p95 %(p95_bps)s, min %(min_bps)s, "
+                         "max %(max_bps)s" % figures)
             lines.append("  retransmits: %d (ok tests)" % stats["retransmits"])
     by_hour = {}
     for row, value in received:
@@ -526,17 +527,17 @@ def text_report(rows, summary, folder, prefix, since, until, received=None):
     if by_hour:
         names = list(summary)
         lines += ["", "median received by hour of day (local time of the test):",
-                  "  hour " + "".join("%18s" % name for name in names)]
+                  "  hour" + "".join("%24s" % name for name in names)]
         for hour in ("%02d" % h for h in range(24)):
             cells = []
             for name in names:
                 values = sorted(by_hour.get((name, hour), []))
-                cells.append("%18s" % ("%s (%d)" % (human_bps(percentile(values, 0.5)),
+                cells.append("%24s" % ("%s (%d)" % (human_bps(percentile(values, 0.5)),
                                                     len(values)) if values else "-"))
-            lines.append("  %s   %s" % (hour, "".join(cells)))
+            lines.append("  %s  %s" % (hour, "".join(cells)))
     lowest = heapq.nsmallest(5, received, key=lambda pair: pair[1])
     if lowest:
-        lines += ["", "lowest runs:"]
+        lines += ["", "lowest runs (received):"]
         lines += ["  %s %-7s %12s  %s" % (row[0], row[COL["direction"]], human_bps(value),
                                           row[COL["file"]]) for row, value in lowest]
     failed = [row for row in rows if row[COL["status"]] != "ok"]
