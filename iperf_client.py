@@ -887,8 +887,8 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
         failures += 1
         if failures > options.retries:
             break
-    # The metadata goes first: a reader of many files finds it in the first bytes, and iperf3's
-    # "end" object stays (nearly) last, as iperf3 writes it.
+    # The metadata goes first and "error" (when there is one) last, right after iperf3's "end"
+    # as iperf3 writes it: the ledger's rebuild reads a file's head and tail only.
     meta = {
         "version": __version__,
         "run": run_ts,
@@ -903,7 +903,8 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
         "command": command_line(argv),
         "exit_code": outcome.returncode,
     }
-    document = dict([("continuous_iperf", meta)] + list(document.items()))
+    items = [("continuous_iperf", meta)] + [i for i in document.items() if i[0] != "error"]
+    document = dict(items + ([("error", error)] if error is not None else []))
     data = encode_result(document)
     write_atomic(file_path, gzip.compress(data, 6) if file_path.endswith(".gz") else data)
     return document

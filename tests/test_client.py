@@ -324,7 +324,7 @@ print("iperf3: error - trailing text")
      "iperf3 printed an incomplete JSON result (exit code 1)"),
     ("sys.stderr.write('iperf3: parameter error - bad\\n'); sys.exit(1)",
      "iperf3 printed no JSON result (exit code 1): iperf3: parameter error - bad"),
-    ("print(json.dumps({'start': {}, 'end': {}, 'error': 'boom'}))", "boom"),
+    ("print(json.dumps({'error': 'boom', 'start': {}, 'end': {}}))", "boom"),
 ])
 def test_crash_or_failure_is_recorded_as_json(fake_iperf3, tmp_path, body, expected):
     proc = run_script(CLIENT_SCRIPT, ["-c", "h.example", "-d", tmp_path,
@@ -339,6 +339,8 @@ def test_crash_or_failure_is_recorded_as_json(fake_iperf3, tmp_path, body, expec
         doc = read_json(tmp_path / row["file"])
         assert doc["error"] == expected == row["error"]
         assert doc["continuous_iperf"]["attempts"] == 2
+        # Metadata first, "error" last: what the ledger's rebuild relies on.
+        assert list(doc)[0] == "continuous_iperf" and list(doc)[-1] == "error"
 
 
 def test_missing_iperf3_is_recorded(tmp_path):
