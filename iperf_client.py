@@ -506,9 +506,9 @@ def text_report(rows, summary, folder, prefix, since, until, received=None):
     moments = [m for m in map(row_time, [t for pair in bounds.values() for t in pair])
                if m is not None]
     if moments:
-        lines.append("period: %s to %s, %d runs" % (
-            iso_time(min(moments)), iso_time(max(moments)),
-            len({(row[COL["prefix"]], row[COL["run"]]) for row in rows})))
+        runs = len({(row[COL["prefix"]], row[COL["run"]]) for row in rows})
+        lines.append("period: %s to %s, %d run%s" % (
+            iso_time(min(moments)), iso_time(max(moments)), runs, "" if runs == 1 else "s"))
     lines.append("")
     for name, stats in summary.items():
         count = stats["count"]
@@ -1388,6 +1388,9 @@ def report_main(argv):
         except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
             pass
         return 0
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the lock or reading a huge folder
+        sys.stderr.write("iperf_client.py report: interrupted\n")
+        return 128 + signal.SIGINT
     except IperfError as exc:
         sys.stderr.write("iperf_client.py report: error: %s\n" % exc)
         return exc.status
