@@ -14,6 +14,7 @@ Usage:
     iperf_client.py --server 192.0.2.10                    # 2 x 60 s, 30 streams
     iperf_client.py --server 192.0.2.10 -t 10 -P 4 -- -Z   # arguments after -- go to iperf3
     iperf_client.py --server 192.0.2.10 --dry-run          # print the two commands only
+    iperf_client.py report --since 7d                      # what the link did this week
 
 Crontab line (every five minutes; 2 x duration plus busy waits must fit in the interval):
 
@@ -46,7 +47,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 
 __version__ = "2.0.0"
 
@@ -63,7 +63,7 @@ RETRIES = 1                                 # retries of a failed test (busy ret
 BUSY_WAIT = 120                             # seconds to keep retrying a busy server
 JITTER = 0                                  # random 0..JITTER s sleep before the first test
 TIMEOUT_MARGIN = 30                         # hard limit per attempt: duration + omit + this
-COMPRESS = False                            # write results as .json.gz (about 15x smaller)
+COMPRESS = False                            # write results as .json.gz (about 10x smaller)
 KEEP_DAYS = 0                               # delete raw files older than this (0: keep forever)
 BUSY_DELAY = (5.0, 30.0)                    # random pause between busy retries (min, max) s
 KILL_GRACE = 5.0                            # seconds from SIGTERM to SIGKILL for a late iperf3
@@ -249,9 +249,12 @@ def _number(value):
 
 
 def iso_time(seconds):
-    """Unix seconds -> local ISO 8601 with the UTC offset, whole seconds."""
-    moment = datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc).astimezone()
-    return moment.isoformat(timespec="seconds")
+    """Unix seconds -> local ISO 8601 with the UTC offset, whole seconds ("" when impossible)."""
+    try:
+        moment = datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc)
+        return moment.astimezone().isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return ""
 
 
 def ledger_row(document, file_name):
@@ -263,11 +266,11 @@ def ledger_row(document, file_name):
     meta = document.get("continuous_iperf")
     meta = meta if isinstance(meta, dict) else {}
     start = _dig(document, "start", "timestamp", "timesecs")
-    if not isinstance(start, (int, float)) or isinstance(start, bool):
+    if not _number(start):
         start = meta.get("start")
     error = document.get("error")
     row = {
-        "timestamp": iso_time(start) if isinstance(start, (int, float)) else "",
+        "timestamp": iso_time(start) if _number(start) else "",
         "run": meta.get("run", ""),
         "prefix": meta.get("prefix", ""),
         "direction": meta.get("direction", ""),
@@ -341,18 +344,17 @@ def parse_when(text, now):
     if value[-1:] in ("Z", "z"):
         value = value[:-1] + "+00:00"
     try:
-        moment = datetime.datetime.fromisoformat(value)
-    except ValueError:
+        return datetime.datetime.fromisoformat(value).timestamp()  # naive: local time
+    except (ValueError, OverflowError, OSError):
         raise ValueError("%r is neither an ISO date/date-time nor a span like 90m, 24h, 7d"
                          % text)
-    return moment.timestamp()  # a naive date-time is local time
 
 
 def row_time(timestamp):
     """A ledger timestamp -> Unix seconds, or None."""
     try:
         return datetime.datetime.fromisoformat(timestamp).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None
 
 
@@ -403,14 +405,17 @@ def _received(rows):
     """(row, received_bps) of the ok rows that have a figure."""
     ok = [row for row in rows if row[COL["status"]] == "ok" and row[COL["received_bps"]]]
     try:
-        return list(zip(ok, map(float, (row[COL["received_bps"]] for row in ok))))
+        values = list(map(float, (row[COL["received_bps"]] for row in ok)))
+        if math.isfinite(sum(values)):  # no nan or inf hiding in a hand-edited ledger
+            return list(zip(ok, values))
     except ValueError:
-        pairs = []
-        for row in ok:
-            values = _floats([row[COL["received_bps"]]])
-            if values:
-                pairs.append((row, values[0]))
-        return pairs
+        pass
+    pairs = []  # the slow way, cell by cell
+    for row in ok:
+        values = _floats([row[COL["received_bps"]]])
+        if values:
+            pairs.append((row, values[0]))
+    return pairs
 
 
 def summarize(rows, received=None):
@@ -1019,17 +1024,19 @@ def read_result_file(path, with_start=False):
             document = json.loads(data)
             if not isinstance(document, dict):
                 raise ValueError("not a JSON object")
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        row = complete_row(ledger_row(document, name), document, name)
+    except Exception as exc:  # noqa: B902 -- whatever a file holds is a row, never a crash
         reason = getattr(exc, "strerror", None) or exc
         row = [unreadable_row(name, reason)[column] for column in LEDGER_COLUMNS]
         return (None, row) if with_start else row
-    row = complete_row(ledger_row(document, name), document, name)
     row = [row[column] for column in LEDGER_COLUMNS]
     if not with_start:
         return row
     meta = document.get("continuous_iperf")
     start = meta.get("start") if isinstance(meta, dict) else None
-    return (start if isinstance(start, (int, float)) else None), row
+    if isinstance(start, bool) or not isinstance(start, (int, float)):
+        start = None
+    return start, row
 
 
 def _rebuild_item(path):

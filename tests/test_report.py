@@ -410,3 +410,23 @@ def test_keep_days_deletes_old_raw_files_and_keeps_rows(tmp_path, capsys, fake_i
         os.unlink(str(tmp_path / name))
     code, out, err = report(capsys, tmp_path, "--rebuild", "--prefix", "p.", "--format", "csv")
     assert code == 0 and read_ledger(tmp_path) == rows
+
+
+@pytest.mark.parametrize("text, status, error", [
+    ("[" * 100000 + "]" * 100000, "error", "unreadable result: "),
+    ('{"continuous_iperf": {"start": true, "run": 5}, "end": {}}', "ok", ""),
+    ('{"start": {"timestamp": {"timesecs": 1e400}}, "end": {"sum_received": '
+     '{"bits_per_second": NaN}}}', "ok", ""),
+    ("\xff\xfe not utf-8", "error", "unreadable result: "),
+    ("", "error", "unreadable result: "),
+])
+def test_hostile_files_become_rows_not_crashes(tmp_path, capsys, text, status, error):
+    (tmp_path / "20240101_000000_server.json").write_bytes(text.encode("latin-1"))
+    code, out, err = report(capsys, tmp_path, "--rebuild")
+    assert code == 0 and "Traceback" not in err
+    (only,) = read_ledger(tmp_path)
+    assert (only["status"], only["error"][:len(error)], only["direction"]) == (
+        status, error, "reverse")
+    assert only["timestamp"] == iperf_client.iso_time(
+        time.mktime((2024, 1, 1, 0, 0, 0, 0, 0, -1)))
+    assert report_json(capsys, tmp_path)["summary"]["reverse"]["median_bps"] is None
