@@ -737,7 +737,15 @@ def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_G
             except subprocess.TimeoutExpired:
                 log.warning("%s ignored SIGTERM for %s s: sending SIGKILL", argv[0], grace)
                 _signal_group(proc, signal.SIGKILL)
-                result.stdout, result.stderr = proc.communicate()
+                try:
+                    result.stdout, result.stderr = proc.communicate(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    # Something that left the process group still holds the output pipes.
+                    log.warning("%s: output still open after SIGKILL; giving up on it", argv[0])
+                    proc.kill()
+                    proc.wait()
+                    proc.stdout.close()
+                    proc.stderr.close()
             break
     finally:
         if proc.poll() is None:  # an unexpected exception: still leave nothing behind
@@ -885,6 +893,7 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
                 log.info("server busy: retrying in %.1f s", delay)
                 stopper.sleep(delay)
                 if stopper.signum is not None:
+                    error = document["error"] = "interrupted by %s; %s" % (stopper.name, error)
                     break
                 continue
             log.warning("server still busy after %s s: giving up", options.busy_wait)
@@ -936,7 +945,7 @@ def delete_old_files(folder, prefix, keep_days, now=None):
     `keep_days` days; the ledger keeps their rows. Returns the names deleted."""
     limit = (time.time() if now is None else now) - keep_days * 86400
     pattern = re.compile(RUN_FILE_RE % re.escape(prefix))
-    deleted = []
+    deleted, failed = [], []
     for name in sorted(os.listdir(folder)):
         match = pattern.match(name)
         moment = run_time(match.group("run")) if match else None
@@ -946,6 +955,11 @@ def delete_old_files(folder, prefix, keep_days, now=None):
                 deleted.append(name)
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                failed.append("%s: %s" % (name, exc.strerror))
+    if failed:  # the run itself succeeded: say it once, not once per file
+        log.error("could not delete %d old files (%s%s)", len(failed), failed[0],
+                  ", ..." if len(failed) > 1 else "")
     return deleted
 
 

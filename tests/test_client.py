@@ -187,10 +187,11 @@ def test_busy_server_gives_up_after_busy_wait(iperf3, iperf3_server, tmp_path):
     finally:
         kill_process(holder)
     assert_clean(proc)
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stderr
     rows = read_ledger(tmp_path)
-    assert all("busy" in r["error"] and r["attempts"] == "2" for r in rows)
-    assert len(proc.stderr.splitlines()) == 2
+    log_text = next(tmp_path.glob("*_iperf_mon.log")).read_text()
+    assert all("busy" in r["error"] and r["attempts"] == "2" for r in rows), (rows, log_text)
+    assert len(proc.stderr.splitlines()) == 2, proc.stderr
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])
