@@ -87,9 +87,29 @@ def assert_clean(proc):
 
 # --- end to end with a real iperf3 ----------------------------------------------------------------
 
-def test_good_run_writes_both_results_and_prints_nothing(iperf3_server, tmp_path):
+@pytest.fixture
+def server(iperf3, iperf3_server):
+    """conftest's iperf3_server, once it has run one tiny test.
+
+    The fixture's readiness probe connects and leaves without a test; iperf3 3.12 then resets
+    the next client's control connection about one time in five ("unable to receive control
+    message: Connection reset by peer"). A throwaway test absorbs that, so the tests below meet
+    the server as a cron run would.
+    """
+    for _ in range(5):
+        done = subprocess.run(
+            [iperf3, "-c", "127.0.0.1", "-p", str(iperf3_server.port), "-n", "1K", "-J"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, timeout=20)
+        if '"error"' not in done.stdout:
+            return iperf3_server
+        time.sleep(0.2)
+    raise AssertionError("iperf3 server never ran a test: %s" % done.stdout)
+
+
+def test_good_run_writes_both_results_and_prints_nothing(server, tmp_path):
     folder = tmp_path / "results"
-    proc = run_script(CLIENT_SCRIPT, client_args(iperf3_server.port, folder, "--prefix", "lab-1."))
+    proc = run_script(CLIENT_SCRIPT, client_args(server.port, folder, "--prefix", "lab-1."))
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
     files = [n for n in names(folder) if n not in ("results.csv", ".lock")]
     assert len(files) == 3
@@ -107,7 +127,7 @@ def test_good_run_writes_both_results_and_prints_nothing(iperf3_server, tmp_path
         meta = doc["continuous_iperf"]
         assert meta["direction"] == direction
         assert (meta["server"], meta["port"], meta["streams"], meta["duration"]) == (
-            "127.0.0.1", iperf3_server.port, 2, 1)
+            "127.0.0.1", server.port, 2, 1)
         assert meta["attempts"] == 1 and meta["exit_code"] == 0 and meta["run"] == ts
         assert ("-R" in meta["command"].split()) == (direction == "reverse")
     rows = read_ledger(folder)
@@ -121,7 +141,7 @@ def test_good_run_writes_both_results_and_prints_nothing(iperf3_server, tmp_path
         assert (row["status"], row["error"], row["file"], row["run"], row["prefix"]) == (
             "ok", "", name, ts, "lab-1.")
         assert (row["server"], row["port"], row["streams"], row["duration"], row["attempts"]) == (
-            "127.0.0.1", str(iperf3_server.port), "2", "1", "1")
+            "127.0.0.1", str(server.port), "2", "1", "1")
         assert row["timestamp"] == iperf_client.iso_time(doc["start"]["timestamp"]["timesecs"])
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$", row["timestamp"])
     log_text = (folder / files[1]).read_text()
@@ -150,22 +170,26 @@ def test_server_down_records_both_errors(iperf3, tmp_path):
 
 
 def start_holder(iperf3, port, seconds):
-    """Another client occupying the server; returns once its test runs."""
-    holder = subprocess.Popen(
-        [iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "--forceflush"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        universal_newlines=True)
-    for line in holder.stdout:
-        if "connected" in line and "local" in line:
-            return holder
-    kill_process(holder)
-    raise AssertionError("holder client did not start")
+    """Another client occupying the server; returns once its test runs (a few tries)."""
+    said = []
+    for _ in range(5):
+        holder = subprocess.Popen(
+            [iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "--forceflush"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True)
+        for line in holder.stdout:
+            said.append(line)
+            if "connected" in line and "local" in line:
+                return holder
+        kill_process(holder)
+        time.sleep(0.5)
+    raise AssertionError("holder client did not start: %r" % said)
 
 
-def test_busy_server_is_waited_out(iperf3, iperf3_server, tmp_path):
-    holder = start_holder(iperf3, iperf3_server.port, 2)
+def test_busy_server_is_waited_out(iperf3, server, tmp_path):
+    holder = start_holder(iperf3, server.port, 2)
     try:
-        args = client_args(iperf3_server.port, tmp_path, "--retries", "0")
+        args = client_args(server.port, tmp_path, "--retries", "0")
         args[args.index("--busy-wait") + 1] = "4"
         proc = run_script(CLIENT_SCRIPT, args)
     finally:
@@ -178,10 +202,10 @@ def test_busy_server_is_waited_out(iperf3, iperf3_server, tmp_path):
     assert "server busy" in next(tmp_path.glob("*_iperf_mon.log")).read_text()
 
 
-def test_busy_server_gives_up_after_busy_wait(iperf3, iperf3_server, tmp_path):
-    holder = start_holder(iperf3, iperf3_server.port, 5)
+def test_busy_server_gives_up_after_busy_wait(iperf3, server, tmp_path):
+    holder = start_holder(iperf3, server.port, 5)
     try:
-        args = client_args(iperf3_server.port, tmp_path, "--retries", "0")
+        args = client_args(server.port, tmp_path, "--retries", "0")
         args[args.index("--busy-wait") + 1] = "0.5"
         proc = run_script(CLIENT_SCRIPT, args)
     finally:
@@ -195,9 +219,9 @@ def test_busy_server_gives_up_after_busy_wait(iperf3, iperf3_server, tmp_path):
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])
-def test_signal_mid_test_keeps_partial_result(iperf3_server, tmp_path, signame):
+def test_signal_mid_test_keeps_partial_result(server, tmp_path, signame):
     signum = getattr(signal, signame)
-    port = str(iperf3_server.port)
+    port = str(server.port)
     script = subprocess.Popen(
         [sys.executable, str(CLIENT_SCRIPT), *client_args(port, tmp_path), "-t", "20"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -223,16 +247,16 @@ def test_signal_mid_test_keeps_partial_result(iperf3_server, tmp_path, signame):
     assert float(rows[0]["sent_bps"]) == doc["end"]["sum_sent"]["bits_per_second"]
 
 
-def test_overlapping_runs(iperf3_server, tmp_path):
+def test_overlapping_runs(server, tmp_path):
     first = subprocess.Popen(
-        [sys.executable, str(CLIENT_SCRIPT), *client_args(iperf3_server.port, tmp_path),
+        [sys.executable, str(CLIENT_SCRIPT), *client_args(server.port, tmp_path),
          "-t", "2"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True)
     try:
         assert wait_until(lambda: list(tmp_path.glob("*_iperf_mon.log")), timeout=10)
         before = names(tmp_path)
-        second = run_script(CLIENT_SCRIPT, client_args(iperf3_server.port, tmp_path))
+        second = run_script(CLIENT_SCRIPT, client_args(server.port, tmp_path))
         after = names(tmp_path)
         out, err = first.communicate(timeout=30)
     finally:
