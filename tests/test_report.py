@@ -1,6 +1,7 @@
 """Tests of `iperf_client.py report`, the ledger's rebuild, --compress and --keep-days."""
 
 import csv
+import fcntl
 import gzip
 import json
 import os
@@ -430,3 +431,24 @@ def test_hostile_files_become_rows_not_crashes(tmp_path, capsys, text, status, e
     assert only["timestamp"] == iperf_client.iso_time(
         time.mktime((2024, 1, 1, 0, 0, 0, 0, 0, -1)))
     assert report_json(capsys, tmp_path)["summary"]["reverse"]["median_bps"] is None
+
+
+def test_rebuild_waits_for_a_run_in_progress(tmp_path):
+    write_ledger(tmp_path, [row(utc(10), received="1")])
+    (tmp_path / "20240301_100000_client.json").write_text('{"error": "x"}')
+    fd = os.open(str(tmp_path / ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a run in progress
+    proc = subprocess.Popen(
+        [sys.executable, str(CLIENT_SCRIPT), "report", "-d", str(tmp_path), "--rebuild"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True)
+    try:
+        first = proc.stderr.readline()
+        assert "waiting for the run in progress" in first
+        assert proc.poll() is None
+        assert read_ledger(tmp_path)[0]["status"] == "ok"  # untouched while the run holds it
+    finally:
+        os.close(fd)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "rebuilt" in err
+    assert read_ledger(tmp_path)[0]["status"] == "error"
