@@ -396,7 +396,9 @@ def test_stopped_daemon_times_the_client_out_and_is_replaced(hosts):
         assert rows[direction]["status"] == "error"
         assert rows[direction]["error"].startswith("timed out after %d s" % (DURATION + MARGIN))
 
-    assert_quiet_success(hosts.server())
+    done = hosts.server()
+    assert done.returncode == 0, (done.stderr, hosts.log_file.read_text())
+    assert_quiet_success(done)
     assert hosts.daemon_pid() != old
     assert not netbed.pid_alive(old)
     assert netbed.pid_alive(hosts.daemon_pid())
