@@ -224,11 +224,14 @@ class Hosts:
         return netbed.wait_for(idle, timeout=timeout, interval=0.5)
 
     def stop(self):
-        """Stop the daemon the server script started (destroy() kills whatever is left)."""
+        """Stop the daemon the server script started (destroy() kills whatever is left). Only a
+        process of the server host: a stale pidfile may name a recycled PID."""
         try:
-            kill_pid(self.daemon_pid())
+            pid = self.daemon_pid()
         except (OSError, TypeError, ValueError):
-            pass
+            return
+        if pid in netbed.netns_pids(self.bed.server_ns):
+            kill_pid(pid)
 
 
 @pytest.fixture
