@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import multiprocessing
+import operator
 import os
 import random
 import re
@@ -423,9 +424,11 @@ def summarize(rows, received=None):
     row has a figure). `received` is _received(rows) when the caller has it already."""
     ok_rows = [row for row in rows if row[COL["status"]] == "ok"]
     values = sorted(value for _, value in (_received(rows) if received is None else received))
-    retransmits = 0
-    for value in _floats(row[COL["retransmits"]] for row in ok_rows if row[COL["retransmits"]]):
-        retransmits += int(value)
+    cells = [row[COL["retransmits"]] for row in ok_rows if row[COL["retransmits"]]]
+    try:
+        retransmits = sum(map(int, cells))
+    except ValueError:  # "12.0" or worse from a hand-edited ledger: the slow way
+        retransmits = sum(int(value) for value in _floats(cells))
     return {
         "count": len(rows),
         "ok": len(ok_rows),
@@ -447,11 +450,16 @@ def directions_of(direction):
 def summary_of(rows, direction="both", received=None):
     """{direction: summarize(rows of that direction)} for the selected directions."""
     received = _received(rows) if received is None else received
-    summary = {}
-    for name in directions_of(direction):
-        summary[name] = summarize([row for row in rows if row[COL["direction"]] == name],
-                                  [pair for pair in received if pair[0][COL["direction"]] == name])
-    return summary
+    names = directions_of(direction)
+    by_rows = {name: [] for name in names}
+    by_received = {name: [] for name in names}
+    for row in rows:
+        if row[3] in by_rows:  # 3: direction
+            by_rows[row[3]].append(row)
+    for pair in received:
+        if pair[0][3] in by_received:
+            by_received[pair[0][3]].append(pair)
+    return {name: summarize(by_rows[name], by_received[name]) for name in names}
 
 
 def _number_json(cell):
@@ -499,19 +507,24 @@ def text_report(rows, summary, folder, prefix, since, until, received=None):
         return lines
     # The first and last test: compare timestamps as text within each UTC offset (DST changes
     # it), then parse only those few.
+    stamps = [row[0] for row in rows]
+    offsets = {stamp[-6:] for stamp in stamps}
     bounds = {}
-    for stamp in [row[0] for row in rows]:
-        pair = bounds.get(stamp[-6:])
-        if pair is None:
-            bounds[stamp[-6:]] = [stamp, stamp]
-        elif stamp < pair[0]:
-            pair[0] = stamp
-        elif stamp > pair[1]:
-            pair[1] = stamp
+    if len(offsets) == 1:  # the common case: no DST change in the period
+        bounds[offsets.pop()] = [min(stamps), max(stamps)]
+    else:
+        for stamp in stamps:
+            pair = bounds.get(stamp[-6:])
+            if pair is None:
+                bounds[stamp[-6:]] = [stamp, stamp]
+            elif stamp < pair[0]:
+                pair[0] = stamp
+            elif stamp > pair[1]:
+                pair[1] = stamp
     moments = [m for m in map(row_time, [t for pair in bounds.values() for t in pair])
                if m is not None]
     if moments:
-        runs = len({(row[COL["prefix"]], row[COL["run"]]) for row in rows})
+        runs = len(set(map(operator.itemgetter(COL["prefix"], COL["run"]), rows)))
         lines.append("period: %s to %s, %d run%s" % (
             iso_time(min(moments)), iso_time(max(moments)), runs, "" if runs == 1 else "s"))
     lines.append("")
@@ -526,9 +539,9 @@ def text_report(rows, summary, folder, prefix, since, until, received=None):
             lines.append("            p5 %(p5_bps)s, p95 %(p95_bps)s, min %(min_bps)s, "
                          "max %(max_bps)s" % figures)
             lines.append("  retransmits: %d (ok tests)" % stats["retransmits"])
-    by_hour = {}
+    by_hour = collections.defaultdict(list)
     for row, value in received:
-        by_hour.setdefault((row[COL["direction"]], row[0][11:13]), []).append(value)
+        by_hour[row[3], row[0][11:13]].append(value)  # 3: direction; [11:13]: the hour
     if by_hour:
         names = list(summary)
         lines += ["", "median received by hour of day (local time of the test):",
@@ -977,9 +990,14 @@ def read_ledger(path, lenient=False):
     width = len(LEDGER_COLUMNS)
     try:
         with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            rows = list(reader)
+            # A line without quotes (no error text held a comma or a quote: the common case)
+            # splits into the same cells as the csv module reads, half again as fast.
+            rows = [line.rstrip("\n").split(",") if '"' not in line and "\r" not in line
+                    else None for line in handle]
+            if None in rows:
+                handle.seek(0)
+                rows = list(csv.reader(handle))
+        header = rows.pop(0) if rows else None
     except FileNotFoundError:
         if lenient:
             return []
