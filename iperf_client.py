@@ -66,6 +66,10 @@ JITTER = 0                                  # random 0..JITTER s sleep before th
 TIMEOUT_MARGIN = 30                         # hard limit per attempt: duration + omit + this
 COMPRESS = False                            # write results as .json.gz (about 10x smaller)
 KEEP_DAYS = 0                               # delete raw files older than this (0: keep forever)
+USERNAME = None                             # iperf3 user name, when the server authenticates
+RSA_PUBLIC_KEY_PATH = None                  # the server's public key, with USERNAME
+PASSWORD_FILE = None                        # file whose first line is the password (mode 0600);
+#                                             else the IPERF3_PASSWORD environment variable
 BUSY_DELAY = (5.0, 30.0)                    # random pause between busy retries (min, max) s
 KILL_GRACE = 5.0                            # seconds from SIGTERM to SIGKILL for a late iperf3
 LEDGER_NAME = "results.csv"                 # the ledger's file name in the results folder
@@ -87,7 +91,10 @@ PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]*$")
 BUSY_MARK = "server is busy"
 # Options this script sets itself; in extra arguments they would break the run or its parsing.
 OWNED_SHORT = "cptPRJ"
-OWNED_LONG = ("client", "port", "time", "parallel", "reverse", "json", "json-stream", "logfile")
+OWNED_LONG = ("client", "port", "time", "parallel", "reverse", "json", "json-stream", "logfile",
+              "username", "rsa-public-key-path")
+PASSWORD_VARIABLE = "IPERF3_PASSWORD"  # the only way iperf3 takes a password without a prompt
+AUTH_MARKS = ("authoriz", "authentic")  # in iperf3's error text when the server refused a login
 # iperf3's short options that take a value (from its getopt string), to tell "-B10.0.0.1" apart
 # from bundled flags such as "-ZR".
 SHORT_WITH_VALUE = "pficbtnklPwBMSLOFATCIX"
@@ -186,6 +193,22 @@ def one_line(text, limit=500):
     """Collapse whitespace so a message fits one log or CSV line."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def explain_error(error):
+    """A failed test's error as one line for a person; a refused login says what to check."""
+    text = one_line(error)
+    if any(mark in text.lower() for mark in AUTH_MARKS):
+        return ("authentication failed (wrong user name or password, or this host's clock is "
+                "off from the server's by more than its --time-skew-threshold, 10 s by "
+                "default): %s" % text)
+    return text
+
+
+def auth_argv(username, public_key):
+    """iperf3's client authentication options; the password never goes into argv (every user
+    sees argv in `ps`), only into iperf3's environment."""
+    return ["--username", username, "--rsa-public-key-path", public_key] if username else []
 
 
 def result_document(stdout, stderr, returncode, timed_out=None, stopped_by=None, failure=None):
@@ -768,6 +791,16 @@ def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_G
     return result
 
 
+def _file_mode():
+    """Mode for results, ledger and logs: the user's umask, but never writable by others."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask & ~0o002
+
+
+FILE_MODE = _file_mode()
+
+
 def write_atomic(path, data):
     """Write bytes to `path` so a reader sees the old file or the whole new one, never half.
 
@@ -781,7 +814,7 @@ def write_atomic(path, data):
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
+        os.chmod(temp, FILE_MODE)
         os.replace(temp, path)
     except BaseException:
         try:
@@ -810,7 +843,7 @@ def append_ledger(path, row):
 
     A single write per row, so a crash leaves at most a missing row, never a merged one.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
     try:
         text = csv_line([row[column] for column in LEDGER_COLUMNS])
         if os.fstat(fd).st_size == 0:
@@ -828,7 +861,7 @@ def take_lock(folder, wait=False):
     stderr and waits for it.
     """
     path = os.path.join(folder, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -885,7 +918,8 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
         attempts += 1
         started = time.time()
         log.info("%s test, attempt %d", direction, attempts)
-        outcome = run_command(argv, limit, stopper=stopper, progress=progress)
+        outcome = run_command(argv, limit, env=options.iperf3_env, stopper=stopper,
+                              progress=progress)
         document = result_document(outcome.stdout, outcome.stderr, outcome.returncode,
                                    outcome.timed_out, outcome.stopped_by, outcome.failure)
         error = document.get("error")
@@ -1223,6 +1257,14 @@ def build_parser():
                         help="after a run, delete this prefix's result and log files of runs "
                              "older than N days; ledger rows are kept (default: %(default)s, "
                              "keep forever)")
+    parser.add_argument("--username", default=USERNAME, metavar="NAME",
+                        help="authenticate to the server as NAME (iperf3 3.2+ with OpenSSL); "
+                             "the password comes from --password-file or $IPERF3_PASSWORD")
+    parser.add_argument("--rsa-public-key-path", default=RSA_PUBLIC_KEY_PATH, metavar="FILE",
+                        help="the server's RSA public key (with --username)")
+    parser.add_argument("--password-file", default=PASSWORD_FILE, metavar="FILE",
+                        help="read the password from the first line of FILE, which only its "
+                             "owner may read (default: $IPERF3_PASSWORD)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the two iperf3 commands and exit; measure nothing")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -1255,6 +1297,64 @@ def _check_options(parser, options):
         parser.error("iperf3 argument %r is set by this script itself; use its own flags "
                      "(-c -p -t -P), it runs -R and -J itself" % owned)
     options.results_dir = os.path.abspath(os.path.expanduser(options.results_dir))
+    options.iperf3_env = None
+    if options.username is None:
+        return
+    try:
+        check_username(options.username)
+        if not options.rsa_public_key_path:
+            raise IperfError("--username needs --rsa-public-key-path FILE (the server's key)")
+        options.rsa_public_key_path = os.path.abspath(
+            os.path.expanduser(options.rsa_public_key_path))
+        check_readable(options.rsa_public_key_path, "public key")
+        password = read_password(options.password_file, os.environ)
+    except IperfError as exc:
+        parser.error(str(exc))
+    options.extra = auth_argv(options.username, options.rsa_public_key_path) + options.extra
+    options.iperf3_env = dict(os.environ, **{PASSWORD_VARIABLE: password})
+
+
+def check_username(username):
+    if not username or any(c == "," or c.isspace() for c in username):
+        raise IperfError("argument --username: %r is not a user name (no commas or "
+                         "whitespace)" % username)
+
+
+def check_readable(path, what):
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise IperfError("cannot read %s %s: %s" % (what, path, exc.strerror))
+
+
+def read_password(password_file, environ):
+    """The password: the first line of `password_file` (which only its owner may read, as ssh
+    wants of keys), else $IPERF3_PASSWORD. Raises IperfError when there is none: iperf3 would
+    prompt for one, and under cron there is no terminal to answer."""
+    if password_file:
+        path = os.path.abspath(os.path.expanduser(password_file))
+        try:
+            with open(path) as handle:
+                if os.fstat(handle.fileno()).st_mode & 0o077:
+                    raise IperfError("password file %s is readable by others: chmod 600 %s"
+                                     % (path, path))
+                password = handle.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise IperfError("cannot read password file %s: %s" % (path, exc.strerror))
+        source = "the first line of %s" % path
+    else:
+        password = environ.get(PASSWORD_VARIABLE)
+        if password is None:
+            raise IperfError("--username needs a password: set %s in the environment or give "
+                             "--password-file FILE" % PASSWORD_VARIABLE)
+        source = PASSWORD_VARIABLE
+    if not password:
+        raise IperfError("the password in %s is empty" % source)
+    if any(c.isspace() for c in password):
+        raise IperfError("the password in %s contains whitespace, which iperf3 cannot carry"
+                         % source)
+    return password
 
 
 def _setup_logging(options):
@@ -1317,7 +1417,7 @@ def run(options, stopper):
                           ledger_row(document, file_name))
             if "error" in document:
                 status = 1
-                log.error("%s test failed: %s", direction, one_line(document["error"]))
+                log.error("%s test failed: %s", direction, explain_error(document["error"]))
         if stopper.signum is not None:
             log.warning("stopped by %s", stopper.name)
             return 128 + stopper.signum

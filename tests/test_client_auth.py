@@ -1,0 +1,161 @@
+"""iperf_client.py against a real authenticating iperf3 server: the password travels only
+through iperf3's environment, and a run without one fails fast instead of hanging on a prompt."""
+
+import csv
+import os
+import subprocess
+import threading
+
+import pytest
+
+from conftest import (CLIENT_SCRIPT, SERVER_SCRIPT, assert_one_line_error, run_script)
+
+PASSWORD = "Corr3ct-Horse_battery"
+USER = "tester"
+
+
+def all_argvs():
+    """The argv of every process this machine shows, as bytes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                    found.append(handle.read())
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture(params=["script", "openssl"])
+def keys(request, tmp_path):
+    """RSA keys made by iperf_server.py --make-keys, or by openssl directly."""
+    folder = tmp_path / "keys"
+    private, public = folder / "private.pem", folder / "public.pem"
+    if request.param == "script":
+        assert run_script(SERVER_SCRIPT, ["--make-keys", folder]).returncode == 0
+    else:
+        folder.mkdir()
+        subprocess.run(["openssl", "genrsa", "-out", str(private), "2048"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["openssl", "rsa", "-in", str(private), "-pubout", "-out", str(public)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.chmod(str(private), 0o600)
+    return private, public
+
+
+@pytest.fixture
+def auth_server(keys, tmp_path, start_iperf3_server):
+    users = tmp_path / "users.csv"
+    added = subprocess.run(["python3", str(SERVER_SCRIPT), "--add-user", USER,
+                            "--authorized-users-path", str(users)], input=PASSWORD + "\n",
+                           universal_newlines=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=30)
+    assert added.returncode == 0, added.stderr
+    server = start_iperf3_server(["--rsa-private-key-path", str(keys[0]),
+                                  "--authorized-users-path", str(users)])
+    server.public_key = keys[1]
+    return server
+
+
+def auth_args(server, results, *more):
+    return ["--server", "127.0.0.1", "--port", server.port, "-t", "1", "-P", "2", "-d", results,
+            "--timeout-margin", "5", "--busy-wait", "0", "--retries", "0", "--username", USER,
+            "--rsa-public-key-path", server.public_key, *more]
+
+
+def ledger(results):
+    with open(str(results / "results.csv"), newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def files_containing(folder, secret):
+    return [name for name in os.listdir(str(folder))
+            if secret.encode() in (folder / name).read_bytes()]
+
+
+def test_right_password_from_the_environment(auth_server, tmp_path):
+    results = tmp_path / "results"
+    seen = []
+    stop = threading.Event()
+
+    def watch():  # every process's argv, all through the run
+        while not stop.is_set():
+            seen.extend(argv for argv in all_argvs() if PASSWORD.encode() in argv)
+            stop.wait(0.05)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        done = run_script(CLIENT_SCRIPT, auth_args(auth_server, results, "-vv"),
+                          env={"IPERF3_PASSWORD": PASSWORD})
+    finally:
+        stop.set()
+        watcher.join()
+    assert done.returncode == 0, done.stderr
+    assert [row["status"] for row in ledger(results)] == ["ok", "ok"]
+    assert seen == [], "the password appeared in a process's argv"
+    assert PASSWORD not in done.stdout + done.stderr
+    assert files_containing(results, PASSWORD) == []
+
+
+def test_right_password_from_a_file(auth_server, tmp_path):
+    results = tmp_path / "results"
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD + "\nignored second line\n")
+    os.chmod(str(password_file), 0o600)
+    env = dict(os.environ)
+    env.pop("IPERF3_PASSWORD", None)
+    done = subprocess.run(["python3", str(CLIENT_SCRIPT),
+                           *map(str, auth_args(auth_server, results, "--password-file",
+                                               password_file))],
+                          env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [row["status"] for row in ledger(results)] == ["ok", "ok"]
+    assert files_containing(results, PASSWORD) == []
+
+
+def test_wrong_password_is_a_failed_test_that_says_why(auth_server, tmp_path):
+    results = tmp_path / "results"
+    done = run_script(CLIENT_SCRIPT, auth_args(auth_server, results),
+                      env={"IPERF3_PASSWORD": "not-it"})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, done.stderr  # one line per direction
+    for line, direction in zip(lines, ("forward", "reverse")):
+        assert direction in line and "authentication failed" in line and "clock" in line
+    assert [row["status"] for row in ledger(results)] == ["error", "error"]
+    assert "not-it" not in done.stderr
+    assert files_containing(results, "not-it") == []
+
+
+def test_missing_password_without_a_terminal_exits_2_at_once(auth_server, tmp_path):
+    results = tmp_path / "results"
+    env = dict(os.environ)
+    env.pop("IPERF3_PASSWORD", None)
+    done = subprocess.run(["python3", str(CLIENT_SCRIPT), *map(str, auth_args(auth_server,
+                                                                              results))],
+                          env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=20)
+    assert_one_line_error(done, 2, "IPERF3_PASSWORD", "--password-file")
+    assert not results.exists()
+
+
+def test_password_file_readable_by_others_is_refused(auth_server, tmp_path):
+    results = tmp_path / "results"
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD + "\n")
+    os.chmod(str(password_file), 0o644)
+    done = run_script(CLIENT_SCRIPT, auth_args(auth_server, results, "--password-file",
+                                               password_file))
+    assert_one_line_error(done, 2, str(password_file), "chmod 600")
+    assert PASSWORD not in done.stderr
+    assert not results.exists()
+
+
+def test_dry_run_never_shows_the_password(auth_server, tmp_path):
+    done = run_script(CLIENT_SCRIPT, auth_args(auth_server, tmp_path / "r", "--dry-run"),
+                      env={"IPERF3_PASSWORD": PASSWORD})
+    assert done.returncode == 0, done.stderr
+    assert "--username %s" % USER in done.stdout
+    assert PASSWORD not in done.stdout + done.stderr
