@@ -33,6 +33,7 @@ import fcntl
 import gc
 import gzip
 import heapq
+import html
 import io
 import json
 import logging
@@ -520,6 +521,22 @@ def human_bps(value):
     return "%.0f bit/s" % value
 
 
+def medians_by_hour(received):
+    """{(direction, "HH"): (median received bits/s, number of ok tests)} by the hour of day of
+    each test's start, in the local time written in the ledger (where busy-hour dips show).
+    `received` is _received(rows)."""
+    by_hour = collections.defaultdict(list)
+    for row, value in received:
+        by_hour[row[3], row[0][11:13]].append(value)  # 3: direction; [11:13]: the hour
+    return {key: (percentile(sorted(values), 0.5), len(values))
+            for key, values in by_hour.items()}
+
+
+def failed_rows(rows):
+    """The rows of failed tests, in ledger order."""
+    return [row for row in rows if row[COL["status"]] != "ok"]
+
+
 def text_report(rows, summary, folder, prefix, since, until, received=None):
     """The report for a person, as a list of lines (`received` as in summary_of)."""
     received = _received(rows) if received is None else received
@@ -562,9 +579,7 @@ def text_report(rows, summary, folder, prefix, since, until, received=None):
             lines.append("            p5 %(p5_bps)s, p95 %(p95_bps)s, min %(min_bps)s, "
                          "max %(max_bps)s" % figures)
             lines.append("  retransmits: %d (ok tests)" % stats["retransmits"])
-    by_hour = collections.defaultdict(list)
-    for row, value in received:
-        by_hour[row[3], row[0][11:13]].append(value)  # 3: direction; [11:13]: the hour
+    by_hour = medians_by_hour(received)
     if by_hour:
         names = list(summary)
         lines += ["", "median received by hour of day (local time of the test):",
@@ -572,16 +587,15 @@ def text_report(rows, summary, folder, prefix, since, until, received=None):
         for hour in ("%02d" % h for h in range(24)):
             cells = []
             for name in names:
-                values = sorted(by_hour.get((name, hour), []))
-                cells.append("%24s" % ("%s (%d)" % (human_bps(percentile(values, 0.5)),
-                                                    len(values)) if values else "-"))
+                median, count = by_hour.get((name, hour), (None, 0))
+                cells.append("%24s" % ("%s (%d)" % (human_bps(median), count) if count else "-"))
             lines.append("  %s  %s" % (hour, "".join(cells)))
     lowest = heapq.nsmallest(5, received, key=lambda pair: pair[1])
     if lowest:
         lines += ["", "lowest runs (received):"]
         lines += ["  %s %-7s %12s  %s" % (row[0], row[COL["direction"]], human_bps(value),
                                           row[COL["file"]]) for row, value in lowest]
-    failed = [row for row in rows if row[COL["status"]] != "ok"]
+    failed = failed_rows(rows)
     if failed:
         lines += ["", "failed runs (%s):" % (
             "all %d" % len(failed) if len(failed) <= 10 else "the last 10 of %d" % len(failed))]
@@ -666,6 +680,353 @@ def quick_document(head, tail):
     except ValueError:
         return None
     return document
+
+
+# --- Pure helpers of the HTML report: drawing only (the figures come from the report's helpers) -
+
+# direction -> (line colour, dash pattern, bar fill): told apart by lightness and dashes as well as
+# by hue (dark blue and vermillion from the Okabe-Ito palette), so grey-scale prints and
+# colour-blind readers keep them apart; labels name them too.
+DIRECTION_STYLE = {"forward": ("#08306b", "", "#08306b"),
+                   "reverse": ("#d55e00", "7 4", "#f6c3a0")}
+DIRECTION_LABEL = {"forward": "forward (this host sends)", "reverse": "reverse (server sends)"}
+GAP_FACTOR = 3       # a pause over 3 usual intervals between tests breaks the line: no test ran
+MAX_POINTS = 1500    # more tests per direction are drawn as medians of equal time slots
+SVG_WIDTH = 760
+TIME_STEPS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 2 * 86400,
+              7 * 86400, 14 * 86400, 28 * 86400)
+HTML_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#111;
+background:#fff;margin:0 auto;max-width:1200px;padding:0 12px 24px;line-height:1.4}
+h1{font-size:1.4em;margin:16px 0 4px}h2{font-size:1.15em;margin:24px 0 6px}
+p.meta{margin:2px 0;color:#333}.wide{overflow-x:auto}
+svg{display:block;width:100%;height:auto;min-width:480px}
+svg text{font-size:12px;fill:#222}svg .small{font-size:10.5px}
+svg .grid{stroke:#ddd;stroke-width:1}svg .axis{stroke:#555;stroke-width:1}
+svg .series{fill:none;stroke-width:1.8;stroke-linejoin:round}
+svg .median{stroke-width:1.2;stroke-dasharray:2 3}svg .failure{stroke-width:2}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:4px 0}
+th,td{padding:3px 8px;border-bottom:1px solid #ccc;text-align:right;vertical-align:top;
+white-space:nowrap}th:first-child,td:first-child,td.text{text-align:left}
+td.wrap{white-space:normal;min-width:16em}
+"""
+
+
+def chart_unit(top):
+    """(divisor, unit) of an axis that reaches `top` bits/s: Gbit/s from 1 Gbit/s, else Mbit/s."""
+    return (1e9, "Gbit/s") if top >= 1e9 else (1e6, "Mbit/s")
+
+
+def nice_ticks(top, count=5):
+    """Round tick values from 0 to at least `top`, in steps of 1, 2, 2.5 or 5 x 10^n."""
+    top = top if top and top > 0 else 1.0
+    raw = top / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * (1 - 1e-9))
+    return [i * step for i in range(int(math.ceil(top / step - 1e-9)) + 1)]
+
+
+def _tick_label(value):
+    return ("%.2f" % value).rstrip("0").rstrip(".")
+
+
+def time_ticks(start, end, most=8):
+    """Ticks at round local times within [start, end] (Unix seconds): (ticks, step seconds).
+
+    Steps under a day fall on multiples of the step since local midnight, longer ones on
+    midnights; ticks are computed in local time, so they stay round across DST changes.
+    """
+    span = max(end - start, 60.0)
+    step = next((s for s in TIME_STEPS if span / s <= most), None)
+    if step is None:
+        step = TIME_STEPS[-1] * int(math.ceil(span / most / TIME_STEPS[-1]))
+    midnight = datetime.datetime.fromtimestamp(start).replace(hour=0, minute=0, second=0,
+                                                              microsecond=0)
+    if step < 86400:
+        moment = midnight + datetime.timedelta(
+            seconds=step * int((start - midnight.timestamp()) // step))
+        delta = datetime.timedelta(seconds=step)
+    else:
+        moment, delta = midnight, datetime.timedelta(days=step // 86400)
+    ticks = []
+    while moment.timestamp() <= end:
+        if moment.timestamp() >= start:
+            ticks.append(moment.timestamp())
+        moment += delta
+    return ticks, step
+
+
+def time_series(rows, received, direction):
+    """The tests of one direction in time order: [(unix seconds, received bits/s or None for a
+    failed test, row)]; `received` is _received(rows), the text report's figures."""
+    points = [(row_time(row[0]), value, row) for row, value in received
+              if row[COL["direction"]] == direction]
+    points += [(row_time(row[0]), None, row) for row in failed_rows(rows)
+               if row[COL["direction"]] == direction]
+    return sorted((p for p in points if p[0] is not None), key=lambda p: p[0])
+
+
+def thin_series(points, limit=MAX_POINTS):
+    """At most about `limit` points: when there are more, the median of each of `limit` / 2 equal
+    time slots (None where a slot held failed tests only). Failures are drawn separately."""
+    if len(points) <= limit:
+        return points
+    start, end = points[0][0], points[-1][0]
+    width = (end - start) / (limit // 2) or 1.0
+    slots = {}
+    for moment, value, _ in points:
+        slots.setdefault(int((moment - start) // width), []).append(value)
+    thinned = []
+    for slot in sorted(slots):
+        values = sorted(v for v in slots[slot] if v is not None)
+        thinned.append((start + (slot + 0.5) * width,
+                        percentile(values, 0.5) if values else None, None))
+    return thinned
+
+
+def split_at_gaps(points, factor=GAP_FACTOR):
+    """Runs of consecutive ok tests to draw as one line each: a failed test (None) or a pause
+    longer than `factor` times the usual (median) interval between tests ends a run."""
+    gaps = sorted(b[0] - a[0] for a, b in zip(points, points[1:]) if b[0] > a[0])
+    usual = percentile(gaps, 0.5) or 0.0
+    segments, current, previous = [], [], None
+    for point in points:
+        if current and (point[1] is None or point[0] - previous > factor * usual):
+            segments.append(current)
+            current = []
+        if point[1] is not None:
+            current.append(point)
+        previous = point[0]
+    if current:
+        segments.append(current)
+    return segments
+
+
+def _svg_open(width, height, label, css):
+    return ['<svg viewBox="0 0 %d %d" class="%s" role="img" aria-label="%s">'
+            % (width, height, css, html.escape(label)), "<title>%s</title>" % html.escape(label)]
+
+
+def svg_time_chart(series, medians, start, end, width=SVG_WIDTH, height=330):
+    """An SVG line chart of received bits/s over time.
+
+    `series` maps a direction to its time_series() points, `medians` a direction to its median
+    (drawn as a reference line). Failed tests are crosses in a band under the time axis.
+    """
+    left, right, top, bottom = 56, width - 104, 34, height - 74
+    values = [p[1] for points in series.values() for p in points if p[1] is not None]
+    values += [m for m in medians.values() if m is not None]
+    divisor, unit = chart_unit(max(values) if values else 0)
+    y_ticks = nice_ticks(max(values) / divisor if values else 1)
+    span = (end - start) or 1.0
+
+    def x_of(moment):
+        return left + (moment - start) * (right - left) / span
+
+    def y_of(value):
+        return bottom - value / divisor * (bottom - top) / y_ticks[-1]
+
+    out = _svg_open(width, height, "received throughput over time, %s" % unit,
+                    "chart time-chart")
+    for tick in y_ticks:
+        out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>'
+                   % (left, right, y_of(tick * divisor), y_of(tick * divisor)))
+        out.append('<text x="%d" y="%.1f" text-anchor="end" dy="4">%s</text>'
+                   % (left - 6, y_of(tick * divisor), _tick_label(tick)))
+    out.append('<text x="%d" y="%d" text-anchor="start">%s</text>' % (4, top - 16, unit))
+    ticks, step = time_ticks(start, end)
+    previous_day = None
+    for tick in ticks:
+        moment = datetime.datetime.fromtimestamp(tick)
+        x = x_of(tick)
+        out.append('<line class="grid" x1="%.1f" x2="%.1f" y1="%d" y2="%d"/>'
+                   % (x, x, top, bottom))
+        label = moment.strftime("%H:%M" if step < 86400 else "%d %b")
+        out.append('<text x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                   % (x, bottom + 46, label))
+        day = moment.strftime("%a %d %b %Y" if step < 86400 else "%Y")
+        if day != previous_day:
+            out.append('<text class="small" x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                       % (x, bottom + 62, day))
+            previous_day = day
+    out.append('<line class="axis" x1="%d" x2="%d" y1="%d" y2="%d"/>'
+               % (left, right, bottom, bottom))
+    out.append('<line class="axis" x1="%d" x2="%d" y1="%d" y2="%d"/>' % (left, left, top, bottom))
+    label_y = {name: y_of(medians[name]) for name in series if medians.get(name) is not None}
+    if len(label_y) == 2 and abs(label_y["forward"] - label_y["reverse"]) < 28:
+        middle = (label_y["forward"] + label_y["reverse"]) / 2  # keep both labels legible
+        upper = min(label_y, key=label_y.get)
+        label_y = {name: middle + (-14 if name == upper else 14) for name in label_y}
+    for index, (name, points) in enumerate(series.items()):
+        colour, dash, _ = DIRECTION_STYLE[name]
+        dashes = ' stroke-dasharray="%s"' % dash if dash else ""
+        for segment in split_at_gaps(thin_series(points)):
+            if len(segment) == 1:
+                out.append('<circle class="point %s" cx="%.1f" cy="%.1f" r="2.5" fill="%s"/>'
+                           % (name, x_of(segment[0][0]), y_of(segment[0][1]), colour))
+            else:
+                out.append('<polyline class="series %s" stroke="%s"%s points="%s"/>' % (
+                    name, colour, dashes,
+                    " ".join("%.1f,%.1f" % (x_of(t), y_of(v)) for t, v, _ in segment)))
+        if name in label_y:
+            y = y_of(medians[name])
+            out.append('<line class="median %s" stroke="%s" x1="%d" x2="%d" y1="%.1f" '
+                       'y2="%.1f"/>' % (name, colour, left, right, y, y))
+            out.append('<text class="small" x="%d" y="%.1f">%s median'
+                       '<tspan x="%d" dy="13">%s</tspan></text>' % (
+                           right + 6, label_y[name] - 2, name, right + 6,
+                           human_bps(medians[name])))
+        band = bottom + 12 + 12 * index
+        failures = {}
+        for moment, value, row in points:
+            if value is None:
+                failures.setdefault(int(x_of(moment)), []).append(row)
+        if failures:
+            out.append('<text class="small" x="%d" y="%d" dy="4" text-anchor="end">%s</text>'
+                       % (left - 6, band, name))
+        for x, failed in sorted(failures.items()):
+            out.append('<path class="failure %s" stroke="%s" d="M%d %dl6 6m0 -6l-6 6">'
+                       '<title>%s</title></path>' % (
+                           name, colour, x - 3, band - 3, html.escape("%s %s failed%s: %s" % (
+                               failed[-1][0], name, " (%d tests)" % len(failed)
+                               if len(failed) > 1 else "", failed[-1][COL["error"]]))))
+    for index, name in enumerate(series):
+        colour, dash, _ = DIRECTION_STYLE[name]
+        x = left + 20 + 225 * index
+        out.append('<line class="legend %s" x1="%d" x2="%d" y1="%d" y2="%d" stroke="%s" '
+                   'stroke-width="2.5"%s/>' % (name, x, x + 28, top - 20, top - 20, colour,
+                                               ' stroke-dasharray="%s"' % dash if dash else ""))
+        out.append('<text x="%d" y="%d" dy="4">%s</text>'
+                   % (x + 34, top - 20, DIRECTION_LABEL[name]))
+    out.append('<text class="small" x="%d" y="%d" dy="4">&#215; failed test, dotted: median'
+               '</text>' % (left + 20 + 225 * len(series), top - 20))
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def svg_hour_chart(by_hour, names, width=SVG_WIDTH, height=250):
+    """An SVG bar chart of the median received bits/s by hour of day, one bar per direction
+    (dark solid for forward, light with a dark outline for reverse). `by_hour` is what
+    medians_by_hour() returns."""
+    left, right, top, bottom = 56, width - 16, 34, height - 34
+    medians = [by_hour[(name, "%02d" % hour)][0] for name in names for hour in range(24)
+               if (name, "%02d" % hour) in by_hour]
+    divisor, unit = chart_unit(max(medians) if medians else 0)
+    y_ticks = nice_ticks(max(medians) / divisor if medians else 1)
+    slot = (right - left) / 24.0
+    bar = slot * 0.8 / max(len(names), 1)
+
+    def y_of(value):
+        return bottom - value / divisor * (bottom - top) / y_ticks[-1]
+
+    out = _svg_open(width, height, "median received throughput by hour of day, %s" % unit,
+                    "chart hour-chart")
+    for tick in y_ticks:
+        y = y_of(tick * divisor)
+        out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>'
+                   % (left, right, y, y))
+        out.append('<text x="%d" y="%.1f" text-anchor="end" dy="4">%s</text>'
+                   % (left - 6, y, _tick_label(tick)))
+    out.append('<text x="%d" y="%d">%s</text>' % (4, top - 16, unit))
+    for hour in range(24):
+        out.append('<text class="small" x="%.1f" y="%d" text-anchor="middle">%02d</text>'
+                   % (left + slot * (hour + 0.5), bottom + 16, hour))
+        for index, name in enumerate(names):
+            median, count = by_hour.get((name, "%02d" % hour), (None, 0))
+            if median is None:
+                continue
+            colour, _, fill = DIRECTION_STYLE[name]
+            out.append('<rect class="hour-bar %s" x="%.1f" y="%.1f" width="%.1f" height="%.1f" '
+                       'fill="%s" stroke="%s"><title>%02d:00-%02d:59 %s: median %s (%d tests)'
+                       '</title></rect>' % (
+                           name, left + slot * (hour + 0.1) + bar * index, y_of(median), bar,
+                           bottom - y_of(median), fill, colour, hour, hour, name,
+                           human_bps(median), count))
+    out.append('<line class="axis" x1="%d" x2="%d" y1="%d" y2="%d"/>'
+               % (left, right, bottom, bottom))
+    out.append('<text class="small" x="%d" y="%d" text-anchor="end">hour of day (local time)'
+               '</text>' % (right, bottom + 30))
+    for index, name in enumerate(names):
+        colour, _, fill = DIRECTION_STYLE[name]
+        x = left + 20 + 225 * index
+        out.append('<rect class="legend %s" x="%d" y="%d" width="14" height="10" fill="%s" '
+                   'stroke="%s"/>' % (name, x, top - 25, fill, colour))
+        out.append('<text x="%d" y="%d" dy="4">%s</text>'
+                   % (x + 20, top - 20, DIRECTION_LABEL[name]))
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _html_table(header, rows, css, text_columns=(), wrap_column=None):
+    """A table; the cells of `text_columns` are left-aligned, those of `wrap_column` wrap."""
+    out = ['<div class="wide"><table class="%s"><thead><tr>' % css]
+    out += ["<th>%s</th>" % html.escape(cell) for cell in header]
+    out.append("</tr></thead><tbody>")
+    for row in rows:
+        out.append("<tr>" + "".join(
+            '<td%s>%s</td>' % (' class="text wrap"' if index == wrap_column else
+                               ' class="text"' if index in text_columns else "",
+                               html.escape(cell)) for index, cell in enumerate(row)) + "</tr>")
+    out.append("</tbody></table></div>")
+    return "\n".join(out)
+
+
+def html_report(rows, summary, folder, prefix, since, until, now, received=None,
+                failed_limit=100):
+    """The report as one self-contained HTML page (text): inline SVG charts, no script, nothing
+    fetched. Takes what text_report() takes; every figure comes from the same helpers."""
+    received = _received(rows) if received is None else received
+    names = list(summary)
+    title = "continuous-iperf report"
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           "<title>%s: %s</title>" % (title, html.escape(folder)),
+           "<style>%s</style></head><body>" % HTML_STYLE, "<h1>%s</h1>" % title,
+           '<p class="meta">%s, %s; made %s</p>' % (
+               html.escape(folder), "prefix %s" % html.escape(repr(prefix))
+               if prefix is not None else "all prefixes", iso_time(now))]
+    moments = [m for m in (row_time(row[0]) for row in rows) if m is not None]
+    if not moments:
+        out.append("<p>No results%s.</p></body></html>" % (
+            " in the selected period" if since or until else ""))
+        return "\n".join(out) + "\n"
+    first, last = min(moments), max(moments)
+    out.append('<p class="meta">period: %s to %s, %d runs; times are local (UTC%s)</p>' % (
+        iso_time(first), iso_time(last),
+        len({(row[COL["prefix"]], row[COL["run"]]) for row in rows}),
+        iso_time(last)[19:] or "+00:00"))
+    start = since if since is not None else first
+    end = min(until, max(now, last)) if until is not None else last
+    if end - start < 600:
+        start, end = start - 300, end + 300
+    series = {name: time_series(rows, received, name) for name in names}
+    out += ["<h2>Received throughput</h2>", '<div class="wide">', svg_time_chart(
+        series, {name: summary[name]["median_bps"] for name in names}, start, end), "</div>"]
+    out += ["<h2>Median by hour of day</h2>", '<div class="wide">',
+            svg_hour_chart(medians_by_hour(received), names), "</div>"]
+    out.append("<h2>Summary</h2>")
+    out.append(_html_table(
+        ("direction", "tests", "ok", "failed", "failed %", "median", "mean", "p5", "p95",
+         "min", "max", "retransmits"),
+        [[name, str(stats["count"]), str(stats["ok"]), str(stats["failed"]),
+          "%.1f" % (100.0 * stats["failed"] / stats["count"]) if stats["count"] else "-"]
+         + [human_bps(stats[key]) for key in
+            ("median_bps", "mean_bps", "p5_bps", "p95_bps", "min_bps", "max_bps")]
+         + [str(stats["retransmits"])] for name, stats in summary.items()], "summary", (0,)))
+    failed = failed_rows(rows)
+    out.append("<h2>Failed runs</h2>")
+    if not failed:
+        out.append("<p>None.</p>")
+    else:
+        shown = failed[-failed_limit:][::-1]
+        out.append("<p>%s, newest first.</p>" % (
+            "All %d" % len(failed) if len(failed) <= failed_limit
+            else "The latest %d of %d" % (failed_limit, len(failed))))
+        out.append(_html_table(("time", "direction", "error", "file"), [
+            [row[0][:10] + " " + row[0][11:19], row[COL["direction"]], row[COL["error"]],
+             row[COL["file"]]] for row in shown], "failed", (0, 1, 3), 2))
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
 
 
 # --- Effects ------------------------------------------------------------------------------------
@@ -1459,6 +1820,9 @@ def build_report_parser():
     parser.add_argument("--rebuild", action="store_true",
                         help="first regenerate the ledger from the result files (the remedy "
                              "for a missing or damaged ledger)")
+    parser.add_argument("--html", metavar="FILE",
+                        help="write the report as one self-contained HTML page (charts, "
+                             "summary, failed runs) to FILE, atomically, instead of printing it")
     return parser
 
 
@@ -1479,6 +1843,27 @@ def _write_report(out, options, rows, folder, since, until):
         lines = text_report(rows, summary, folder, options.prefix, since, until, received)
         out.write("\n".join(lines) + "\n")
     out.flush()
+
+
+def _write_html(path, options, rows, folder, since, until, now):
+    received = _received(rows)
+    page = html_report(rows, summary_of(rows, options.direction, received), folder,
+                       options.prefix, since, until, now, received)
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        write_atomic(path, page.encode("utf-8"))
+    except OSError as exc:
+        raise IperfError("cannot write %s: %s" % (path, exc.strerror or exc))
+
+
+def _ledger_rows(folder):
+    """The ledger's rows; none for a folder where no test ran yet. Raises IperfError."""
+    if not os.path.isdir(folder):
+        raise IperfError("cannot read results folder %s: no such folder" % folder)
+    ledger = os.path.join(folder, LEDGER_NAME)
+    if not os.path.exists(ledger) and not any(map(RESULT_NAME_RE.match, os.listdir(folder))):
+        return []  # a folder where no test ran yet: a report that says so
+    return read_ledger(ledger)
 
 
 def report_main(argv):
@@ -1511,13 +1896,12 @@ def report_main(argv):
                 os.close(lock_fd)
             sys.stderr.write("iperf_client: rebuilt %s: %d rows\n"
                              % (os.path.join(folder, LEDGER_NAME), count))
-        ledger = os.path.join(folder, LEDGER_NAME)
-        if not os.path.exists(ledger) and not any(map(RESULT_NAME_RE.match, os.listdir(folder))):
-            rows = []  # a folder where no test ran yet: a report that says so
-        else:
-            rows = read_ledger(ledger)
+        rows = _ledger_rows(folder)
         rows = select_rows(rows, options.prefix, since, until, options.direction)
-        _write_report(sys.stdout, options, rows, folder, since, until)
+        if options.html:
+            _write_html(options.html, options, rows, folder, since, until, now)
+        else:
+            _write_report(sys.stdout, options, rows, folder, since, until)
     except BrokenPipeError:
         # `report | head`: the reader has what it wanted. Point stdout at /dev/null so that
         # Python's final flush does not complain either.
