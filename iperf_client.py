@@ -67,6 +67,7 @@ JITTER = 0                                  # random 0..JITTER s sleep before th
 TIMEOUT_MARGIN = 30                         # hard limit per attempt: duration + omit + this
 COMPRESS = False                            # write results as .json.gz (about 10x smaller)
 KEEP_DAYS = 0                               # delete raw files older than this (0: keep forever)
+PROMETHEUS_TEXTFILE = ""                    # node_exporter textfile for each run ("": none)
 USERNAME = None                             # iperf3 user name, when the server authenticates
 RSA_PUBLIC_KEY_PATH = None                  # the server's public key, with USERNAME
 PASSWORD_FILE = None                        # file whose first line is the password (mode 0600);
@@ -1029,6 +1030,105 @@ def html_report(rows, summary, folder, prefix, since, until, now, received=None,
     return "\n".join(out) + "\n"
 
 
+# --- Pure helpers of the Prometheus textfile ----------------------------------------------------
+
+# (metric, ledger column or None, help): the node_exporter textfile-collector format.
+PROMETHEUS_METRICS = (
+    ("iperf_received_bits_per_second", "received_bps",
+     "Receiver's goodput of the latest test (iperf3 end.sum_received), bits/s."),
+    ("iperf_sent_bits_per_second", "sent_bps",
+     "Sender's throughput of the latest test (iperf3 end.sum_sent), bits/s."),
+    ("iperf_retransmits", "retransmits",
+     "TCP retransmits of the latest test (iperf3 end.sum_sent.retransmits)."),
+    ("iperf_success", "status", "1 when the latest test succeeded, 0 when it failed."),
+    ("iperf_last_run_timestamp_seconds", "timestamp",
+     "Start of the latest run (its first test), Unix seconds."),
+)
+_PROM_SAMPLE_RE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)\s*$")
+_PROM_LABEL_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
+
+
+def _prom_escape(value):
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prom_unescape(value):
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+def parse_textfile(text):
+    """Our metrics' samples in a textfile we wrote: [(metric, {label: value}, value text)].
+    Lines of other metrics and comments are left out (the file is ours alone)."""
+    ours = {metric for metric, _, _ in PROMETHEUS_METRICS}
+    samples = []
+    for line in text.splitlines():
+        match = _PROM_SAMPLE_RE.match(line)
+        if not match or line.startswith("#") or match.group(1) not in ours:
+            continue
+        labels = {key: _prom_unescape(value)
+                  for key, value in _PROM_LABEL_RE.findall(match.group(2) or "")}
+        samples.append((match.group(1), labels, match.group(3)))
+    return samples
+
+
+def _prom_number(cell):
+    """A ledger cell as a sample value: the integer or the float's exact repr; None if empty."""
+    try:
+        return str(int(cell))
+    except ValueError:
+        values = _floats([cell])
+        return repr(values[0]) if values else None
+
+
+def run_samples(rows, server, port):
+    """The samples of one run: `rows` are its ledger rows (dicts), one per test that ran.
+
+    A failed test gives success 0 and no throughput or retransmit series (0 bits/s would be a
+    lie that drags averages down).
+    """
+    samples = []
+    starts = [row_time(row["timestamp"]) for row in rows]
+    starts = [moment for moment in starts if moment is not None]
+    if starts:
+        samples.append(("iperf_last_run_timestamp_seconds",
+                        {"server": server, "port": str(port)}, _prom_number(str(min(starts)))))
+    for row in rows:
+        labels = {"server": server, "port": str(port), "direction": row["direction"]}
+        ok = row["status"] == "ok"
+        samples.append(("iperf_success", labels, "1" if ok else "0"))
+        for metric, column, _ in PROMETHEUS_METRICS[:3]:
+            value = _prom_number(row[column]) if ok else None
+            if value is not None:
+                samples.append((metric, labels, value))
+    return samples
+
+
+def prometheus_text(existing, rows, server, port):
+    """The new textfile: `existing` (the file's text, "" when new) with this client's
+    server/port series replaced by the samples of this run's `rows`; other clients' series
+    are kept. A direction this run did not test (stopped by a signal) keeps its last series."""
+    tested = {row["direction"] for row in rows}
+    port = str(port)
+    kept = []
+    for metric, labels, value in parse_textfile(existing):
+        mine = labels.get("server") == server and labels.get("port") == port
+        if mine and ("direction" not in labels or labels["direction"] in tested):
+            continue
+        kept.append((metric, labels, value))
+    samples = kept + run_samples(rows, server, port)
+    lines = []
+    for metric, _, help_text in PROMETHEUS_METRICS:
+        lines += ["# HELP %s %s" % (metric, help_text), "# TYPE %s gauge" % metric]
+        mine = [(labels, value) for name, labels, value in samples if name == metric]
+        mine.sort(key=lambda item: (item[0].get("server", ""), item[0].get("port", ""),
+                                    item[0].get("direction", "")))
+        for labels, value in mine:
+            lines.append("%s{%s} %s" % (metric, ",".join(
+                '%s="%s"' % (key, _prom_escape(labels[key])) for key in
+                ("server", "port", "direction") if key in labels), value))
+    return "\n".join(lines) + "\n"
+
+
 # --- Effects ------------------------------------------------------------------------------------
 
 class Stopper:
@@ -1211,6 +1311,37 @@ def append_ledger(path, row):
             text = csv_line(LEDGER_COLUMNS) + text
         os.write(fd, text.encode("utf-8"))
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_textfile(path, rows, server, port, wait=10.0):
+    """Merge this run's `rows` into the Prometheus textfile at `path`, atomically.
+
+    Clients sharing the file take turns on a flock of its folder (a lock file would be left in
+    node_exporter's folder, and the textfile itself is replaced at every write); each reads the
+    file, replaces its own series and renames a new file into place. Raises OSError.
+    """
+    folder = os.path.dirname(path) or "."
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise OSError(exc.errno, "its folder stayed locked for %s s" % wait)
+                time.sleep(0.05)
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                existing = handle.read()
+        except FileNotFoundError:
+            existing = ""
+        write_atomic(path, prometheus_text(existing, rows, server, port).encode("utf-8"))
     finally:
         os.close(fd)
 
@@ -1626,6 +1757,11 @@ def build_parser():
     parser.add_argument("--password-file", default=PASSWORD_FILE, metavar="FILE",
                         help="read the password from the first line of FILE, which only its "
                              "owner may read (default: $IPERF3_PASSWORD)")
+    parser.add_argument("--prometheus-textfile", default=PROMETHEUS_TEXTFILE, metavar="PATH",
+                        help="after each run, write the latest results to PATH in "
+                             "node_exporter's textfile-collector format (a *.prom file in its "
+                             "--collector.textfile.directory); clients testing other servers or "
+                             "ports may share the file")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the two iperf3 commands and exit; measure nothing")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -1658,6 +1794,9 @@ def _check_options(parser, options):
         parser.error("iperf3 argument %r is set by this script itself; use its own flags "
                      "(-c -p -t -P), it runs -R and -J itself" % owned)
     options.results_dir = os.path.abspath(os.path.expanduser(options.results_dir))
+    if options.prometheus_textfile:
+        options.prometheus_textfile = os.path.abspath(
+            os.path.expanduser(options.prometheus_textfile))
     options.iperf3_env = None
     if options.username is None:
         return
@@ -1765,6 +1904,7 @@ def run(options, stopper):
         if sys.stderr.isatty() and options.quiet == 0:
             progress = Progress(sys.stderr, options.duration)
         status = 0
+        rows = []
         for direction, suffix, flags in DIRECTIONS:
             if stopper.signum is not None:
                 break
@@ -1774,11 +1914,18 @@ def run(options, stopper):
                                 progress(direction) if progress else None)
             if progress:
                 progress.clear()
-            append_ledger(os.path.join(options.results_dir, LEDGER_NAME),
-                          ledger_row(document, file_name))
+            rows.append(ledger_row(document, file_name))
+            append_ledger(os.path.join(options.results_dir, LEDGER_NAME), rows[-1])
             if "error" in document:
                 status = 1
                 log.error("%s test failed: %s", direction, explain_error(document["error"]))
+        if options.prometheus_textfile and rows:
+            try:
+                write_textfile(options.prometheus_textfile, rows, options.server, options.port)
+            except OSError as exc:
+                status = status or 1
+                log.error("cannot write the Prometheus textfile %s: %s",
+                          options.prometheus_textfile, exc.strerror or exc)
         if stopper.signum is not None:
             log.warning("stopped by %s", stopper.name)
             return 128 + stopper.signum
