@@ -1129,6 +1129,105 @@ def prometheus_text(existing, rows, server, port):
     return "\n".join(lines) + "\n"
 
 
+# --- Pure helpers of the monitoring check (Nagios/Icinga plugin conventions) --------------------
+
+CHECK_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
+CHECK_RANK = ("OK", "UNKNOWN", "WARNING", "CRITICAL")  # the worst state wins
+MAX_AGE_RUNS = 3            # default --max-age: this many usual intervals between runs
+MAX_AGE_FALLBACK = 15.0     # minutes, when the ledger holds too few runs to tell the interval
+INTERVAL_ROWS = 2000        # the usual interval is read from the ledger's latest rows
+
+
+def usual_interval(rows):
+    """The usual interval between runs, in seconds: the median gap between the starts of
+    consecutive runs of each prefix (the largest over prefixes), read from the latest rows.
+    None with fewer than three runs."""
+    starts = {}
+    for row in rows[-INTERVAL_ROWS:]:
+        moment = row_time(row[0])
+        key = (row[COL["prefix"]], row[COL["run"]])
+        if moment is not None and moment < starts.get(key, float("inf")):
+            starts[key] = moment
+    by_prefix = {}
+    for (prefix, _), moment in starts.items():
+        by_prefix.setdefault(prefix, []).append(moment)
+    usual = None
+    for moments in by_prefix.values():
+        moments.sort()
+        gaps = sorted(b - a for a, b in zip(moments, moments[1:]))
+        if len(gaps) >= 2:
+            usual = max(usual or 0.0, percentile(gaps, 0.5))
+    return usual
+
+
+def default_max_age(rows):
+    """--max-age's default in minutes: three usual intervals between runs, else 15."""
+    usual = usual_interval(rows)
+    return MAX_AGE_RUNS * usual / 60.0 if usual else MAX_AGE_FALLBACK
+
+
+def _perf_number(value):
+    return "%d" % round(value) if abs(value - round(value)) < 1e-6 else "%.3f" % value
+
+
+def _in_minutes(seconds):
+    return "%.1f min" % (seconds / 60.0)
+
+
+def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
+    """(state, status line) of the check over the selected rows.
+
+    Per direction, its latest test: CRITICAL when it failed, is below `crit_bps` or started
+    more than `max_age` minutes before `now`; WARNING below `warn_bps`; UNKNOWN when the
+    direction has no test. Performance data for both, in bits/s with Nagios ranges ("N:" alerts
+    below N); "U" when there is no figure.
+    """
+    latest = {}
+    for row in rows:
+        moment = row_time(row[0])
+        name = row[COL["direction"]]
+        if moment is not None and name in directions and moment >= latest.get(name, (-1,))[0]:
+            latest[name] = (moment, row)
+    if not latest:
+        return "UNKNOWN", "UNKNOWN - no results"
+    notes, perf = [], []  # notes: (state, text)
+    for name in directions:
+        figure = None
+        if name not in latest:
+            notes.append(("UNKNOWN", "%s: no result" % name))
+        else:
+            moment, row = latest[name]
+            values = _floats([row[COL["received_bps"]]])
+            if row[COL["status"]] != "ok":
+                notes.append(("CRITICAL", "%s test failed at %s: %s" % (
+                    name, row[0], one_line(row[COL["error"]], 200))))
+            elif not values:
+                notes.append(("UNKNOWN", "%s: no throughput figure" % name))
+            else:
+                figure = values[0]
+                if figure < crit_bps:
+                    notes.append(("CRITICAL", "%s %s < %s" % (
+                        name, human_bps(figure), human_bps(crit_bps))))
+                elif figure < warn_bps:
+                    notes.append(("WARNING", "%s %s < %s" % (
+                        name, human_bps(figure), human_bps(warn_bps))))
+                else:
+                    notes.append(("OK", "%s %s" % (name, human_bps(figure))))
+            if now - moment > max_age * 60:
+                notes.append(("CRITICAL", "%s: latest test %s old (max %s)" % (
+                    name, _in_minutes(now - moment), _in_minutes(max_age * 60))))
+        perf.append("%s=%s;%s:;%s:" % (name, "%d" % round(figure) if figure is not None
+                                       else "U", _perf_number(warn_bps), _perf_number(crit_bps)))
+    newest = max(moment for moment, _ in latest.values())
+    state = max((note[0] for note in notes), key=CHECK_RANK.index)
+    # The worst first: monitoring user interfaces often show only the start of the line.
+    notes.sort(key=lambda note: -CHECK_RANK.index(note[0]))
+    # A "|" in an error message would start the performance data early.
+    return state, "%s - %s; latest test %s ago | %s" % (
+        state, ", ".join(text for _, text in notes).replace("|", "/"),
+        _in_minutes(max(now - newest, 0)), " ".join(perf))
+
+
 # --- Effects ------------------------------------------------------------------------------------
 
 class Stopper:
@@ -1942,9 +2041,39 @@ def run(options, stopper):
         os.close(lock_fd)
 
 
-def build_report_parser():
+class _CheckParser(_Parser):
+    """The report's parser under --check: wrong arguments are the plugin state UNKNOWN (exit 3),
+    on stdout, where Nagios and Icinga read a plugin's status line."""
+
+    def error(self, message):
+        sys.stdout.write("UNKNOWN - bad arguments: %s\n" % message)
+        sys.stdout.flush()
+        raise SystemExit(CHECK_EXIT["UNKNOWN"])
+
+
+def _mbps(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a number of Mbit/s >= 0" % text)
+    return value
+
+
+def _minutes(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a number of minutes > 0" % text)
+    return value
+
+
+def build_report_parser(parser_class=_Parser):
     """The parser of the `report` subcommand."""
-    parser = _Parser(
+    parser = parser_class(
         prog="iperf_client.py report",
         description="Summarise the results folder's ledger: counts, failures, throughput "
                     "(received bits/s) per direction, the median by hour of day, the lowest "
@@ -1970,7 +2099,37 @@ def build_report_parser():
     parser.add_argument("--html", metavar="FILE",
                         help="write the report as one self-contained HTML page (charts, "
                              "summary, failed runs) to FILE, atomically, instead of printing it")
+    check = parser.add_argument_group(
+        "monitoring check", "--check is a Nagios/Icinga plugin: one status line with performance "
+        "data for the latest test of each direction; exit 0 OK, 1 WARNING, 2 CRITICAL, "
+        "3 UNKNOWN (no results, a direction without results, wrong arguments)")
+    check.add_argument("--check", action="store_true",
+                       help="check the latest tests instead of reporting")
+    check.add_argument("--warn-below", type=_mbps, metavar="MBPS",
+                       help="WARNING when a latest test received less (Mbit/s, fractions allowed)")
+    check.add_argument("--crit-below", type=_mbps, metavar="MBPS",
+                       help="CRITICAL when a latest test received less (Mbit/s; also when it "
+                            "failed)")
+    check.add_argument("--max-age", type=_minutes, metavar="MINUTES",
+                       help="CRITICAL when a direction's latest test started longer ago "
+                            "(default: %d x the usual interval between runs in the ledger, or "
+                            "%s minutes while it holds fewer than three runs)"
+                            % (MAX_AGE_RUNS, format_seconds(MAX_AGE_FALLBACK)))
     return parser
+
+
+def _check_report_options(parser, options):
+    """Refuse what argparse cannot see in the report's flags (under --check: UNKNOWN, exit 3)."""
+    if options.check:
+        if options.warn_below is None or options.crit_below is None:
+            parser.error("--check needs --warn-below MBPS and --crit-below MBPS")
+        if options.warn_below < options.crit_below:
+            parser.error("--warn-below %s is below --crit-below %s: warn must be above crit" % (
+                format_seconds(options.warn_below), format_seconds(options.crit_below)))
+        if options.html or options.rebuild:
+            parser.error("--check does not go with --html or --rebuild")
+    elif (options.warn_below, options.crit_below, options.max_age) != (None, None, None):
+        parser.error("--warn-below, --crit-below and --max-age go with --check")
 
 
 def _write_report(out, options, rows, folder, since, until):
@@ -2013,11 +2172,33 @@ def _ledger_rows(folder):
     return read_ledger(ledger)
 
 
+def check_main(options, folder, since, until, now):
+    """`report --check`: print the status line, return the plugin's exit code."""
+    try:
+        rows = select_rows(_ledger_rows(folder), options.prefix, since, until,
+                           options.direction)
+    except (IperfError, OSError) as exc:
+        state, line = "UNKNOWN", "UNKNOWN - %s" % one_line(exc)
+    else:
+        if not rows:
+            state, line = "UNKNOWN", "UNKNOWN - no results in %s%s" % (
+                folder, " for prefix %r" % options.prefix if options.prefix is not None else "")
+        else:
+            max_age = options.max_age if options.max_age else default_max_age(rows)
+            state, line = check_result(rows, directions_of(options.direction),
+                                       options.warn_below * 1e6, options.crit_below * 1e6,
+                                       max_age, now)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    return CHECK_EXIT[state]
+
+
 def report_main(argv):
     """`iperf_client.py report ...`: returns 0 (a report), 1 (unreadable folder or ledger), 2."""
-    parser = build_report_parser()
+    parser = build_report_parser(_CheckParser if "--check" in argv else _Parser)
     try:
         options = parser.parse_args(argv)
+        _check_report_options(parser, options)
         now = time.time()
         since = until = None
         try:
@@ -2033,6 +2214,8 @@ def report_main(argv):
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
+        if options.check:
+            return check_main(options, folder, since, until, now)
         if not os.path.isdir(folder):
             raise IperfError("cannot read results folder %s: no such folder" % folder)
         if options.rebuild:

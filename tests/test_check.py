@@ -1,0 +1,200 @@
+"""Tests of `report --check`, the Nagios/Icinga plugin: every state and exit code, stale and
+missing data, wrong arguments, and one check of real iperf3 runs."""
+
+import re
+import sys
+import time
+
+import pytest
+
+from conftest import CLIENT_SCRIPT, run_script
+from test_html import row, write_ledger
+
+sys.path.insert(0, str(CLIENT_SCRIPT.parent))
+import iperf_client  # noqa: E402
+
+PERF_RE = re.compile(r"^(forward|reverse)=(\d+|U);(\d+):;(\d+):$")
+
+
+def runs(count=6, interval=300, forward=9.4e9, reverse=8.9e9, age=60, prefix=""):
+    """`count` runs `interval` s apart, the last one `age` s ago; the figures of every run."""
+    now = time.time()
+    rows = []
+    for index in range(count):
+        moment = now - age - (count - 1 - index) * interval
+        rows.append(row(moment, "forward", forward, prefix=prefix))
+        rows.append(row(moment + 30, "reverse", reverse, prefix=prefix, run_at=moment))
+    return rows
+
+
+def check(capsys, folder, *args):
+    """Run the check in-process: (exit code, status line, {direction: perfdata fields})."""
+    code = iperf_client.main(["report", "-d", str(folder), "--check"] + list(args))
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    perf = {}
+    if " | " in lines[0]:
+        for item in lines[0].split(" | ", 1)[1].split():
+            match = PERF_RE.match(item)
+            assert match, item
+            perf[match.group(1)] = match.groups()[1:]
+    return code, lines[0], perf
+
+
+THRESHOLDS = ("--warn-below", "5000", "--crit-below", "1000")  # Mbit/s
+
+
+def test_ok_with_perfdata(tmp_path, capsys):
+    rows = runs()
+    write_ledger(tmp_path, rows)
+    code, line, perf = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 0 and line.startswith("OK - ")
+    assert "forward 9.40 Gbit/s" in line and "reverse 8.90 Gbit/s" in line
+    assert perf == {"forward": ("9400000000", "5000000000", "1000000000"),
+                    "reverse": ("8900000000", "5000000000", "1000000000")}
+    assert list(perf) == ["forward", "reverse"]
+
+
+@pytest.mark.parametrize("forward, reverse, code, state", [
+    (4.2e9, 8.9e9, 1, "WARNING"),
+    (9.4e9, 4.9999e9, 1, "WARNING"),
+    (0.9e9, 8.9e9, 2, "CRITICAL"),
+    (4.2e9, 0.5e9, 2, "CRITICAL"),  # the worst state wins
+    (5e9, 5e9, 0, "OK"),  # "below" is strict: at the threshold is fine
+])
+def test_thresholds(tmp_path, capsys, forward, reverse, code, state):
+    write_ledger(tmp_path, runs(forward=forward, reverse=reverse))
+    found, line, perf = check(capsys, tmp_path, *THRESHOLDS)
+    assert (found, line.split(" - ")[0]) == (code, state)
+    assert perf["forward"][0] == "%d" % forward and perf["reverse"][0] == "%d" % reverse
+
+
+def test_latest_failed_test_is_critical_even_after_good_ones(tmp_path, capsys):
+    rows = runs()
+    rows.append(row(time.time() - 20, "reverse", error="unable to connect | refused"))
+    write_ledger(tmp_path, rows)
+    code, line, perf = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 2 and line.startswith("CRITICAL - ")
+    assert "reverse test failed" in line and "unable to connect / refused" in line
+    assert perf["reverse"] == ("U", "5000000000", "1000000000")
+    assert perf["forward"][0] == "9400000000"
+
+
+def test_fractional_thresholds_in_mbit(tmp_path, capsys):
+    write_ledger(tmp_path, runs(forward=600e3, reverse=400e3))
+    code, line, perf = check(capsys, tmp_path, "--warn-below", "0.5", "--crit-below", "0.25")
+    assert code == 1 and line.startswith("WARNING - reverse")  # the worst note first
+    assert perf["forward"][1:] == ("500000", "250000")
+    assert "reverse 400.0 kbit/s < 500.0 kbit/s" in line
+
+
+def test_stale_results_are_critical(tmp_path, capsys):
+    write_ledger(tmp_path, runs(age=40 * 60))  # runs every 5 minutes, the last 40 minutes ago
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 2 and "latest test 40.0 min old (max 15.0 min)" in line
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS, "--max-age", "45.5")
+    assert code == 0, line
+
+
+def test_default_max_age_is_three_usual_intervals(tmp_path, capsys):
+    write_ledger(tmp_path, runs(interval=60, age=4 * 60))  # every minute, the last 4 min ago
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 2 and "(max 3.0 min)" in line
+    write_ledger(tmp_path, runs(interval=1800, age=80 * 60))  # every 30 min, 80 min ago
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 0, line
+
+
+def test_default_max_age_falls_back_to_15_minutes(tmp_path, capsys):
+    write_ledger(tmp_path, runs(count=2, interval=60, age=14 * 60))
+    assert check(capsys, tmp_path, *THRESHOLDS)[0] == 0
+    write_ledger(tmp_path, runs(count=2, interval=60, age=16 * 60))
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 2 and "(max 15.0 min)" in line
+
+
+def test_usual_interval_is_the_median_gap_per_prefix():
+    rows = [[iperf_client.iso_time(t), "r%d" % t, prefix, "forward"] + [""] * 11
+            for prefix, times in (("a", (0, 300, 600, 5000, 5300)), ("b", (10, 70, 130, 190)))
+            for t in times]
+    rows.sort(key=lambda r: r[0])
+    assert iperf_client.usual_interval(rows) == 300  # a: gaps 300 300 4400 300; b: 60
+    assert iperf_client.usual_interval(rows[:2]) is None
+    assert iperf_client.default_max_age(rows[:2]) == 15.0
+
+
+def test_no_results_is_unknown(tmp_path, capsys):
+    code, line, perf = check(capsys, tmp_path, *THRESHOLDS)  # an empty folder
+    assert code == 3 and line.startswith("UNKNOWN - no results") and perf == {}
+    code, line, _ = check(capsys, tmp_path / "missing", *THRESHOLDS)
+    assert code == 3 and line.startswith("UNKNOWN - ") and "no such folder" in line
+    write_ledger(tmp_path, runs(prefix="a-"))
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS, "--prefix", "b-")
+    assert code == 3 and line.startswith("UNKNOWN - no results") and "b-" in line
+    assert check(capsys, tmp_path, *THRESHOLDS, "--prefix", "a-")[0] == 0
+    assert check(capsys, tmp_path, *THRESHOLDS, "--since", "2h", "--until", "1h")[0] == 3
+
+
+def test_damaged_ledger_is_unknown(tmp_path, capsys):
+    (tmp_path / "results.csv").write_text("not,a,ledger\n")
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 3 and line.startswith("UNKNOWN - ") and "--rebuild" in line
+
+
+def test_a_direction_without_results_is_unknown(tmp_path, capsys):
+    rows = [r for r in runs() if r["direction"] == "forward"]
+    write_ledger(tmp_path, rows)
+    code, line, perf = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 3 and line.startswith("UNKNOWN - ") and "reverse: no result" in line
+    assert perf["reverse"][0] == "U" and perf["forward"][0] == "9400000000"
+    code, line, perf = check(capsys, tmp_path, *THRESHOLDS, "--direction", "forward")
+    assert code == 0 and list(perf) == ["forward"]
+    write_ledger(tmp_path, [r for r in runs(forward=4e9) if r["direction"] == "forward"])
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 1 and line.startswith("WARNING")  # WARNING outranks UNKNOWN
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--warn-below"),
+    (["--warn-below", "5"], "--crit-below"),
+    (["--crit-below", "5"], "--warn-below"),
+    (["--warn-below", "5", "--crit-below", "10"], "warn must be above crit"),
+    (["--warn-below", "fast", "--crit-below", "1"], "not a number of Mbit/s"),
+    (["--warn-below", "5", "--crit-below", "-1"], "not a number of Mbit/s"),
+    (["--warn-below", "nan", "--crit-below", "1"], "not a number of Mbit/s"),
+    (["--warn-below", "5", "--crit-below", "1", "--max-age", "0"], "minutes > 0"),
+    (["--warn-below", "5", "--crit-below", "1", "--max-age", "x"], "minutes > 0"),
+    (["--warn-below", "5", "--crit-below", "1", "--html", "x.html"], "--html"),
+    (["--warn-below", "5", "--crit-below", "1", "--since", "yesterday"], "neither an ISO"),
+    (["--warn-below", "5", "--crit-below", "1", "--direction", "up"], "invalid choice"),
+    (["--warn-below", "5", "--crit-below", "1", "--no-such-flag"], "unrecognized"),
+])
+def test_bad_arguments_are_unknown(tmp_path, capsys, args, message):
+    write_ledger(tmp_path, runs())
+    code, line, _ = check(capsys, tmp_path, *args)
+    assert code == 3 and line.startswith("UNKNOWN - bad arguments: ") and message in line
+
+
+def test_thresholds_without_check_are_a_usage_error(tmp_path, capsys):
+    assert iperf_client.main(["report", "-d", str(tmp_path), "--warn-below", "5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "go with --check" in err
+
+
+def test_check_of_real_runs_as_monitoring_runs_it(iperf3_server, tmp_path):
+    args = ["--server", "127.0.0.1", "--port", iperf3_server.port, "-t", "1", "-P", "2",
+            "-d", tmp_path, "--busy-wait", "0", "--timeout-margin", "5"]
+    assert run_script(CLIENT_SCRIPT, args).returncode == 0
+    done = run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path, "--check", "--warn-below",
+                                      "1", "--crit-below", "0.5"])
+    assert done.returncode == 0 and done.stderr == ""
+    ledger = (tmp_path / "results.csv").read_text().splitlines()[1:]
+    figures = ["%d" % round(float(line.split(",")[11])) for line in ledger]
+    assert done.stdout.startswith("OK - ") and done.stdout.count("\n") == 1
+    assert done.stdout.rstrip().endswith(
+        "| forward=%s;1000000:;500000: reverse=%s;1000000:;500000:" % tuple(figures))
+    huge = run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path, "--check", "--warn-below",
+                                      "1e9", "--crit-below", "1e8"])
+    assert huge.returncode == 2 and huge.stdout.startswith("CRITICAL - ")
