@@ -4,13 +4,14 @@
     198.18.0.2/24 on tun cip-<pid>-<n>c  <-- wire -->  198.18.0.1/24 on tun cip-<pid>-<n>s
 
 Addresses come from the benchmarking range 198.18.0.0/15 (RFC 2544) and exist only inside the two
-namespaces, so no test traffic can leave them. Each direction is shaped on the egress of the
-sending host: the rate by the kernel's `tbf` qdisc on that host's device, then delay, jitter and
-random loss by the wire. The wire is a small relay process (`python3 netbed.py wire ...`, stdlib
-only) holding the two TUN devices: it reads every packet one host sends, drops it with the loss
-probability, holds it for the delay (plus a random jitter, never reordering) and writes it to the
-other host. Why not a veth pair with `netem`: many kernels (this project's CI VM among them) are
-built without `sch_netem`, and no other qdisc can delay packets; `tbf` is everywhere.
+namespaces, so no test traffic can leave them. Each direction is shaped on its way: first delay,
+jitter and random loss by the wire, then the rate by the kernel's `tbf` qdisc where the packets
+arrive (the receiving host's ingress, redirected through an `ifb` device). The wire is a small
+relay process (`python3 netbed.py wire ...`, stdlib only) holding the two TUN devices: it reads
+every packet one host sends, drops it with the loss probability, holds it for the delay (plus a
+random jitter, never reordering) and writes it to the other host. Why not a veth pair with
+`netem`: many kernels (this project's CI VM among them) are built without `sch_netem`, and no
+other qdisc can delay packets; `tbf` is everywhere.
 
 Cleanup: everything is named `cip-<pid of the pytest process>-<n>`. `NetBed.destroy()` kills every
 process left in the namespaces, stops the wire (the TUN devices vanish with it) and deletes the
@@ -356,6 +357,10 @@ def wire_main(client_dev, server_dev):
     Commands arrive on stdin, one JSON object a line: {"forward"|"reverse": {"delay": s,
     "jitter": s, "loss": fraction}}; each is answered "ok" on stdout. EOF on stdin ends the wire.
     """
+    try:
+        os.nice(-10)  # the link should not slow down because other processes keep the CPUs busy
+    except OSError:
+        pass
     fds = {"forward": _open_tun(client_dev), "reverse": _open_tun(server_dev)}
     out_fd = {"forward": fds["reverse"], "reverse": fds["forward"]}
     params = {d: {"delay": 0.0, "jitter": 0.0, "loss": 0.0} for d in fds}
