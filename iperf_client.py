@@ -15,6 +15,9 @@ Usage:
     iperf_client.py --server 192.0.2.10 -t 10 -P 4 -- -Z   # arguments after -- go to iperf3
     iperf_client.py --server 192.0.2.10 --dry-run          # print the two commands only
     iperf_client.py report --since 7d                      # what the link did this week
+    iperf_client.py report --since 7d --html week.html     # the same as a page with charts
+    iperf_client.py report --check --warn-below 500 --crit-below 100   # a Nagios/Icinga plugin
+    iperf_client.py -c 192.0.2.10 --prometheus-textfile DIR/iperf.prom # for node_exporter
 
 Crontab line (every five minutes; 2 x duration plus busy waits must fit in the interval):
 
@@ -2195,7 +2198,9 @@ def check_main(options, folder, since, until, now):
 
 def report_main(argv):
     """`iperf_client.py report ...`: returns 0 (a report), 1 (unreadable folder or ledger), 2."""
-    parser = build_report_parser(_CheckParser if "--check" in argv else _Parser)
+    # argparse also takes an abbreviation such as --che; only --check starts with --ch.
+    check = any(arg.startswith("--ch") and "--check".startswith(arg) for arg in argv)
+    parser = build_report_parser(_CheckParser if check else _Parser)
     try:
         options = parser.parse_args(argv)
         _check_report_options(parser, options)

@@ -177,6 +177,12 @@ def test_bad_arguments_are_unknown(tmp_path, capsys, args, message):
     assert code == 3 and line.startswith("UNKNOWN - bad arguments: ") and message in line
 
 
+def test_an_abbreviated_check_flag_is_still_a_plugin(tmp_path, capsys):
+    code = iperf_client.main(["report", "-d", str(tmp_path), "--che", "--warn-below", "x"])
+    out, err = capsys.readouterr()
+    assert code == 3 and out.startswith("UNKNOWN - bad arguments: ") and err == ""
+
+
 def test_thresholds_without_check_are_a_usage_error(tmp_path, capsys):
     assert iperf_client.main(["report", "-d", str(tmp_path), "--warn-below", "5"]) == 2
     out, err = capsys.readouterr()
