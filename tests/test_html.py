@@ -216,6 +216,17 @@ def test_filters_apply_to_the_page(tmp_path):
                           >= NOW - 6 * 3600])
 
 
+def test_only_failures_is_a_page_of_crosses(tmp_path):
+    rows = [row(NOW - 600 * i, "forward" if i % 2 else "reverse", error="refused %d" % i)
+            for i in range(6)]
+    write_ledger(tmp_path, rows)
+    page = Page(make_report(tmp_path))
+    assert page.find("polyline") == [] and page.find("circle") == []
+    assert len(page.find("path", "failure forward")) == 3
+    assert len(page.find("path", "failure reverse")) == 3
+    assert len(page.find("table", "failed")) == 1 and "refused 5" in page.text()
+
+
 def test_empty_folder_is_a_page_saying_so(tmp_path):
     page = Page(make_report(tmp_path))
     assert "No results" in page.text()
