@@ -642,6 +642,9 @@ class Watchdog:
         except OSError as exc:
             raise IperfError("cannot run %s: %s" % (self.executable, exc.strerror))
         said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        if done.returncode != 0 and said:
+            # Refused before forking (a parameter error): no daemon is coming.
+            raise IperfError("iperf3 failed to start: %s" % said[-1])
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             pid, _ = self.find_daemon()

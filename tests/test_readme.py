@@ -46,6 +46,8 @@ def test_quick_start_main_job_measures_loopback_both_ways(tmp_path, iperf3):
         assert len(ledger) == 3
         assert re.search(r",forward,127\.0\.0\.1,5201,2,2,ok,", ledger[1])
         assert re.search(r",reverse,127\.0\.0\.1,5201,2,2,ok,", ledger[2])
+        assert re.search(r"^forward: 1 tests?, 1 ok", done.stdout, re.M), done.stdout
+        assert re.search(r"^reverse: 1 tests?, 1 ok", done.stdout, re.M), done.stdout
     finally:
         for pid in iperf_server.our_daemons(pidfile):
             kill_pid(pid)
