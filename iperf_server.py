@@ -629,6 +629,10 @@ class Watchdog:
         (the parent exits 0 before the child writes the pidfile or binds the port)."""
         if self.auth:
             check_auth_files(self.executable, *self.auth)
+        folder = os.path.dirname(self.pidfile)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            # iperf3 would fork, fail to write its pidfile, and say nothing.
+            raise IperfError("cannot write the pidfile in %s: permission denied" % folder)
         if port_listening(self.address, self.port, self.bind):
             raise IperfError("port %d is in use by another process (not our iperf3): "
                              "stop it or choose another port with -p" % self.port)
@@ -910,7 +914,11 @@ def main(argv=None):
     errors_shown = False
     try:
         errors_shown = setup_logging(log_file, args.verbose, args.quiet)
-        os.makedirs(os.path.dirname(pidfile), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(pidfile), exist_ok=True)
+        except OSError as exc:
+            raise IperfError("cannot create the pidfile's folder %s: %s"
+                             % (os.path.dirname(pidfile), exc.strerror))
         executable = resolve_executable(os.path.expanduser(args.iperf3))
         watchdog = Watchdog(executable, pidfile, args.port, args.bind, extra,
                             args.max_busy, args.probe, auth)
@@ -930,6 +938,9 @@ def main(argv=None):
         if not errors_shown:
             print("iperf_server.py: error: %s" % exc, file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 128 + signal.SIGINT
     except OSError as exc:
         where = " %s" % exc.filename if exc.filename else ""
         log.error("%s%s: %s", exc.strerror, where, exc)

@@ -258,6 +258,16 @@ def test_unwritable_log_file_is_named(host, tmp_path):
     assert host.daemons() == []
 
 
+def test_pidfile_in_an_impossible_folder_is_named(host, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    pidfile = blocker / "sub" / "iperf.pid"
+    done = run_script(SERVER_SCRIPT, ["--pidfile", pidfile, "--log-file", host.log_file,
+                                      "-p", str(host.port)])
+    assert_one_line_error(done, 1, str(blocker / "sub"))
+    assert iperf_server.our_daemons(str(pidfile)) == []
+
+
 def test_failing_daemon_start_reports_iperf3s_words(host, fake_iperf3):
     fake = fake_iperf3("""
         sys.stderr.write("iperf3: parameter error - some option is not supported\\n")
