@@ -342,6 +342,7 @@ class NetBed:
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+JITTER_PERIOD = 0.005  # seconds between changes of the jitter offset
 MAX_QUEUE = 20000  # packets held per direction; beyond that the wire drops (a full buffer)
 
 
@@ -367,6 +368,8 @@ def wire_main(client_dev, server_dev):
     queues = {d: [] for d in fds}  # lists of (release time, packet), release times ascending
     heads = {d: 0 for d in fds}
     last_release = {d: 0.0 for d in fds}
+    jitter = {d: 0.0 for d in fds}
+    jitter_until = {d: 0.0 for d in fds}
     by_fd = {fd: d for d, fd in fds.items()}
     stdin = sys.stdin.fileno()
     os.set_blocking(stdin, False)
@@ -409,9 +412,13 @@ def wire_main(client_dev, server_dev):
                     continue
                 if len(queue) - heads[d] >= MAX_QUEUE:
                     continue
-                release = now + p["delay"]
-                if p["jitter"]:
-                    release += random.uniform(-p["jitter"], p["jitter"])
+                if p["jitter"] and now >= jitter_until[d]:
+                    # The delay wanders: a new offset every few ms, shared by the packets in
+                    # between. A new draw per packet, with the order kept, would pile every
+                    # packet onto the largest recent delay (mean delay + jitter, no variation).
+                    jitter[d] = random.uniform(-p["jitter"], p["jitter"])
+                    jitter_until[d] = now + JITTER_PERIOD
+                release = now + p["delay"] + (jitter[d] if p["jitter"] else 0.0)
                 # Never reorder: a packet leaves no earlier than the one before it.
                 release = max(release, last_release[d])
                 last_release[d] = release

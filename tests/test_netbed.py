@@ -100,6 +100,53 @@ def test_plain_iperf3_over_a_50ms_round_trip(make_bed):
     assert FWD_MBIT * 0.6 < mbit(result["end"]["sum_received"]["bits_per_second"]) <= FWD_MBIT
 
 
+UDP_ECHO = """
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[1], 9000))
+print("ready", flush=True)
+while True:
+    data, peer = sock.recvfrom(64)
+    sock.sendto(data, peer)
+"""
+
+UDP_PINGS = """
+import json, socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(0.005)
+sent, rtts, deadline = {}, [], None
+for seq in range(int(sys.argv[2])):
+    sent[seq] = time.monotonic()
+    sock.sendto(str(seq).encode(), (sys.argv[1], 9000))
+    end = time.monotonic() + 0.005
+    while time.monotonic() < end or (seq == int(sys.argv[2]) - 1 and time.monotonic() < end + 1):
+        try:
+            data = sock.recv(64)
+        except socket.timeout:
+            continue
+        rtts.append((time.monotonic() - sent[int(data)]) * 1000)
+print(json.dumps(rtts))
+"""
+
+
+def test_wire_delays_jitters_and_loses_as_asked(make_bed):
+    """UDP pings (every 5 ms) across the wire: 20 ms each way, 5 ms jitter on the way out, 10 %
+    loss on the way back."""
+    bed = make_bed(Shape(delay_ms=20, jitter_ms=5), Shape(delay_ms=20, loss_pct=10))
+    echo = bed.popen_in(bed.server_ns, [sys.executable, "-c", UDP_ECHO, SERVER_ADDR])
+    assert echo.stdout.readline().strip() == "ready"
+    count = 300
+    done = bed.exec_in(bed.client_ns, [sys.executable, "-c", UDP_PINGS, SERVER_ADDR, count])
+    rtts = sorted(json.loads(done.stdout))
+    # 10 % of 300 answers lost: about 270 (binomial spread about 5); measured 267-276.
+    assert count * 0.8 < len(rtts) < count * 0.97, len(rtts)
+    # 40 ms +- 5 ms: measured 35.2 to 45.3, median 40.0-40.4 (40.2 to 40.8 without jitter).
+    assert 34.5 <= rtts[0] and rtts[-1] < 50, (rtts[0], rtts[-1])
+    assert 38 < statistics.median(rtts) < 43, statistics.median(rtts)
+    # The jitter shows as spread (measured 7.5-8 ms from the 10th to the 90th percentile).
+    assert rtts[int(len(rtts) * 0.9)] - rtts[int(len(rtts) * 0.1)] > 4
+
+
 def test_teardown_leaves_nothing_and_leftovers_are_cleaned(make_bed):
     bed = make_bed()
     # A daemon (it forks away from us) and a plain background process, as tests leave them.
@@ -132,7 +179,7 @@ def test_teardown_leaves_nothing_and_leftovers_are_cleaned(make_bed):
 
 
 def test_link_down_stops_traffic_and_up_restores_it(bed):
-    probe = ["python3", "-c",
+    probe = [sys.executable, "-c",
              "import socket,sys; socket.create_connection((sys.argv[1], 5201), timeout=1)",
              SERVER_ADDR]
     server = bed.iperf3_server(one_off=False)
@@ -267,7 +314,7 @@ def test_server_bound_to_its_host_address_passes_its_probe(hosts):
     status = hosts.server("--status")
     assert status.returncode == 0, (status.stdout, status.stderr)
     # Bound to 198.18.0.1 only: the server host's loopback has nothing on the port.
-    probe = ["python3", "-c",
+    probe = [sys.executable, "-c",
              "import socket; socket.create_connection(('127.0.0.1', %d), timeout=1)" % PORT]
     assert hosts.bed.exec_in(hosts.bed.server_ns, probe, check=False).returncode != 0
     assert hosts.daemon_pid() in netbed.netns_pids(hosts.bed.server_ns)
