@@ -1,10 +1,11 @@
 """The network test bed (issue 7): the scripts on a real, emulated link between two hosts.
 
 Two hosts live in network namespaces with addresses from 198.18.0.0/15 (see netbed.py); the
-link between them is shaped per direction. First the bed itself is checked with plain iperf3
-(it measures the shaped rates, loss shows as retransmits, a 50 ms round trip works, teardown
-leaves nothing), then the scripts run on it as in production: iperf_server.py on the server
-host, iperf_client.py on the client host.
+link between them is shaped per direction. First the bed itself is checked: UDP pings see the
+delay, jitter and loss asked for; plain iperf3 measures the shaped rates, sees loss as
+retransmits and works over a 50 ms round trip; teardown leaves nothing. Then the scripts run on it
+as in production: iperf_server.py on the server host, iperf_client.py (and its report) on the
+client host.
 
 Needs root, iproute2 and /dev/net/tun: otherwise these tests skip, or fail under
 REQUIRE_NETNS=1 (CI).
