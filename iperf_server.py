@@ -54,6 +54,8 @@ MAX_BUSY_MINUTES = 10.0  # restart a server that has answered "busy" for longer 
 START_TIMEOUT = 5.0  # seconds to wait for a spawned daemon to write its pidfile and listen
 PROBE_TIMEOUT = 5.0  # seconds a health probe may take before the server counts as hung
 STOP_TIMEOUT = 3.0  # seconds between SIGTERM and SIGKILL when stopping the daemon
+RESTART_ALARM = 5  # this many starts within RESTART_WINDOW: say so on stderr (a restart loop?)
+RESTART_WINDOW = 15 * 60  # seconds
 LOCK_TIMEOUT = 50.0  # seconds to wait for another run of this script (cron runs every 60 s)
 
 EXIT_OK = 0
@@ -62,12 +64,11 @@ EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3  # --status only (LSB init-script convention)
 
 # Options the script owns: after `--` they would contradict or defeat what the watchdog manages.
-OWNED_OPTIONS = {
-    "-s": "--server", "-D": "--daemon", "-I": "--pidfile", "-p": "--port", "-B": "--bind",
-    "-c": "--client", "-1": "--one-off",
-    "--rsa-private-key-path": "--rsa-private-key-path",
-    "--authorized-users-path": "--authorized-users-path",
-}
+OWNED_SHORT = "sDIpBc1"
+OWNED_LONG = ("server", "daemon", "pidfile", "port", "bind", "client", "one-off",
+              "rsa-private-key-path", "authorized-users-path")
+# iperf3's short options that take a value (its getopt string), to read clusters like "-VB addr".
+SHORT_WITH_VALUE = "pficbtnklPwBMSLOFATCIX"
 
 log = logging.getLogger("iperf_server")
 
@@ -96,13 +97,20 @@ def parse_pidfile(content):
 
 
 def owned_option(arg):
-    """The owned iperf3 option that `arg` spells (short, long, `--opt=v` or `-p5201`), else None."""
-    for short, long_ in OWNED_OPTIONS.items():
-        if arg == long_ or arg.startswith(long_ + "="):
-            return long_
-        if arg == short or (arg.startswith(short) and not arg.startswith("--")
-                            and short not in ("-s", "-D", "-1")):
-            return short
+    """The owned iperf3 option that `arg` spells, else None. Knows what iperf3's getopt_long
+    accepts: `--port=5201`, abbreviations (`--pidf`), attached values (`-p5201`) and
+    clusters of short flags (`-VsD`)."""
+    if arg.startswith("--") and len(arg) > 2:
+        name = arg[2:].split("=", 1)[0]
+        for owned in OWNED_LONG:
+            if owned.startswith(name):
+                return "--" + owned
+    elif arg.startswith("-") and len(arg) > 1:
+        for char in arg[1:]:
+            if char in OWNED_SHORT:
+                return "-" + char
+            if char in SHORT_WITH_VALUE:
+                break  # the rest of the word is that option's value
     return None
 
 
@@ -136,12 +144,20 @@ def password_hash(username, password):
 
 def check_credentials(username, password):
     """Raise UsageError for what iperf3 cannot carry: commas or blanks in a name (the file is
-    "name,hash"), blanks in a password (they do not survive iperf3's handling)."""
+    "name,hash"), a name starting with "#" (iperf3 reads that line as a comment), blanks in a
+    password (they do not survive iperf3's handling)."""
     if not username or any(c == "," or c.isspace() for c in username):
         raise UsageError("user name must be non-empty, without commas or whitespace: %r"
                          % username)
+    if username.startswith("#"):
+        raise UsageError("user name must not start with '#' (iperf3 reads the line as a "
+                         "comment): %r" % username)
     if not password:
         raise UsageError("empty password")
+    try:
+        password.encode("utf-8")
+    except UnicodeError:
+        raise UsageError("the password is not valid UTF-8 text")
     if any(c.isspace() for c in password):
         raise UsageError("password must not contain whitespace (iperf3 cannot carry it)")
 
@@ -247,23 +263,8 @@ def all_pids():
     return [int(word) for word in out.split()]
 
 
-def is_iperf3(argv):
-    return bool(argv) and os.path.basename(argv[0]).startswith("iperf3")
-
-
-def live_iperf3_argv(pid):
-    """argv of `pid` if it is a live (not zombie) iperf3, else None. Never trusts a bare PID:
-    a PID recycled by another program must never count as our server, nor be signalled."""
-    if pid is None:
-        return None
-    info = process_info(pid)
-    if info is None or info[0] in ("Z", "X") or not is_iperf3(info[1]):
-        return None
-    return info[1]
-
-
 def names_pidfile(argv, pidfile):
-    """True when an iperf3 command line writes to `pidfile` (it is one of ours)."""
+    """True when a command line writes `pidfile` as iperf3's --pidfile."""
     for i, arg in enumerate(argv):
         if arg in ("--pidfile", "-I") and i + 1 < len(argv) and argv[i + 1] == pidfile:
             return True
@@ -272,15 +273,50 @@ def names_pidfile(argv, pidfile):
     return False
 
 
+def daemon_argv_of(pid, pidfile):
+    """argv of `pid` if it is one of our daemons -- a live (not zombie) iperf3 server whose
+    command line names our pidfile -- else None.
+
+    Never trusts a bare PID: a PID recycled by another program, or by another iperf3 (a stale
+    pidfile outlives a crash or a reboot), must never count as our server, nor be signalled.
+    The executable's name is not trusted either: it may be a versioned copy or a wrapper.
+    """
+    if pid is None:
+        return None
+    info = process_info(pid)
+    if info is None or info[0] in ("Z", "X"):
+        return None
+    argv = info[1]
+    if names_pidfile(argv, pidfile) and ("-s" in argv or "--server" in argv):
+        return argv
+    return None
+
+
 def our_daemons(pidfile):
-    """PIDs of live iperf3 servers started with our pidfile (whether or not it names them)."""
-    found = []
-    for pid in all_pids():
-        if pid != os.getpid():
-            argv = live_iperf3_argv(pid)
-            if argv and names_pidfile(argv, pidfile):
-                found.append(pid)
-    return found
+    """PIDs of our live daemons (see daemon_argv_of), whether or not the pidfile names them."""
+    return [pid for pid in all_pids()
+            if pid != os.getpid() and daemon_argv_of(pid, pidfile) is not None]
+
+
+def option_value(argv, short, long_):
+    """The value of an option in a command line (`-p 5201`, `-p5201`, `--port 5201` or
+    `--port=5201`), or None."""
+    for i, arg in enumerate(argv):
+        if arg in (short, long_) and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(long_ + "="):
+            return arg.split("=", 1)[1]
+        if arg.startswith(short) and len(arg) > len(short) and not arg.startswith("--"):
+            return arg[len(short):]
+    return None
+
+
+def same_command(running, wanted):
+    """True when a running daemon's argv is the one we would start: the executable compared as
+    the file it resolves to (cron's PATH and a shell's may spell it differently)."""
+    if not running or running[1:] != wanted[1:]:
+        return False
+    return os.path.realpath(running[0]) == os.path.realpath(wanted[0])
 
 
 def process_uptime(pid):
@@ -302,10 +338,10 @@ def process_uptime(pid):
         return None
 
 
-def stop_process(pid, reason):
+def stop_process(pid, pidfile, reason):
     """SIGCONT (a stopped process cannot act on SIGTERM), SIGTERM, wait, SIGKILL. Re-checks
-    that `pid` is still an iperf3 right before signalling, so a recycled PID is left alone."""
-    if live_iperf3_argv(pid) is None:
+    that `pid` is still our daemon right before signalling, so a recycled PID is left alone."""
+    if daemon_argv_of(pid, pidfile) is None:
         return
     log.warning("stopping iperf3 (pid %d): %s", pid, reason)
     try:
@@ -317,7 +353,7 @@ def stop_process(pid, reason):
         raise IperfError("not allowed to stop iperf3 (pid %d): run as its owner" % pid)
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
-        if live_iperf3_argv(pid) is None:
+        if daemon_argv_of(pid, pidfile) is None:
             return
         time.sleep(0.05)
     log.warning("iperf3 (pid %d) ignored SIGTERM for %g s: sending SIGKILL", pid, STOP_TIMEOUT)
@@ -326,7 +362,7 @@ def stop_process(pid, reason):
     except ProcessLookupError:
         return
     deadline = time.monotonic() + STOP_TIMEOUT
-    while live_iperf3_argv(pid) is not None:
+    while daemon_argv_of(pid, pidfile) is not None:
         if time.monotonic() > deadline:
             raise IperfError("iperf3 (pid %d) survived SIGKILL" % pid)
         time.sleep(0.05)
@@ -347,10 +383,13 @@ def decode_proc_address(hex_address):
     return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
 
 
-def listening_addresses(port):
-    """Addresses with a TCP socket listening on `port`, read from /proc/net/tcp and tcp6, or
-    None where those files do not exist."""
-    found, readable = set(), False
+TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"  # socket states in /proc/net/tcp
+
+
+def tcp_sockets(port):
+    """The TCP sockets whose local port is `port`, as (state, local address, remote
+    "address:port", inode) read from /proc/net/tcp and tcp6; None where those do not exist."""
+    found, readable = [], False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as handle:
@@ -360,13 +399,59 @@ def listening_addresses(port):
         readable = True
         for row in rows:
             fields = row.split()
-            address, _, hex_port = fields[1].partition(":")
-            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: TCP_LISTEN
-                found.add(decode_proc_address(address))
+            local, _, local_port = fields[1].partition(":")
+            if int(local_port, 16) == port:
+                remote, _, remote_port = fields[2].partition(":")
+                found.append((fields[3], decode_proc_address(local), "%s:%d" % (
+                    decode_proc_address(remote), int(remote_port, 16)), fields[9]))
     return found if readable else None
 
 
+def listening_addresses(port):
+    """Addresses with a TCP socket listening on `port`, or None without /proc/net/tcp."""
+    sockets = tcp_sockets(port)
+    if sockets is None:
+        return None
+    return {local for state, local, _, _ in sockets if state == TCP_LISTEN}
+
+
+def established_peers(port):
+    """The remote ends ("address:port") of the connections to `port`: who a busy server is
+    busy with. Empty without /proc/net/tcp."""
+    return {remote for state, _, remote, _ in tcp_sockets(port) or []
+            if state == TCP_ESTABLISHED}
+
+
+def listener_owner(port):
+    """"pid N: command line" of a process listening on `port`, or None when unknown (another
+    user's process, or no /proc)."""
+    inodes = {inode for state, _, _, inode in tcp_sockets(port) or [] if state == TCP_LISTEN}
+    wanted = {"socket:[%s]" % inode for inode in inodes}
+    for pid in all_pids() if wanted else []:
+        try:
+            links = {os.readlink("/proc/%d/fd/%s" % (pid, fd))
+                     for fd in os.listdir("/proc/%d/fd" % pid)}
+        except OSError:
+            continue
+        if links & wanted:
+            info = process_info(pid)
+            return "pid %d: %s" % (pid, " ".join(info[1]) if info else "?")
+    return None
+
+
 WILDCARDS = {"0.0.0.0", "::"}
+
+
+def resolve_bind(bind):
+    """The numeric addresses a --bind value stands for (it may be a host name, or carry a
+    "%dev" suffix); raises IperfError when it does not resolve."""
+    host = bind.split("%", 1)[0].strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise IperfError("cannot resolve --bind %s: %s" % (bind, exc))
+    addresses = {info[4][0] for info in infos}
+    return addresses | {"::ffff:" + address for address in addresses if ":" not in address}
 
 
 def port_listening(address, port, bind):
@@ -382,8 +467,7 @@ def port_listening(address, port, bind):
         return port_accepts(address, port)
     if not bind or bind.split("%", 1)[0] in WILDCARDS:
         return bool(listeners)
-    wanted = {bind.split("%", 1)[0], "::ffff:" + bind.split("%", 1)[0]}
-    return bool(listeners & (wanted | WILDCARDS))
+    return bool(listeners & (resolve_bind(bind) | WILDCARDS))
 
 
 # --- Files ----------------------------------------------------------------------------------------
@@ -407,12 +491,16 @@ def remove_file(path):
         raise IperfError("cannot remove %s: %s" % (path, exc.strerror))
 
 
-def write_file_atomically(path, text, mode=0o600):
+def write_file_atomically(path, text, mode=0o600, owner=None):
     """Write a temporary file beside `path` (mkstemp: never follows a planted symlink), fsync,
-    rename: a reader sees the old file or the new one, never half of one."""
+    rename: a reader sees the old file or the new one, never half of one. `owner` is a
+    (uid, gid) to give the new file, so that root editing a daemon user's file keeps it
+    readable by that user."""
     folder = os.path.dirname(path) or "."
     fd, temporary = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -514,17 +602,20 @@ def add_user(users_file, username, password):
     """Add or replace `username` in iperf3's authorized users file (created 0600, atomically).
     Returns True when an entry was replaced."""
     check_credentials(username, password)
+    owner = None
     try:
         with open(users_file) as handle:
             lines = handle.read().splitlines()
+            info = os.fstat(handle.fileno())
+            owner = (info.st_uid, info.st_gid)
     except FileNotFoundError:
         lines = []
-    except OSError as exc:
-        raise IperfError("cannot read %s: %s" % (users_file, exc.strerror))
+    except (OSError, UnicodeError) as exc:
+        raise IperfError("cannot read %s: %s" % (users_file, getattr(exc, "strerror", exc)))
     replaced = any(line.split(",", 1)[0].strip() == username for line in lines)
     text = "\n".join(users_file_with(lines, username, password_hash(username, password))) + "\n"
     try:
-        write_file_atomically(users_file, text, mode=0o600)
+        write_file_atomically(users_file, text, mode=0o600, owner=owner)
     except OSError as exc:
         raise IperfError("cannot write %s: %s" % (users_file, exc.strerror))
     return replaced
@@ -590,16 +681,17 @@ class Watchdog:
         self.lock_file = pidfile + ".lock"
         self.argv = daemon_argv(executable, pidfile, port, bind, extra, auth)
         self.address = probe_address(bind)
+        self.alarm = None  # set when the run ends healthy but a person should look
 
     def find_daemon(self):
         """(pid, argv) of the live iperf3 our pidfile names, else (None, None)."""
         pid = read_pidfile(self.pidfile)
-        argv = live_iperf3_argv(pid)
+        argv = daemon_argv_of(pid, self.pidfile)
         return (pid, argv) if argv else (None, None)
 
-    def probe(self):
+    def probe(self, address=None, port=None):
         """Ask the server for a 1 KB test; returns (verdict, detail) as classify_probe does."""
-        argv = probe_argv(self.executable, self.address, self.port)
+        argv = probe_argv(self.executable, address or self.address, port or self.port)
         log.debug("probe: %s", " ".join(argv))
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -611,17 +703,24 @@ class Watchdog:
             return "fail", "cannot run %s: %s" % (self.executable, exc.strerror)
         return classify_probe(done.returncode, done.stdout, timed_out=False)
 
-    def remember(self, pid, verdict, detail, busy_since=None):
+    def remember(self, pid, verdict, detail, busy_since=None, busy_peers=(), restarted=False):
+        """Keep what the next run needs: the last verdict, since when and with whom the
+        server has been busy, and when it was (re)started lately."""
+        now = time.time()
+        restarts = [when for when in read_state(self.state_file).get("restarts", [])
+                    if isinstance(when, (int, float)) and now - when < RESTART_WINDOW]
         save_state(self.state_file, {
-            "pid": pid, "verdict": verdict, "detail": detail, "checked": time.time(),
-            "busy_since": busy_since,
+            "pid": pid, "verdict": verdict, "detail": detail, "checked": now,
+            "busy_since": busy_since, "busy_peers": sorted(busy_peers),
+            "restarts": restarts + [now] if restarted else restarts,
         })
+        return len(restarts) + 1 if restarted else len(restarts)
 
     def stop_all(self, reason):
         """Stop the daemon the pidfile names and any of ours that lost its pidfile."""
         pid, _ = self.find_daemon()
         for victim in ([pid] if pid else []) + [p for p in our_daemons(self.pidfile) if p != pid]:
-            stop_process(victim, reason)
+            stop_process(victim, self.pidfile, reason)
         remove_file(self.pidfile)
 
     def spawn(self):
@@ -634,8 +733,9 @@ class Watchdog:
             # iperf3 would fork, fail to write its pidfile, and say nothing.
             raise IperfError("cannot write the pidfile in %s: permission denied" % folder)
         if port_listening(self.address, self.port, self.bind):
-            raise IperfError("port %d is in use by another process (not our iperf3): "
-                             "stop it or choose another port with -p" % self.port)
+            owner = listener_owner(self.port)
+            raise IperfError("port %d is in use by another process (%s): stop it or choose "
+                             "another port with -p" % (self.port, owner or "not our iperf3"))
         log.debug("starting: %s", " ".join(self.argv))
         try:
             done = subprocess.run(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -646,9 +746,11 @@ class Watchdog:
         except OSError as exc:
             raise IperfError("cannot run %s: %s" % (self.executable, exc.strerror))
         said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        # iperf3 puts its reason first ("iperf3: parameter error - ..."), then its usage text.
+        said = [line for line in said if line.startswith("iperf3:")] or said
         if done.returncode != 0 and said:
             # Refused before forking (a parameter error): no daemon is coming.
-            raise IperfError("iperf3 failed to start: %s" % said[-1])
+            raise IperfError("iperf3 failed to start: %s" % said[0])
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             pid, _ = self.find_daemon()
@@ -658,7 +760,7 @@ class Watchdog:
                 break
             time.sleep(0.05)
         if said:
-            raise IperfError("iperf3 failed to start: %s" % said[-1])
+            raise IperfError("iperf3 failed to start: %s" % said[0])
         raise IperfError("iperf3 did not come up within %g s (%s); for its own reason, pass "
                          "-- --logfile /tmp/iperf3.log" % (
                              START_TIMEOUT, "no pidfile" if not pid else
@@ -671,8 +773,16 @@ class Watchdog:
         verdict, detail = self.probe() if self.probe_enabled else ("ok", "not probed")
         if verdict == "fail":
             raise IperfError("iperf3 started (pid %d) but its probe failed: %s" % (pid, detail))
-        self.remember(pid, verdict, detail, time.time() if verdict == "busy" else None)
+        busy = verdict == "busy"
+        recent = self.remember(pid, verdict, detail, time.time() if busy else None,
+                               established_peers(self.port) if busy else (), restarted=True)
         log.warning("iperf3 is running (pid %d, port %d)", pid, self.port)
+        if recent >= RESTART_ALARM:
+            # Each run ends healthy, so nothing else would tell: two crontab lines sharing a
+            # pidfile with other settings, or an iperf3 that dies every minute.
+            self.alarm = ("iperf3 was started %d times in the last %d minutes (last: %s): a "
+                          "restart loop?" % (recent, RESTART_WINDOW // 60, reason))
+            log.error("%s", self.alarm)
         return pid
 
     def ensure_running(self):
@@ -687,9 +797,9 @@ class Watchdog:
                 return self.start("stale pidfile %s (no iperf3 runs under the PID it names)"
                                   % self.pidfile)
             return self.start("not running")
-        if argv != self.argv:
+        if not same_command(argv, self.argv):
             return self.start("settings changed (running: %s; wanted: %s)"
-                              % (" ".join(argv[1:]), " ".join(self.argv[1:])))
+                              % (" ".join(argv), " ".join(self.argv)))
         if not self.probe_enabled:
             log.debug("iperf3 is running (pid %d); not probed", pid)
             return pid
@@ -701,10 +811,15 @@ class Watchdog:
         if verdict == "busy":
             state = read_state(self.state_file)
             since = state.get("busy_since") if state.get("pid") == pid else None
+            peers = established_peers(self.port)
+            if peers and not peers & set(state.get("busy_peers") or []):
+                # Busy with other connections than last time: a new test, not a stuck one
+                # (back-to-back clients would otherwise add up to --max-busy).
+                since = None
             since = since if isinstance(since, (int, float)) else time.time()
             busy_for = time.time() - since
             if busy_for <= self.max_busy_seconds:
-                self.remember(pid, verdict, detail, since)
+                self.remember(pid, verdict, detail, since, peers)
                 log.info("iperf3 (pid %d) is busy with a test (for %s)", pid,
                          format_duration(busy_for))
                 return pid
@@ -720,12 +835,15 @@ class Watchdog:
             if not stray:
                 return EXIT_NOT_RUNNING, "iperf3 not running (pidfile %s)" % self.pidfile
             pid = stray[0]
-            argv = live_iperf3_argv(pid) or []
+            argv = daemon_argv_of(pid, self.pidfile) or []
+        # Report and probe the port the daemon really uses, whatever flags --status was given.
+        port_text = option_value(argv, "-p", "--port")
+        port = int(port_text) if port_text and port_text.isdigit() else 5201
         uptime = process_uptime(pid)
         head = "iperf3 running: pid %d, port %d, up %s" % (
-            pid, self.port, format_duration(uptime) if uptime is not None else "?")
+            pid, port, format_duration(uptime) if uptime is not None else "?")
         if self.probe_enabled:
-            verdict, detail = self.probe()
+            verdict, detail = self.probe(probe_address(option_value(argv, "-B", "--bind")), port)
             when = "probe"
         else:
             state = read_state(self.state_file)
@@ -734,12 +852,14 @@ class Watchdog:
             verdict, detail = state.get("verdict"), state.get("detail")
             when = "last probe %s ago" % format_duration(time.time() - state.get("checked", 0))
         notes = []
-        if argv and argv != self.argv:
-            notes.append("settings differ from these")
-        if pid != read_pidfile(self.pidfile):
+        if argv and not same_command(argv, self.argv):
+            # Only a note: an admin may type --status without the crontab line's flags.
+            notes.append("its settings differ from these flags")
+        lost = pid != read_pidfile(self.pidfile)
+        if lost:
             notes.append("pidfile lost")
         tail = "; ".join(["%s: %s" % (when, detail)] + notes)
-        code = EXIT_FAILED if verdict == "fail" or notes else EXIT_OK
+        code = EXIT_FAILED if verdict == "fail" or lost else EXIT_OK
         return code, "%s, %s" % (head, tail)
 
 
@@ -883,6 +1003,8 @@ def add_user_command(parser, args):
             password = read_password(sys.stdin)
         except (EOFError, KeyboardInterrupt):
             raise UsageError("no password given")
+        except UnicodeError:
+            raise UsageError("the password is not valid text in this locale")
         replaced = add_user(users_file, args.add_user, password)
         print("%s user %s in %s" % ("replaced" if replaced else "added", args.add_user,
                                     users_file))
@@ -919,7 +1041,9 @@ def main(argv=None):
         except OSError as exc:
             raise IperfError("cannot create the pidfile's folder %s: %s"
                              % (os.path.dirname(pidfile), exc.strerror))
-        executable = resolve_executable(os.path.expanduser(args.iperf3))
+        executable = os.path.expanduser(args.iperf3)
+        if not (args.stop or args.status):  # stopping and reporting work without iperf3
+            executable = resolve_executable(executable)
         watchdog = Watchdog(executable, pidfile, args.port, args.bind, extra,
                             args.max_busy, args.probe, auth)
         if args.status:
@@ -932,6 +1056,8 @@ def main(argv=None):
                 remove_file(watchdog.state_file)
                 return EXIT_OK
             watchdog.ensure_running()
+        if watchdog.alarm and not errors_shown:
+            print("iperf_server.py: warning: %s" % watchdog.alarm, file=sys.stderr)
         return EXIT_OK
     except IperfError as exc:
         log.error("%s", exc)

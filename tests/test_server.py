@@ -52,6 +52,77 @@ def test_recycled_pid_is_left_alone_and_a_server_starts(host):
         kill_process(sleeper)
 
 
+def test_pid_of_another_iperf3_is_left_alone(host, start_iperf3_server):
+    """A stale pidfile can name a PID that another iperf3 got after a crash or reboot."""
+    foreign = start_iperf3_server()
+    with open(host.pidfile, "w") as handle:
+        handle.write(str(foreign.proc.pid))
+    assert_quiet_success(host.run())
+    assert foreign.proc.poll() is None, "another iperf3 was signalled"
+    assert host.pid() != foreign.proc.pid
+    assert host.daemons() == [host.pid()]
+    assert "stale pidfile" in host.log()
+
+
+def test_daemon_under_another_executable_name_is_recognised(host, iperf3, tmp_path):
+    versioned = tmp_path / "iperf-3.12"
+    versioned.symlink_to(iperf3)
+    assert_quiet_success(host.run("--iperf3", versioned))
+    pid = host.pid()
+    assert_quiet_success(host.run("--iperf3", versioned))
+    assert host.pid() == pid
+    assert_quiet_success(host.run("--stop"))
+    assert not pid_alive(pid)
+
+
+def test_same_executable_by_another_path_keeps_the_daemon(host, iperf3, tmp_path):
+    """cron's PATH and a shell's may find iperf3 under different names for one file."""
+    assert_quiet_success(host.run())
+    pid = host.pid()
+    alias = tmp_path / "bin" / "iperf3"
+    alias.parent.mkdir()
+    alias.symlink_to(iperf3)
+    assert_quiet_success(host.run("--iperf3", alias))
+    assert host.pid() == pid
+
+
+def test_bind_to_a_host_name(host):
+    assert_quiet_success(host.run("-B", "localhost"))
+    pid = host.pid()
+    assert_quiet_success(host.run("-B", "localhost"))
+    assert host.pid() == pid
+
+
+def test_status_reports_the_daemons_own_port(host):
+    assert_quiet_success(host.run())
+    done = run_script(SERVER_SCRIPT, ["--pidfile", host.pidfile, "--log-file", host.log_file,
+                                      "--status"])  # no -p: as an admin would type it
+    assert done.returncode == 0, done.stdout
+    assert "port %d" % host.port in done.stdout and "answered" in done.stdout
+    assert "settings differ" in done.stdout
+
+
+def test_stop_and_status_work_without_iperf3(host):
+    assert_quiet_success(host.run())
+    pid = host.pid()
+    env = {"PATH": "/nonexistent"}
+    done = host.run("--status", env=env)
+    assert done.returncode == 1 and "cannot run" in done.stdout
+    assert host.run("--stop", env=env).returncode == 0
+    assert not pid_alive(pid)
+
+
+def test_restart_loop_is_reported(host):
+    """Two crontab lines sharing a pidfile with different ports restart each other."""
+    other = free_port()
+    outputs = [host.run(port=(host.port, other)[i % 2]) for i in range(5)]
+    for done in outputs[:4]:
+        assert_quiet_success(done)
+    assert outputs[4].returncode == 0
+    assert "restart loop" in outputs[4].stderr
+    assert len(outputs[4].stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage\n", b"\0", b"-5", b"12 34"],
                          ids=["empty", "garbage", "nul", "negative", "two-numbers"])
 def test_garbled_pidfile_is_stale(host, content):
@@ -98,7 +169,7 @@ def test_changed_extra_argument_restarts_the_daemon(host):
     assert_quiet_success(host.run("--", "--idle-timeout", "3600"))
     new = host.pid()
     assert new != old
-    assert iperf_server.live_iperf3_argv(new)[-2:] == ["--idle-timeout", "3600"]
+    assert iperf_server.daemon_argv_of(new, host.pidfile)[-2:] == ["--idle-timeout", "3600"]
     assert_quiet_success(host.run("--", "--idle-timeout", "3600"))
     assert host.pid() == new
 
@@ -110,6 +181,21 @@ def test_daemon_that_lost_its_pidfile_is_replaced(host):
     assert_quiet_success(host.run())
     assert host.daemons() == [host.pid()] and host.pid() != old
     assert "lost its pidfile" in host.log()
+
+
+def test_pidfile_naming_another_process_while_ours_runs(host):
+    assert_quiet_success(host.run())
+    old = host.pid()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with open(host.pidfile, "w") as handle:
+            handle.write(str(sleeper.pid))
+        assert_quiet_success(host.run())
+        assert sleeper.poll() is None
+        assert host.daemons() == [host.pid()] and host.pid() not in (old, sleeper.pid)
+        assert "lost its pidfile" in host.log()
+    finally:
+        kill_process(sleeper)
 
 
 def test_stopped_daemon_is_replaced(host):
@@ -133,26 +219,34 @@ def test_status_says_unhealthy_for_a_hung_daemon(host):
     assert host.pid() == pid, "--status must not restart anything"
 
 
+def hold_server(iperf3, port):
+    """A client testing against `port` for a minute; returns once its test runs."""
+    client = subprocess.Popen([iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", "60",
+                               "-b", "1M", "-i", "0.5", "--forceflush"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True)
+    # Probe only once the test runs: a probe racing the client's connect would take the
+    # server first and leave the client with "busy".
+    for line in client.stdout:
+        if "sec" in line and "bits/sec" in line:
+            break
+    assert client.poll() is None, "the holding client did not start its test"
+    return client
+
+
 @pytest.fixture
 def busy_server(host, iperf3):
     """The watched daemon, held busy by a long test from another client."""
     assert_quiet_success(host.run())
-    client = subprocess.Popen([iperf3, "-c", "127.0.0.1", "-p", str(host.port), "-t", "60",
-                               "-b", "1M", "-i", "0.5", "--forceflush"],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, universal_newlines=True)
+    clients = [hold_server(iperf3, host.port)]
     probe = iperf_server.Watchdog(iperf3, host.pidfile, host.port, None, [], 1, True).probe
     try:
-        # Probe only once the test runs: a probe racing the client's connect would take the
-        # server first and leave the client with "busy".
-        for line in client.stdout:
-            if "sec" in line and "bits/sec" in line:
-                break
-        assert client.poll() is None, "the holding client did not start its test"
         assert probe()[0] == "busy"
+        host.clients = clients
         yield host
     finally:
-        kill_process(client)
+        for client in clients:
+            kill_process(client)
 
 
 def test_busy_for_less_than_max_busy_is_kept(busy_server):
@@ -171,6 +265,19 @@ def test_busy_for_longer_than_max_busy_is_restarted(busy_server):
     assert_quiet_success(busy_server.run("--max-busy", "0.01"))
     assert busy_server.pid() != pid
     assert "longer than --max-busy" in busy_server.log()
+
+
+def test_back_to_back_tests_do_not_add_up_to_max_busy(busy_server, iperf3):
+    pid = busy_server.pid()
+    assert_quiet_success(busy_server.run("--max-busy", "0.01"))  # the clock starts: 0.6 s
+    kill_process(busy_server.clients[0])
+    busy_server.clients.append(hold_server(iperf3, busy_server.port))  # the next client's test
+    time.sleep(1)
+    assert_quiet_success(busy_server.run("--max-busy", "0.01"))
+    assert busy_server.pid() == pid, "a new test restarted the clock, it is no stuck server"
+    time.sleep(1)
+    assert_quiet_success(busy_server.run("--max-busy", "0.01"))
+    assert busy_server.pid() != pid, "the same test for longer than --max-busy is stuck"
 
 
 def test_status_and_stop_exit_codes(host):
@@ -238,6 +345,10 @@ def test_default_paths_live_under_home(tmp_path, iperf3):
     (["--", "-p", "5999"], "-p cannot be passed"),
     (["--", "--pidfile=/tmp/x"], "--pidfile cannot be passed"),
     (["--", "-s"], "-s cannot be passed"),
+    (["--", "--po", "5999"], "--port cannot be passed"),
+    (["--", "--pidf", "/tmp/x"], "--pidfile cannot be passed"),
+    (["--", "-VsD"], "-s cannot be passed"),
+    (["--", "-1"], "-1 cannot be passed"),
     (["--no-such-flag"], "unrecognized"),
 ])
 def test_bad_usage_exits_2_without_traceback(host, args, fragment):
@@ -266,6 +377,12 @@ def test_pidfile_in_an_impossible_folder_is_named(host, tmp_path):
                                       "-p", str(host.port)])
     assert_one_line_error(done, 1, str(blocker / "sub"))
     assert iperf_server.our_daemons(str(pidfile)) == []
+
+
+def test_refused_argument_reports_iperf3s_reason(host):
+    done = host.run("--", "--bogus-flag")
+    assert_one_line_error(done, 1, "iperf3 failed to start", "--bogus-flag")
+    assert host.daemons() == []
 
 
 def test_failing_daemon_start_reports_iperf3s_words(host, fake_iperf3):

@@ -78,9 +78,27 @@ def test_add_user_replaces_the_entry_and_keeps_the_rest(users):
                      "alice," + hashlib.sha256(b"{alice}n3w").hexdigest()]
 
 
+def test_add_user_keeps_the_files_owner(users):
+    """root adding a user must not make the file unreadable for a daemon run as another user."""
+    os.chown(str(users), 65534, 65534)
+    done = run_with_stdin(["--add-user", "bob", "--authorized-users-path", str(users)], "pw\n")
+    assert done.returncode == 0, done.stderr
+    info = os.stat(str(users))
+    assert (info.st_uid, info.st_gid, mode(users)) == (65534, 65534, 0o600)
+
+
+def test_add_user_refuses_a_password_that_is_not_text(tmp_path):
+    path = tmp_path / "users.csv"
+    done = subprocess.run(["python3", str(SERVER_SCRIPT), "--add-user", "x",
+                           "--authorized-users-path", str(path)], input=b"\xff\xfe\n",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    assert not path.exists()
+
+
 @pytest.mark.parametrize("name,password,fragment", [
     ("al,ice", "pw", "commas"), ("al ice", "pw", "whitespace"), ("alice", "pass word", "password"),
-    ("alice", "", "empty password"),
+    ("alice", "", "empty password"), ("#bob", "pw", "comment"),
 ])
 def test_add_user_refuses_what_iperf3_cannot_carry(tmp_path, name, password, fragment):
     path = tmp_path / "users.csv"
@@ -102,7 +120,7 @@ def auth_args(keys, users):
 def test_probe_leaves_an_authenticating_server_alone(host, keys, users, iperf3):
     assert_quiet_success(host.run(*auth_args(keys, users)))
     pid = host.pid()
-    argv = iperf_server.live_iperf3_argv(pid)
+    argv = iperf_server.daemon_argv_of(pid, host.pidfile)
     assert argv[argv.index("--rsa-private-key-path") + 1] == str(keys[0])
     assert_quiet_success(host.run("-v", *auth_args(keys, users)))
     assert host.pid() == pid
