@@ -711,7 +711,7 @@ svg .series{fill:none;stroke-width:1.8;stroke-linejoin:round}
 svg .median{stroke-width:1.2;stroke-dasharray:2 3}svg .failure{stroke-width:2}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:4px 0}
 th,td{padding:3px 8px;border-bottom:1px solid #ccc;text-align:right;vertical-align:top;
-white-space:nowrap}th:first-child,td:first-child,td.text{text-align:left}
+white-space:nowrap}th:first-child,td:first-child,.text{text-align:left}
 td.wrap{white-space:normal;min-width:16em}
 """
 
@@ -964,7 +964,8 @@ def svg_hour_chart(by_hour, names, width=SVG_WIDTH, height=250):
 def _html_table(header, rows, css, text_columns=(), wrap_column=None):
     """A table; the cells of `text_columns` are left-aligned, those of `wrap_column` wrap."""
     out = ['<div class="wide"><table class="%s"><thead><tr>' % css]
-    out += ["<th>%s</th>" % html.escape(cell) for cell in header]
+    out += ['<th%s>%s</th>' % (' class="text"' if index in text_columns or index == wrap_column
+                               else "", html.escape(cell)) for index, cell in enumerate(header)]
     out.append("</tr></thead><tbody>")
     for row in rows:
         out.append("<tr>" + "".join(
