@@ -338,9 +338,23 @@ def process_uptime(pid):
         return None
 
 
+def wait_for_exit(pid, seconds):
+    """Wait until `pid` is gone or a zombie; True when it is. An exiting process loses its
+    command line before it closes its sockets, so "no longer ours" is not yet "gone": the port
+    can still be taken for a few milliseconds."""
+    deadline = time.monotonic() + seconds
+    while True:
+        info = process_info(pid)
+        if info is None or info[0] in ("Z", "X"):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
 def stop_process(pid, pidfile, reason):
     """SIGCONT (a stopped process cannot act on SIGTERM), SIGTERM, wait, SIGKILL. Re-checks
-    that `pid` is still our daemon right before signalling, so a recycled PID is left alone."""
+    that `pid` is still our daemon right before each signal, so a recycled PID is left alone."""
     if daemon_argv_of(pid, pidfile) is None:
         return
     log.warning("stopping iperf3 (pid %d): %s", pid, reason)
@@ -351,21 +365,17 @@ def stop_process(pid, pidfile, reason):
         return
     except PermissionError:
         raise IperfError("not allowed to stop iperf3 (pid %d): run as its owner" % pid)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline:
-        if daemon_argv_of(pid, pidfile) is None:
-            return
-        time.sleep(0.05)
-    log.warning("iperf3 (pid %d) ignored SIGTERM for %g s: sending SIGKILL", pid, STOP_TIMEOUT)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
+    if wait_for_exit(pid, STOP_TIMEOUT):
         return
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while daemon_argv_of(pid, pidfile) is not None:
-        if time.monotonic() > deadline:
-            raise IperfError("iperf3 (pid %d) survived SIGKILL" % pid)
-        time.sleep(0.05)
+    if daemon_argv_of(pid, pidfile) is not None:
+        log.warning("iperf3 (pid %d) ignored SIGTERM for %g s: sending SIGKILL", pid,
+                    STOP_TIMEOUT)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+    if not wait_for_exit(pid, STOP_TIMEOUT):
+        raise IperfError("iperf3 (pid %d) did not exit after SIGKILL" % pid)
 
 
 def port_accepts(address, port, timeout=1.0):
