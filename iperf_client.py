@@ -1363,6 +1363,7 @@ def _file_mode():
 
 
 FILE_MODE = _file_mode()
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted at a file's name is not followed
 
 
 def write_atomic(path, data):
@@ -1405,15 +1406,27 @@ def _fsync_dir(folder):
 def append_ledger(path, row):
     """Append one row to the ledger, with the header first when the file is new or empty.
 
-    A single write per row, so a crash leaves at most a missing row, never a merged one.
+    The row is written whole or not at all: a short write (a full disk) is cut back off and
+    raises. A last line without its newline (an editor's doing) gets one first, so the new row
+    is never glued onto it.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, FILE_MODE)
     try:
         text = csv_line([row[column] for column in LEDGER_COLUMNS])
-        if os.fstat(fd).st_size == 0:
+        size = os.fstat(fd).st_size
+        if size == 0:
             text = csv_line(LEDGER_COLUMNS) + text
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
+        elif os.pread(fd, 1, size - 1) != b"\n":
+            text = "\n" + text
+        data = text.encode("utf-8")
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
     finally:
         os.close(fd)
 
@@ -1449,6 +1462,13 @@ def write_textfile(path, rows, server, port, wait=10.0):
         os.close(fd)
 
 
+def open_log(path):
+    """A run's log file, opened for appending: created with FILE_MODE (never world-writable,
+    whatever the umask) and never through a symlink planted at its predictable name."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, FILE_MODE)
+    return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+
+
 def take_lock(folder, wait=False):
     """Take the exclusive lock of a results folder; return its open fd (keep it open).
 
@@ -1456,7 +1476,7 @@ def take_lock(folder, wait=False):
     stderr and waits for it.
     """
     path = os.path.join(folder, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1938,11 +1958,13 @@ def read_password(password_file, environ):
     if password_file:
         path = os.path.abspath(os.path.expanduser(password_file))
         try:
-            with open(path) as handle:
+            with open(path, "rb") as handle:
                 if os.fstat(handle.fileno()).st_mode & 0o077:
                     raise IperfError("password file %s is readable by others: chmod 600 %s"
                                      % (path, path))
-                password = handle.readline().rstrip("\r\n")
+                password = handle.readline().rstrip(b"\r\n").decode("utf-8")
+        except UnicodeError:
+            raise IperfError("the password in %s is not UTF-8 text" % path)
         except OSError as exc:
             raise IperfError("cannot read password file %s: %s" % (path, exc.strerror))
         source = "the first line of %s" % path
@@ -1983,7 +2005,7 @@ def run(options, stopper):
     Returns the exit code; raises IperfError for what stops a run before any test.
     """
     try:
-        os.makedirs(options.results_dir, exist_ok=True)
+        os.makedirs(options.results_dir, mode=0o775, exist_ok=True)  # never world-writable
     except OSError as exc:
         raise IperfError("cannot create results folder %s: %s"
                          % (options.results_dir, exc.strerror))
@@ -1992,7 +2014,7 @@ def run(options, stopper):
     try:
         run_ts = run_timestamp(options.results_dir, options.prefix)
         log_path = os.path.join(options.results_dir, options.prefix + run_ts + "_iperf_mon.log")
-        handler = logging.FileHandler(log_path)
+        handler = logging.StreamHandler(open_log(log_path))
         handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
         handler.setLevel(logging.DEBUG)
         log.addHandler(handler)
@@ -2042,6 +2064,7 @@ def run(options, stopper):
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
+            handler.stream.close()  # a StreamHandler leaves its stream open
         os.close(lock_fd)
 
 
