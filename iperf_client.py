@@ -47,6 +47,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -1629,11 +1630,10 @@ class LedgerError(IperfError):
     """The ledger is missing or damaged: `report --rebuild` is the remedy."""
 
 
-def read_ledger(path, lenient=False):
+def read_ledger(path):
     """The ledger's rows as lists of strings (header checked and left out).
 
-    Raises LedgerError when it is missing or damaged, or, when `lenient`, skips what is damaged
-    (the rebuild keeps what it can of an old ledger). A missing file is an empty ledger then.
+    Raises LedgerError when it is missing or damaged (salvage_ledger keeps what it can).
     """
     remedy = "run 'iperf_client.py report --rebuild' to regenerate it from the result files"
     width = len(LEDGER_COLUMNS)
@@ -1648,26 +1648,42 @@ def read_ledger(path, lenient=False):
                 rows = list(csv.reader(handle))
         header = rows.pop(0) if rows else None
     except FileNotFoundError:
-        if lenient:
-            return []
         raise LedgerError("no ledger %s: %s" % (path, remedy))
     except csv.Error as exc:
-        if lenient:
-            return []
         raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, remedy))
     except OSError as exc:
         raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
     if header is not None and tuple(header) != LEDGER_COLUMNS:
-        if lenient:
-            return []
         raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, remedy))
     bad = [index for index, row in enumerate(rows) if len(row) != width]
     if bad:
-        if not lenient:
-            raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
-                path, bad[0] + 2, len(rows[bad[0]]), width, remedy))
-        rows = [row for row in rows if len(row) == width]
+        raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
+            path, bad[0] + 2, len(rows[bad[0]]), width, remedy))
     return rows
+
+
+def salvage_ledger(path):
+    """Every well-formed row of a damaged ledger, line by line, and the number of lines that
+    could not be kept. A row whose result file --keep-days deleted exists nowhere else, so a
+    damaged header or one bad line must not cost the others. (Cells never hold a line break:
+    errors are folded onto one line.)"""
+    rows, dropped = [], 0
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                cells = next(csv.reader([line]))
+            except (csv.Error, StopIteration):
+                cells = []
+            if number == 0 and sum(cell.strip() == column for cell, column
+                                   in zip(cells, LEDGER_COLUMNS)) >= len(LEDGER_COLUMNS) // 2:
+                continue  # the header, damaged or not
+            if len(cells) == len(LEDGER_COLUMNS):
+                rows.append(cells)
+            else:
+                dropped += 1
+    return rows, dropped
 
 
 QUICK_HEAD = 16 * 1024     # our metadata and iperf3's "start" lie in a file's first bytes
@@ -1758,8 +1774,19 @@ def rebuild_ledger(folder, jobs=None):
     for name in names:  # a run's file and its gzipped twin count as one
         present.add(name[:-3] if name.endswith(".gz") else name + ".gz")
     ledger = os.path.join(folder, LEDGER_NAME)
-    items += [(None, row) for row in read_ledger(ledger, lenient=True)
-              if row[COL["file"]] not in present]
+    try:
+        old_rows = read_ledger(ledger)
+    except LedgerError:
+        old_rows = []
+        if os.path.exists(ledger):
+            # Keep the damaged original beside the new one: what could not be salvaged from
+            # it may matter to a person, and exists nowhere else.
+            kept = "%s.damaged-%s" % (ledger, time.strftime(TIMESTAMP_FORMAT))
+            shutil.copy2(ledger, kept)
+            old_rows, dropped = salvage_ledger(ledger)
+            sys.stderr.write("iperf_client: the old ledger was damaged (%d line%s not kept); "
+                             "it is saved as %s\n" % (dropped, "" if dropped == 1 else "s", kept))
+    items += [(None, row) for row in old_rows if row[COL["file"]] not in present]
     items.sort(key=_ledger_order)
     rows = [row for _, row in items]
     text = csv_line(LEDGER_COLUMNS) + "".join(csv_line(row) for row in rows)

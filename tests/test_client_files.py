@@ -96,3 +96,37 @@ def test_password_file_that_is_not_text(tmp_path):
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
     assert_one_line_error(done, 2, "not UTF-8", str(password_file))
+
+
+def write_ledger(path, header, rows, extra_lines=()):
+    lines = [",".join(header)] + [",".join(row) for row in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def rebuild(folder):
+    return subprocess.run([sys.executable, str(CLIENT_SCRIPT), "report", "-d", str(folder),
+                           "--rebuild", "--format", "csv"], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+
+
+@pytest.mark.parametrize("damage", ["header", "bad-line"])
+def test_rebuild_salvages_rows_whose_files_are_gone(tmp_path, damage):
+    """After --keep-days the ledger's old rows exist nowhere else: damage must not cost them."""
+    rows = [[cell.replace("000000", "00000%d" % n) for cell in
+             (ROW[column] for column in iperf_client.LEDGER_COLUMNS)] for n in range(6)]
+    header = list(iperf_client.LEDGER_COLUMNS)
+    if damage == "header":
+        header[0] = "timestamp "
+    ledger = tmp_path / "results.csv"
+    write_ledger(ledger, header, rows, ["a,half,row"] if damage == "bad-line" else [])
+    before = ledger.read_text()
+    done = rebuild(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    kept = [row for row in ledger_rows(ledger)[1:]]
+    assert kept == rows
+    saved = [name for name in os.listdir(str(tmp_path)) if name.startswith("results.csv.damaged-")]
+    assert len(saved) == 1 and (tmp_path / saved[0]).read_text() == before
+    dropped = 1 if damage == "bad-line" else 0
+    assert "damaged (%d line" % dropped in done.stderr
