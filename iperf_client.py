@@ -278,13 +278,23 @@ def _number(value):
     return repr(value)
 
 
-def iso_time(seconds):
-    """Unix seconds -> local ISO 8601 with the UTC offset, whole seconds ("" when impossible)."""
+def iso_time(seconds, utc_offset=None):
+    """Unix seconds -> ISO 8601 with the UTC offset, whole seconds ("" when impossible): in
+    `utc_offset` seconds east of UTC when given, else in this process's local time."""
     try:
         moment = datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc)
+        if _number(utc_offset):
+            zone = datetime.timezone(datetime.timedelta(seconds=int(utc_offset)))
+            return moment.astimezone(zone).isoformat(timespec="seconds")
         return moment.astimezone().isoformat(timespec="seconds")
     except (OverflowError, OSError, ValueError):
         return ""
+
+
+def local_utc_offset(seconds):
+    """This host's UTC offset, in seconds east, at the moment `seconds` (DST included)."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).astimezone()
+    return int(moment.utcoffset().total_seconds())
 
 
 def ledger_row(document, file_name):
@@ -300,7 +310,9 @@ def ledger_row(document, file_name):
         start = meta.get("start")
     error = document.get("error")
     row = {
-        "timestamp": iso_time(start) if _number(start) else "",
+        # In the zone the test ran in (its metadata says), so a ledger rebuilt elsewhere, or
+        # under another TZ, is the same row for row.
+        "timestamp": iso_time(start, meta.get("utc_offset")) if _number(start) else "",
         "run": meta.get("run", ""),
         "prefix": meta.get("prefix", ""),
         "direction": meta.get("direction", ""),
@@ -1579,6 +1591,7 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
         "start": round(started, 3),
         "command": command_line(argv),
         "exit_code": outcome.returncode,
+        "utc_offset": local_utc_offset(started),
     }
     items = [("continuous_iperf", meta)] + [i for i in document.items() if i[0] != "error"]
     document = dict(items + ([("error", error)] if error is not None else []))

@@ -130,3 +130,28 @@ def test_rebuild_salvages_rows_whose_files_are_gone(tmp_path, damage):
     assert len(saved) == 1 and (tmp_path / saved[0]).read_text() == before
     dropped = 1 if damage == "bad-line" else 0
     assert "damaged (%d line" % dropped in done.stderr
+
+
+def test_rebuild_keeps_the_zone_the_tests_ran_in(tmp_path, fake_iperf3):
+    """cron and a person's shell may have different TZ: the rebuilt ledger must not change."""
+    fake = fake_iperf3("""
+        print(json.dumps({"start": {"timestamp": {"timesecs": 1767225600}},
+                          "end": {"sum_sent": {"bits_per_second": 2.0},
+                                  "sum_received": {"bits_per_second": 1.0}}}))
+    """)
+    env = dict(os.environ, TZ="XST-5:30")  # POSIX zones: no tzdata needed
+    done = subprocess.run([sys.executable, str(CLIENT_SCRIPT), "--server", "127.0.0.1", "-t", "1",
+                           "-P", "1", "-d", str(tmp_path), "--iperf3", str(fake)], env=env,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    ledger = tmp_path / "results.csv"
+    original = ledger.read_text()
+    assert "2026-01-01T05:30:00+05:30" in original
+    env["TZ"] = "YST+5"
+    done = subprocess.run([sys.executable, str(CLIENT_SCRIPT), "report", "-d", str(tmp_path),
+                           "--rebuild", "--format", "csv"], env=env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert ledger.read_text() == original
