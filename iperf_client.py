@@ -96,9 +96,12 @@ EX_TEMPFAIL = 75
 PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]*$")
 BUSY_MARK = "server is busy"
 # Options this script sets itself; in extra arguments they would break the run or its parsing.
-OWNED_SHORT = "cptPRJ"
+OWNED_SHORT = "cptPRJnk"
 OWNED_LONG = ("client", "port", "time", "parallel", "reverse", "json", "json-stream", "logfile",
-              "username", "rsa-public-key-path")
+              "username", "rsa-public-key-path",
+              # Ruled out: a test timed by bytes (-n/-k) outruns the hard limit, and --bidir
+              # mixes both directions into the figures the ledger reads.
+              "bytes", "blockcount", "bidir")
 PASSWORD_VARIABLE = "IPERF3_PASSWORD"  # the only way iperf3 takes a password without a prompt
 AUTH_MARKS = ("authoriz", "authentic")  # in iperf3's error text when the server refused a login
 # iperf3's short options that take a value (from its getopt string), to tell "-B10.0.0.1" apart
@@ -144,15 +147,22 @@ def owned_option(args):
 
 
 def omit_seconds(args):
-    """The `-O/--omit` seconds found in iperf3 arguments (0 when absent or unreadable)."""
+    """The `-O/--omit` seconds found in iperf3 arguments (0 when absent or unreadable), in any
+    spelling getopt takes: `-O 2`, `-O2`, `-ZO2`, `--omit 2`, `--omit=2`."""
     value = None
     for index, arg in enumerate(args):
-        if arg in ("-O", "--omit") and index + 1 < len(args):
+        if arg == "--omit" and index + 1 < len(args):
             value = args[index + 1]
         elif arg.startswith("--omit="):
             value = arg.split("=", 1)[1]
-        elif arg.startswith("-O") and len(arg) > 2:
-            value = arg[2:]
+        elif arg.startswith("-") and not arg.startswith("--"):
+            for position, char in enumerate(arg[1:], start=1):
+                if char == "O":
+                    rest = arg[position + 1:]
+                    value = rest if rest else (args[index + 1] if index + 1 < len(args) else None)
+                    break
+                if char in SHORT_WITH_VALUE:
+                    break
     try:
         return max(0, int(float(value))) if value is not None else 0
     except ValueError:
@@ -1853,14 +1863,19 @@ def _count(text):
     return value
 
 
-def _seconds(text):
+def _seconds(text, least=0):
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError("%r is not a number of seconds >= 0" % text)
+    if not least <= value < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a number of seconds >= %g" % (text, least))
     return value
+
+
+def _margin(text):
+    # iperf3 needs a moment after -t to exchange the results; 0 would fail every test.
+    return _seconds(text, least=1)
 
 
 def _prefix(text):
@@ -1903,11 +1918,11 @@ def build_parser():
     parser.add_argument("--jitter", type=_seconds, default=JITTER, metavar="S",
                         help="sleep a random 0..S seconds before the first test "
                              "(default: %(default)s)")
-    parser.add_argument("--timeout-margin", type=_seconds, default=TIMEOUT_MARGIN, metavar="S",
+    parser.add_argument("--timeout-margin", type=_margin, default=TIMEOUT_MARGIN, metavar="S",
                         help="an attempt is stopped after duration + omit + S seconds "
                              "(default: %(default)s)")
     parser.add_argument("--compress", action="store_true", default=COMPRESS,
-                        help="write results as .json.gz, about 15x smaller")
+                        help="write results as .json.gz, about 10x smaller")
     parser.add_argument("--keep-days", type=_count, default=KEEP_DAYS, metavar="N",
                         help="after a run, delete this prefix's result and log files of runs "
                              "older than N days; ledger rows are kept (default: %(default)s, "
@@ -1954,8 +1969,9 @@ def _check_options(parser, options):
     options.server = server
     owned = owned_option(options.extra)
     if owned is not None:
-        parser.error("iperf3 argument %r is set by this script itself; use its own flags "
-                     "(-c -p -t -P), it runs -R and -J itself" % owned)
+        parser.error("iperf3 argument %r is set or ruled out by this script: use its own flags "
+                     "(-c -p -t -P); it runs -R and -J itself, times tests by --duration and "
+                     "measures one direction at a time" % owned)
     options.results_dir = os.path.abspath(os.path.expanduser(options.results_dir))
     if options.prometheus_textfile:
         options.prometheus_textfile = os.path.abspath(
@@ -2271,8 +2287,8 @@ def report_main(argv):
         now = time.time()
         since = until = None
         try:
-            since = parse_when(options.since, now) if options.since else None
-            until = parse_when(options.until, now) if options.until else None
+            since = parse_when(options.since, now) if options.since is not None else None
+            until = parse_when(options.until, now) if options.until is not None else None
         except ValueError as exc:
             parser.error(str(exc))
     except SystemExit as exc:

@@ -447,7 +447,8 @@ def test_progress_line_only_on_a_terminal(fake_iperf3, tmp_path):
     (["-c", "h", "--retries", "-1"], ">= 0"),
     (["-c", "h", "--busy-wait", "-5"], ">= 0"),
     (["-c", "h", "--jitter", "nan"], ">= 0"),
-    (["-c", "h", "--timeout-margin", "x"], ">= 0"),
+    (["-c", "h", "--timeout-margin", "x"], ">= 1"),
+    (["-c", "h", "--timeout-margin", "0"], ">= 1"),
     (["-c", "h", "--no-such-flag"], "unrecognized"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
@@ -469,7 +470,8 @@ def test_bad_input_as_cron_runs_it(tmp_path):
 OWNED = [["-t5"], ["-t", "5"], ["--time=5"], ["--time", "5"], ["-R"], ["--reverse"], ["-J"],
          ["--json"], ["--json-stream"], ["--logfile", "x"], ["--logfile=x"], ["-c", "h2"],
          ["-ch2"], ["--client", "h2"], ["-p", "1"], ["--port=1"], ["-P", "3"], ["-P3"],
-         ["--parallel", "3"], ["-ZR"], ["--rev"], ["-Z", "-O", "1", "-J"]]
+         ["--parallel", "3"], ["-ZR"], ["--rev"], ["-Z", "-O", "1", "-J"], ["--bidir"],
+         ["-n", "1M"], ["--bytes=1M"], ["-k", "10"], ["--blockcount", "10"], ["-Zn1M"]]
 
 
 @pytest.mark.parametrize("extra", OWNED)
@@ -477,7 +479,7 @@ def test_owned_iperf3_options_are_refused(tmp_path, capsys, extra):
     folder = tmp_path / "results"
     assert iperf_client.main(["-c", "h", "-d", str(folder), "--"] + extra) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "set by this script" in err
+    assert len(err.splitlines()) == 1 and "set or ruled out by this script" in err
     assert not folder.exists()
 
 
@@ -543,7 +545,7 @@ def test_parse_json_output(text, expected):
 
 @pytest.mark.parametrize("args, expected", [
     (["-O", "3"], 3), (["-O3"], 3), (["--omit", "2"], 2), (["--omit=4"], 4), (["-Z"], 0),
-    ([], 0), (["-O", "x"], 0),
+    ([], 0), (["-O", "x"], 0), (["-ZO2"], 2), (["-Z", "-O", "5"], 5), (["-B", "h", "-i1"], 0),
 ])
 def test_omit_extends_the_hard_limit(args, expected):
     assert iperf_client.omit_seconds(args) == expected

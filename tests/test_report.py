@@ -282,6 +282,24 @@ def test_report_into_head_does_not_crash(tmp_path, fmt):
     assert len(proc.stdout.splitlines()) == 1 and proc.stderr == ""
 
 
+@pytest.mark.parametrize("fmt", ["text", "csv", "json"])
+def test_report_into_a_closed_pipe_is_quiet(tmp_path, fmt):
+    """The reader is gone before the first byte: every format meets the broken pipe (with
+    `| head -1` a short text report may fit the pipe's buffer and never meet it)."""
+    write_ledger(tmp_path, [row(utc(i % 24, 0, 1)) for i in range(50)])
+    proc = subprocess.Popen([sys.executable, str(CLIENT_SCRIPT), "report", "-d", str(tmp_path),
+                             "--format", fmt], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    proc.stdout.close()
+    try:
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert err == ""
+
+
 # --- rebuild ------------------------------------------------------------------------------------
 
 def test_rebuild_equals_the_ledger_from_plain_gzipped_failed_and_corrupt_files(
