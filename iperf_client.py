@@ -1833,34 +1833,22 @@ def _whole_seconds(text):
     return int(text)
 
 
-def _streams(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 128:
-        raise argparse.ArgumentTypeError("%r is not a number of streams from 1 to 128" % text)
-    return value
+def _whole_number(low, high, meaning):
+    """An argparse type: a whole number from `low` to `high` (None: no upper bound)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError("%r is not %s" % (text, meaning))
+        return value
+    return parse
 
 
-def _port(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError("%r is not a port number (1-65535)" % text)
-    return value
-
-
-def _count(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError("%r is not a whole number >= 0" % text)
-    return value
+_streams = _whole_number(1, 128, "a number of streams from 1 to 128")
+_port = _whole_number(1, 65535, "a port number (1-65535)")
+_count = _whole_number(0, None, "a whole number >= 0")
 
 
 def _seconds(text, least=0):
