@@ -233,7 +233,8 @@ def result_document(stdout, stderr, returncode, timed_out=None, stopped_by=None,
     Given iperf3's stdout/stderr text and exit code, the hard limit in seconds when it ended the
     attempt, the signal name that stopped the script, or `failure` (why iperf3 could not start).
     Returns iperf3's own JSON when it printed one, else {"error": ...}; our reason for ending the
-    attempt comes first in "error", followed by iperf3's own message.
+    attempt comes first in "error", followed by iperf3's own message. A document without the
+    figures the ledger reads always carries an "error" (see missing_result_error).
     """
     document = parse_json_output(stdout or "")
     own_error = None
@@ -258,9 +259,56 @@ def result_document(stdout, stderr, returncode, timed_out=None, stopped_by=None,
         reasons.append(own_error)
     if "error" in document:
         reasons.append(str(document["error"]))
+    elif not reasons:
+        missing = missing_result_error(document, returncode, stderr)
+        if missing:
+            reasons.append(missing)
     if reasons:
         document["error"] = "; ".join(reasons)
     return document
+
+
+def stderr_message(stderr):
+    """iperf3's own message on stderr: the text of its "iperf3: error - ..." line, else its
+    last line ("" when it said nothing)."""
+    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+    for line in lines:
+        if "error - " in line:
+            return one_line(line.split("error - ", 1)[1])
+    return one_line(lines[-1]) if lines else ""
+
+
+def summaries(document):
+    """The (sent, received) summaries of iperf3's "end" that the ledger reads ({} where absent).
+
+    TCP tests have "sum_sent" and "sum_received"; UDP tests of iperf3 3.9 and older have only one
+    "sum" (the receiver's view), which then stands for both.
+    """
+    end = document.get("end")
+    end = end if isinstance(end, dict) else {}
+    parts = [end.get("sum_sent"), end.get("sum_received")]
+    if parts == [None, None]:
+        parts = [end.get("sum")] * 2
+    return tuple(part if isinstance(part, dict) else {} for part in parts)
+
+
+def has_figures(document):
+    """True when both summaries the ledger reads carry a rate."""
+    return all(_number(part.get("bits_per_second")) for part in summaries(document))
+
+
+def missing_result_error(document, returncode, stderr=""):
+    """The error of a document that has no "error" but lacks the figures the ledger reads,
+    else None.
+
+    iperf3 3.9 prints a document with an empty "end" and no "error" when the server is down or
+    refused the login (its message goes to stderr), and exits 0 or 1 on errors depending on the
+    version: neither the "error" key nor the exit code can be trusted alone, the figures can.
+    """
+    if "error" in document or has_figures(document):
+        return None
+    return stderr_message(stderr) or "iperf3 reported no result (exit %s)" % (
+        "?" if returncode is None else returncode)
 
 
 def format_seconds(value):
@@ -319,6 +367,10 @@ def ledger_row(document, file_name):
     if not _number(start):
         start = meta.get("start")
     error = document.get("error")
+    if error is None:
+        # A file written before the figures were checked (or by hand): the same verdict.
+        error = missing_result_error(document, meta.get("exit_code"))
+    sent, received = summaries(document)
     row = {
         # In the zone the test ran in (its metadata says), so a ledger rebuilt elsewhere, or
         # under another TZ, is the same row for row.
@@ -332,9 +384,9 @@ def ledger_row(document, file_name):
         "duration": meta.get("duration", ""),
         "status": "error" if error is not None else "ok",
         "error": one_line(error) if error is not None else "",
-        "sent_bps": _number(_dig(document, "end", "sum_sent", "bits_per_second")),
-        "received_bps": _number(_dig(document, "end", "sum_received", "bits_per_second")),
-        "retransmits": _number(_dig(document, "end", "sum_sent", "retransmits")),
+        "sent_bps": _number(sent.get("bits_per_second")),
+        "received_bps": _number(received.get("bits_per_second")),
+        "retransmits": _number(sent.get("retransmits")),
         "attempts": meta.get("attempts", ""),
         "file": file_name,
     }

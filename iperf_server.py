@@ -29,6 +29,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import signal
 import socket
@@ -49,6 +50,7 @@ IPERF_BIND = None  # address to listen on; None = all addresses
 IPERF_EXTRA_ARGS = []  # more iperf3 server arguments, e.g. ["--rcv-timeout", "30000"]
 RSA_PRIVATE_KEY_PATH = None  # with AUTHORIZED_USERS_PATH: only authorised clients get tests
 AUTHORIZED_USERS_PATH = None  # "username,sha256hex" lines; made by --add-user
+LEGACY_CLIENTS = False  # iperf3 3.17+ server: accept the logins of clients older than 3.17
 OPENSSL_EXECUTABLE = "openssl"  # used by --make-keys only
 MAX_BUSY_MINUTES = 10.0  # restart a server that has answered "busy" for longer than this
 START_TIMEOUT = 5.0  # seconds to wait for a spawned daemon to write its pidfile and listen
@@ -69,6 +71,11 @@ OWNED_LONG = ("server", "daemon", "pidfile", "port", "bind", "client", "one-off"
               "rsa-private-key-path", "authorized-users-path")
 # iperf3's short options that take a value (its getopt string), to read clusters like "-VB addr".
 SHORT_WITH_VALUE = "pficbtnklPwBMSLOFATCIX"
+
+BUSY_MARK = "server is busy"  # the same words in every iperf3 from 3.1 to 3.21
+CONTROL_CLOSED_MARK = "control socket has closed unexpectedly"
+SND_TIMEOUT_MS = 30000  # --snd-timeout guard: a reverse test's client gone this long is dropped
+PKCS1_PADDING_SINCE = (3, 17)  # iperf3 pads logins with OAEP from 3.17; --use-pkcs1-padding
 
 log = logging.getLogger("iperf_server")
 
@@ -124,8 +131,9 @@ def check_extra_args(extra):
                 "(use this script's own flag where there is one)" % option)
 
 
-def daemon_argv(executable, pidfile, port, bind, extra, auth=None):
-    """The exact argv of the daemon to start; also what a live daemon's cmdline is compared to.
+def daemon_argv(executable, pidfile, port, bind, extra, auth=None, legacy_clients=False):
+    """The argv of the daemon the settings ask for; what a live daemon's cmdline is compared to
+    (the version's guard_args follow it in the daemon's real argv).
 
     `auth` is (private key path, authorized users path), absolute, or None.
     """
@@ -134,6 +142,8 @@ def daemon_argv(executable, pidfile, port, bind, extra, auth=None):
         argv += ["-B", bind]
     if auth:
         argv += ["--rsa-private-key-path", auth[0], "--authorized-users-path", auth[1]]
+    if legacy_clients:
+        argv.append("--use-pkcs1-padding")
     return argv + list(extra)
 
 
@@ -182,30 +192,95 @@ def probe_address(bind):
     return bind.split("%", 1)[0]  # "ADDR%dev" binds to a device too; connect to the address
 
 
-def classify_probe(returncode, stdout, timed_out):
-    """Turn a probe's outcome into (verdict, detail); verdict is "ok", "busy" or "fail".
+def parse_version(text):
+    """The version tuple in `iperf3 --version` output ("iperf 3.12 (cJSON ...)" -> (3, 12)),
+    or None when the text holds none."""
+    match = re.search(r"\biperf (\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    if not match:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
 
-    iperf3's exit code says little (3.11-3.13 exit 0 on errors with -J), so the JSON decides.
-    An authorization failure is an answer: the server is alive and checks credentials.
+
+def version_text(version):
+    return ".".join(map(str, version)) if version else "of unknown version"
+
+
+def stderr_message(stderr):
+    """iperf3's own message on stderr: the text of its "iperf3: error - ..." line, else its
+    last line ("" when it said nothing)."""
+    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+    for line in lines:
+        if "error - " in line:
+            return " ".join(line.split("error - ", 1)[1].split())
+    return " ".join(lines[-1].split()) if lines else ""
+
+
+def has_figures(document):
+    """True when a probe's JSON holds the figures of a finished test."""
+    end = document.get("end")
+    return isinstance(end, dict) and all(
+        isinstance(end.get(key), dict) and "bits_per_second" in end[key]
+        for key in ("sum_sent", "sum_received"))
+
+
+def probe_error(returncode, stdout, stderr):
+    """The error of a probe, or None when it measured. Never trusts iperf3's exit code or its
+    "error" key alone: 3.12 exits 0 on errors, and 3.9 prints a document with an empty "end"
+    and no "error" (its message goes to stderr) when a login is refused or the server is busy.
     """
-    if timed_out:
-        return "fail", "no answer within %g s (hung or stopped?)" % PROBE_TIMEOUT
     start = stdout.find("{")
     try:
         document, _ = json.JSONDecoder().raw_decode(stdout[start:]) if start >= 0 else (None, 0)
     except ValueError:
         document = None
     if not isinstance(document, dict):
-        return "fail", "probe printed no result (exit code %s)" % returncode
-    error = document.get("error")
+        return stderr_message(stderr) or "probe printed no result (exit code %s)" % returncode
+    if document.get("error") is not None:
+        return str(document["error"])
+    if has_figures(document):
+        return None
+    return stderr_message(stderr) or "iperf3 reported no result (exit code %s)" % returncode
+
+
+def classify_probe(returncode, stdout, stderr, timed_out, authenticating=False):
+    """Turn a probe's outcome into (verdict, detail); verdict is "ok", "busy" or "fail".
+
+    A refused login is an answer: the server is alive and checks credentials. The probe has
+    none, so against an authenticating server it is always refused; iperf3 3.7-3.18 say "test
+    authorization failed", 3.21 only closes the control connection ("control socket has closed
+    unexpectedly"). A hung server does not answer at all: the probe times out.
+    """
+    if timed_out:
+        return "fail", "no answer within %g s (hung or stopped?)" % PROBE_TIMEOUT
+    error = probe_error(returncode, stdout, stderr)
     if error is None:
         return "ok", "answered"
-    error = str(error)
-    if "busy" in error:
+    if BUSY_MARK in error:
         return "busy", "busy running a test"
-    if "authoriz" in error or "authentic" in error:
+    if "authorization failed" in error:
+        return "ok", "answered (authentication required)"
+    if authenticating and CONTROL_CLOSED_MARK in error:
         return "ok", "answered (authentication required)"
     return "fail", error
+
+
+def guard_args(version, extra):
+    """iperf3's own protections against stuck tests, where this version has them and `extra`
+    does not set them already: --snd-timeout (3.12+) ends a reverse test whose client vanished.
+
+    Left out on purpose: --rcv-timeout is on by default since 3.10; --idle-timeout closes and
+    reopens the listening socket whenever no client came for a while; --server-max-duration
+    (3.20+) also refuses every test timed by bytes (-n), the watchdog's probe included.
+    """
+    if version and version >= (3, 12) and not sets_option(extra, "--snd-timeout"):
+        return ["--snd-timeout", str(SND_TIMEOUT_MS)]
+    return []
+
+
+def sets_option(args, long_option):
+    """True when `args` set `long_option` (or an abbreviation getopt_long would accept)."""
+    return any(arg.startswith("--") and len(arg) > 2
+               and long_option.startswith(arg.split("=", 1)[0]) for arg in args)
 
 
 def format_duration(seconds):
@@ -311,10 +386,18 @@ def option_value(argv, short, long_):
     return None
 
 
+GUARD_OPTIONS = ("--snd-timeout",)  # what guard_args may add
+
+
 def same_command(running, wanted):
-    """True when a running daemon's argv is the one we would start: the executable compared as
-    the file it resolves to (cron's PATH and a shell's may spell it differently)."""
-    if not running or running[1:] != wanted[1:]:
+    """True when a running daemon's argv is the one the settings ask for (daemon_argv): the
+    executable compared as the file it resolves to (cron's PATH and a shell's may spell it
+    differently). The guards added after it by version are no setting: a daemon started with
+    other guards or none (by an older iperf3 or an older copy of this script) is kept."""
+    if not running or len(running) < len(wanted) or running[1:len(wanted)] != wanted[1:]:
+        return False
+    guards = running[len(wanted):]
+    if len(guards) % 2 or any(option not in GUARD_OPTIONS for option in guards[::2]):
         return False
     return os.path.realpath(running[0]) == os.path.realpath(wanted[0])
 
@@ -574,17 +657,30 @@ class FileLock:
         os.close(self.fd)  # closing releases the flock
 
 
-def check_auth_files(executable, private_key, users_file):
+def read_version(executable):
+    """What `iperf3 --version` prints (read once per run: about 2 ms)."""
+    try:
+        return subprocess.run([executable, "--version"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise IperfError("cannot run %s --version: %s" % (executable, exc))
+
+
+def check_legacy_clients(executable, version):
+    """Refuse --legacy-clients where iperf3 has no --use-pkcs1-padding (before 3.17 it pads
+    logins the old way already, and there is nothing to switch)."""
+    if version is None or version < PKCS1_PADDING_SINCE:
+        raise UsageError("--legacy-clients needs iperf3 3.17 or newer (%s is %s, which already "
+                         "speaks the PKCS#1 padding of older clients)"
+                         % (executable, version_text(version)))
+
+
+def check_auth_files(executable, version_output, private_key, users_file):
     """Refuse to start an authenticating daemon that would fail after forking, where iperf3
     says nothing: no authentication in this build, missing or unreadable files, or a private
     key others can read."""
-    try:
-        version = subprocess.run([executable, "--version"], stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 universal_newlines=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise IperfError("cannot run %s --version: %s" % (executable, exc))
-    if "authentication" not in version:
+    if "authentication" not in version_output.split("Optional features", 1)[-1]:
         raise IperfError("%s was built without authentication (its --version does not list "
                          "it): install an OpenSSL build of iperf3 3.2 or newer" % executable)
     for path in (private_key, users_file):
@@ -678,9 +774,11 @@ class Watchdog:
     """Everything one run needs: the settings, the daemon's argv, its files."""
 
     def __init__(self, executable, pidfile, port, bind, extra, max_busy_minutes, probe,
-                 auth=None):
+                 auth=None, legacy_clients=False, version_output=""):
         self.executable = executable
         self.auth = auth
+        self.version_output = version_output
+        self.version = parse_version(version_output)
         self.pidfile = pidfile
         self.port = port
         self.bind = bind
@@ -689,7 +787,9 @@ class Watchdog:
         self.probe_enabled = probe
         self.state_file = pidfile + ".state"
         self.lock_file = pidfile + ".lock"
-        self.argv = daemon_argv(executable, pidfile, port, bind, extra, auth)
+        self.settings_argv = daemon_argv(executable, pidfile, port, bind, extra, auth,
+                                         legacy_clients)
+        self.argv = self.settings_argv + guard_args(self.version, extra)
         self.address = probe_address(bind)
         self.alarm = None  # set when the run ends healthy but a person should look
 
@@ -708,10 +808,16 @@ class Watchdog:
                                   stderr=subprocess.PIPE, universal_newlines=True,
                                   timeout=PROBE_TIMEOUT)
         except subprocess.TimeoutExpired:
-            return classify_probe(None, "", timed_out=True)
+            return classify_probe(None, "", "", timed_out=True)
         except OSError as exc:
             return "fail", "cannot run %s: %s" % (self.executable, exc.strerror)
-        return classify_probe(done.returncode, done.stdout, timed_out=False)
+        verdict, detail = classify_probe(done.returncode, done.stdout, done.stderr, False,
+                                         authenticating=self.auth is not None)
+        if verdict == "fail" and "reset by peer" in detail and established_peers(
+                port or self.port):
+            # iperf3 3.9 never says "busy": a busy server resets its probe's connection.
+            return "busy", "busy running a test (its probe's connection was reset)"
+        return verdict, detail
 
     def remember(self, pid, verdict, detail, busy_since=None, busy_peers=(), restarted=False):
         """Keep what the next run needs: the last verdict, since when and with whom the
@@ -737,7 +843,7 @@ class Watchdog:
         """Start the daemon and wait until it is really up; `-D`'s exit code means nothing
         (the parent exits 0 before the child writes the pidfile or binds the port)."""
         if self.auth:
-            check_auth_files(self.executable, *self.auth)
+            check_auth_files(self.executable, self.version_output, *self.auth)
         folder = os.path.dirname(self.pidfile)
         if not os.access(folder, os.W_OK | os.X_OK):
             # iperf3 would fork, fail to write its pidfile, and say nothing.
@@ -807,9 +913,9 @@ class Watchdog:
                 return self.start("stale pidfile %s (no iperf3 runs under the PID it names)"
                                   % self.pidfile)
             return self.start("not running")
-        if not same_command(argv, self.argv):
+        if not same_command(argv, self.settings_argv):
             return self.start("settings changed (running: %s; wanted: %s)"
-                              % (" ".join(argv), " ".join(self.argv)))
+                              % (" ".join(argv), " ".join(self.settings_argv)))
         if not self.probe_enabled:
             log.debug("iperf3 is running (pid %d); not probed", pid)
             return pid
@@ -862,7 +968,7 @@ class Watchdog:
             verdict, detail = state.get("verdict"), state.get("detail")
             when = "last probe %s ago" % format_duration(time.time() - state.get("checked", 0))
         notes = []
-        if argv and not same_command(argv, self.argv):
+        if argv and not same_command(argv, self.settings_argv):
             # Only a note: an admin may type --status without the crontab line's flags.
             notes.append("its settings differ from these flags")
         lost = pid != read_pidfile(self.pidfile)
@@ -924,6 +1030,10 @@ def build_parser():
     parser.add_argument("--authorized-users-path", default=AUTHORIZED_USERS_PATH, metavar="FILE",
                         help="require authentication: the users file "
                              "(with --rsa-private-key-path)")
+    parser.add_argument("--legacy-clients", action="store_true", default=LEGACY_CLIENTS,
+                        help="with authentication on iperf3 3.17+: accept the logins of clients "
+                             "older than 3.17 (iperf3 --use-pkcs1-padding; 3.21 clients are "
+                             "then refused)")
     parser.add_argument("--no-probe", dest="probe", action="store_false",
                         help="do not run a health probe (a tiny test) against the server")
     parser.add_argument("--max-busy", type=minutes, default=MAX_BUSY_MINUTES, metavar="MINUTES",
@@ -1039,6 +1149,8 @@ def main(argv=None):
             "created %s and %s" % make_keys(absolute(args.make_keys))))
     if bool(args.rsa_private_key_path) != bool(args.authorized_users_path):
         parser.error("--rsa-private-key-path and --authorized-users-path go together")
+    if args.legacy_clients and not args.rsa_private_key_path:
+        parser.error("--legacy-clients goes with authentication (--rsa-private-key-path)")
     auth = None
     if args.rsa_private_key_path:
         auth = (absolute(args.rsa_private_key_path), absolute(args.authorized_users_path))
@@ -1052,10 +1164,20 @@ def main(argv=None):
             raise IperfError("cannot create the pidfile's folder %s: %s"
                              % (os.path.dirname(pidfile), exc.strerror))
         executable = os.path.expanduser(args.iperf3)
-        if not (args.stop or args.status):  # stopping and reporting work without iperf3
+        version_output = ""
+        if args.stop or args.status:
+            # Stopping and reporting work without iperf3; where it exists, --status compares
+            # the daemon's executable with the file the name resolves to, as a run would.
+            found = shutil.which(executable)
+            executable = os.path.abspath(found) if found else executable
+        else:
             executable = resolve_executable(executable)
+            version_output = read_version(executable)
+            if args.legacy_clients:
+                check_legacy_clients(executable, parse_version(version_output))
         watchdog = Watchdog(executable, pidfile, args.port, args.bind, extra,
-                            args.max_busy, args.probe, auth)
+                            args.max_busy, args.probe, auth, args.legacy_clients,
+                            version_output)
         if args.status:
             code, line = watchdog.status()
             print(line)
@@ -1073,7 +1195,7 @@ def main(argv=None):
         log.error("%s", exc)
         if not errors_shown:
             print("iperf_server.py: error: %s" % exc, file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 128 + signal.SIGINT

@@ -102,6 +102,15 @@ def test_status_reports_the_daemons_own_port(host):
     assert "settings differ" in done.stdout
 
 
+def test_status_with_the_crontab_lines_own_flags_finds_the_same_settings(host):
+    """The daemon runs the resolved executable; --status must resolve the bare name too."""
+    assert_quiet_success(host.run())
+    done = host.run("--status")
+    assert done.returncode == 0, done.stdout
+    assert "answered" in done.stdout
+    assert "settings differ" not in done.stdout
+
+
 def test_stop_and_status_work_without_iperf3(host):
     assert_quiet_success(host.run())
     pid = host.pid()
@@ -166,11 +175,11 @@ def test_changed_port_restarts_the_daemon(host):
 def test_changed_extra_argument_restarts_the_daemon(host):
     assert_quiet_success(host.run())
     old = host.pid()
-    assert_quiet_success(host.run("--", "--idle-timeout", "3600"))
+    assert_quiet_success(host.run("--", "--forceflush"))  # an option of every iperf3 3.2+
     new = host.pid()
     assert new != old
-    assert iperf_server.daemon_argv_of(new, host.pidfile)[-2:] == ["--idle-timeout", "3600"]
-    assert_quiet_success(host.run("--", "--idle-timeout", "3600"))
+    assert "--forceflush" in iperf_server.daemon_argv_of(new, host.pidfile)
+    assert_quiet_success(host.run("--", "--forceflush"))
     assert host.pid() == new
 
 
@@ -400,14 +409,64 @@ def test_main_in_process_rejects_owned_options():
     assert exit_info.value.code == 2
 
 
-@pytest.mark.parametrize("outcome,verdict", [
-    ((0, '{"start": {}, "end": {}}', False), "ok"),
-    ((0, '{"error": "the server is busy running a test. try again later"}', False), "busy"),
-    ((1, 'warning\n{"error": "test authorization failed"}\n', False), "ok"),
-    ((0, '{"error": "unable to connect to server: Connection refused"}', False), "fail"),
-    ((None, "", True), "fail"),
-    ((-9, "", False), "fail"),
-    ((0, '{"start": {', False), "fail"),
+FIGURES = ('{"end": {"sum_sent": {"bits_per_second": 8e6}, '
+           '"sum_received": {"bits_per_second": 8e6}}}')
+
+
+@pytest.mark.parametrize("outcome,authenticating,verdict", [
+    ((0, FIGURES, ""), False, "ok"),
+    # 3.9: server down, busy or login refused all print an empty "end" and no "error".
+    ((1, '{"start": {}, "end": {}}', "iperf3: error - unable to send control message: "
+      "Bad file descriptor\n"), False, "fail"),
+    ((0, '{"start": {}, "end": {}}', ""), False, "fail"),
+    ((0, '{"error": "the server is busy running a test. try again later"}', ""), False, "busy"),
+    ((1, '{"end": {}}', "iperf3: error - the server is busy running a test. try again later"),
+     False, "busy"),
+    ((1, 'warning\n{"error": "test authorization failed"}\n', ""), False, "ok"),
+    ((1, '{"error": "error - test authorization failed"}', ""), True, "ok"),  # 3.7
+    ((1, '{"end": {}}', "iperf3: error - test authorization failed\n"), True, "ok"),  # 3.9
+    # 3.21 refuses a login by closing the connection: an answer only from an auth server.
+    ((1, '{"error": "control socket has closed unexpectedly"}', ""), True, "ok"),
+    ((1, '{"error": "control socket has closed unexpectedly"}', ""), False, "fail"),
+    ((0, '{"error": "unable to connect to server: Connection refused"}', ""), True, "fail"),
+    ((-9, "", ""), False, "fail"),
+    ((0, '{"start": {', ""), False, "fail"),
 ])
-def test_classify_probe(outcome, verdict):
-    assert iperf_server.classify_probe(*outcome)[0] == verdict
+def test_probe_verdict_needs_figures_and_knows_each_versions_refusal(outcome, authenticating,
+                                                                     verdict):
+    assert iperf_server.classify_probe(*outcome, False, authenticating)[0] == verdict
+
+
+def test_probe_that_timed_out_is_a_failure():
+    assert iperf_server.classify_probe(None, "", "", True)[0] == "fail"
+
+
+@pytest.mark.parametrize("version,extra,guards", [
+    (None, [], []),
+    ((3, 9), [], []),
+    ((3, 12), [], ["--snd-timeout", "30000"]),
+    ((3, 21), [], ["--snd-timeout", "30000"]),
+    ((3, 21), ["--snd-timeout", "5000"], []),
+    ((3, 21), ["--snd=5000"], []),
+])
+def test_guards_only_where_the_version_has_them(version, extra, guards):
+    assert iperf_server.guard_args(version, extra) == guards
+
+
+def test_guards_added_by_version_are_not_settings():
+    wanted = iperf_server.daemon_argv("/usr/bin/iperf3", "/p", 5201, None, [])
+    assert iperf_server.same_command(wanted, wanted)
+    assert iperf_server.same_command(wanted + ["--snd-timeout", "30000"], wanted)
+    assert not iperf_server.same_command(wanted + ["--snd-timeout"], wanted)
+    assert not iperf_server.same_command(wanted + ["-V"], wanted)
+    assert not iperf_server.same_command(wanted[:-1] + ["5202"], wanted)
+
+
+@pytest.mark.parametrize("text,version", [
+    ("iperf 3.12 (cJSON 1.7.15)\nLinux ...", (3, 12)),
+    ("iperf 3.1.3\n", (3, 1, 3)),
+    ("iperf 3.21+ (cJSON 1.7.15)", (3, 21)),
+    ("usage: something else", None),
+])
+def test_version_is_read_from_the_banner(text, version):
+    assert iperf_server.parse_version(text) == version
