@@ -78,6 +78,7 @@ PASSWORD_FILE = None                        # file whose first line is the passw
 #                                             else the IPERF3_PASSWORD environment variable
 BUSY_DELAY = (5.0, 30.0)                    # random pause between busy retries (min, max) s
 KILL_GRACE = 5.0                            # seconds from SIGTERM to SIGKILL for a late iperf3
+VERSION_TIMEOUT = 5.0                       # seconds `iperf3 --version` may take
 LEDGER_NAME = "results.csv"                 # the ledger's file name in the results folder
 LOCK_NAME = ".lock"                         # the lock file's name in the results folder
 # -------------------------------------------------------------------------------------------------
@@ -103,7 +104,11 @@ OWNED_LONG = ("client", "port", "time", "parallel", "reverse", "json", "json-str
               # mixes both directions into the figures the ledger reads.
               "bytes", "blockcount", "bidir")
 PASSWORD_VARIABLE = "IPERF3_PASSWORD"  # the only way iperf3 takes a password without a prompt
-AUTH_MARKS = ("authoriz", "authentic")  # in iperf3's error text when the server refused a login
+CONTROL_CLOSED_MARK = "control socket has closed unexpectedly"
+PKCS1_PADDING_SINCE = (3, 17)  # iperf3 pads logins with OAEP from 3.17 (older sides: PKCS#1)
+# iperf3 3.9 never says "busy": its connection to a busy server is reset instead.
+RESET_MARK = "unable to send control message: Connection reset by peer"
+RESET_MEANS_BUSY = ((3, 8), (3, 10))  # the versions seen to hide "busy" (3.9; 3.7 does not)
 # iperf3's short options that take a value (from its getopt string), to tell "-B10.0.0.1" apart
 # from bundled flags such as "-ZR".
 SHORT_WITH_VALUE = "pficbtnklPwBMSLOFATCIX"
@@ -211,14 +216,49 @@ def one_line(text, limit=500):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def explain_error(error):
-    """A failed test's error as one line for a person; a refused login says what to check."""
+def parse_version(text):
+    """The version tuple in `iperf3 --version` output ("iperf 3.12 (cJSON ...)" -> (3, 12)),
+    or None when the text holds none."""
+    match = re.search(r"\biperf (\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    if not match:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
+def explain_error(error, stderr="", version=None, logged_in=False):
+    """A failed test's error as one line for a person; a refused login says what to check.
+
+    Versions refuse a login in different words: "test authorization failed" (3.7-3.18, 3.9 on
+    stderr only), or a closed control connection (3.21 servers). `version` is this host's
+    iperf3, `logged_in` whether the test carried credentials, `stderr` what iperf3 printed there.
+    """
     text = one_line(error)
-    if any(mark in text.lower() for mark in AUTH_MARKS):
-        return ("authentication failed (wrong user name or password, or this host's clock is "
-                "off from the server's by more than its --time-skew-threshold, 10 s by "
-                "default): %s" % text)
-    return text
+    said = "%s %s" % (text, stderr or "")
+    if logged_in and "output buffer too small" in said:
+        return ("iperf3 %s cannot log in at all: with this OpenSSL its client sends an empty "
+                "login (a bug of iperf3 3.16-3.20, esnet/iperf issue 1951, fixed in 3.21): use "
+                "another iperf3 on this host (3.21+, or 3.12 and older with a server older than "
+                "3.17): %s" % (_version_text(version), text))
+    refused = "authorization failed" in said or (logged_in and CONTROL_CLOSED_MARK in said)
+    if not refused:
+        return text
+    if not logged_in:
+        return ("the server requires a login: give --username, --rsa-public-key-path and a "
+                "password: %s" % text)
+    if version is not None and version >= PKCS1_PADDING_SINCE:
+        padding = ("a server older than iperf3 3.17 cannot read the OAEP padding of this "
+                   "iperf3 %s, and no flag changes it: use iperf3 3.17+ on the server or an "
+                   "iperf3 older than 3.16 here" % _version_text(version))
+    else:
+        padding = ("an iperf3 3.17+ server refuses clients older than 3.17 unless it runs "
+                   "with --use-pkcs1-padding (iperf_server.py --legacy-clients)")
+    return ("login refused by the server (wrong user name or password, the wrong public key, "
+            "this host's clock more than the server's --time-skew-threshold (10 s) off, or %s): "
+            "%s" % (padding, text))
+
+
+def _version_text(version):
+    return ".".join(map(str, version)) if version else "(version unknown)"
 
 
 def auth_argv(username, public_key):
@@ -293,8 +333,9 @@ def summaries(document):
 
 
 def has_figures(document):
-    """True when both summaries the ledger reads carry a rate."""
-    return all(_number(part.get("bits_per_second")) for part in summaries(document))
+    """True when both summaries the ledger reads carry a rate (a finite number)."""
+    rates = [part.get("bits_per_second") for part in summaries(document)]
+    return all(_number(rate) and math.isfinite(rate) for rate in rates)
 
 
 def missing_result_error(document, returncode, stderr=""):
@@ -316,9 +357,14 @@ def format_seconds(value):
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def is_busy(document):
-    """True when the server answered that it is busy with another client's test."""
-    return BUSY_MARK in str(document.get("error", ""))
+def is_busy(document, version=None):
+    """True when the server answered that it is busy with another client's test; with an
+    iperf3 that hides it (RESET_MEANS_BUSY), also when the connection was reset at the start."""
+    error = str(document.get("error", ""))
+    if BUSY_MARK in error:
+        return True
+    low, high = RESET_MEANS_BUSY
+    return version is not None and low <= version[:2] < high and RESET_MARK in error
 
 
 def _dig(document, *keys):
@@ -1430,6 +1476,18 @@ def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_G
     return result
 
 
+_versions = {}  # executable -> its version tuple (or None), read once per process
+
+
+def iperf3_version(executable):
+    """The version of `executable`, read from `--version` the first time it is needed (only
+    for a failed test: its explanation or verdict may depend on it, a success's never does)."""
+    if executable not in _versions:
+        outcome = run_command([executable, "--version"], VERSION_TIMEOUT)
+        _versions[executable] = parse_version(outcome.stdout)
+    return _versions[executable]
+
+
 def _file_mode():
     """Mode for results, ledger and logs: the user's umask, but never writable by others."""
     umask = os.umask(0o022)
@@ -1621,7 +1679,10 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
         log.warning("%s test, attempt %d failed: %s", direction, attempts, one_line(error))
         if stopper.signum is not None:
             break
-        if is_busy(document) and not outcome.timed_out:
+        # Only an error that may hide "busy" asks for the version (a fake or hung iperf3
+        # must not cost a --version call per attempt).
+        version = iperf3_version(options.iperf3) if RESET_MARK in error else None
+        if is_busy(document, version) and not outcome.timed_out:
             now = time.monotonic()
             if busy_deadline is None:
                 busy_deadline = now + options.busy_wait
@@ -1653,6 +1714,7 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
         "start": round(started, 3),
         "command": command_line(argv),
         "exit_code": outcome.returncode,
+        "stderr": one_line(outcome.stderr, 1000),
         "utc_offset": local_utc_offset(started),
     }
     items = [("continuous_iperf", meta)] + [i for i in document.items() if i[0] != "error"]
@@ -2139,7 +2201,10 @@ def run(options, stopper):
             append_ledger(os.path.join(options.results_dir, LEDGER_NAME), rows[-1])
             if "error" in document:
                 status = 1
-                log.error("%s test failed: %s", direction, explain_error(document["error"]))
+                logged_in = options.username is not None
+                log.error("%s test failed: %s", direction, explain_error(
+                    document["error"], document["continuous_iperf"]["stderr"],
+                    iperf3_version(options.iperf3) if logged_in else None, logged_in))
         if options.prometheus_textfile and rows:
             try:
                 write_textfile(options.prometheus_textfile, rows, options.server, options.port)

@@ -582,3 +582,86 @@ def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
         iperf_client.write_atomic(str(target), b"newer")
     assert target.read_text() == "new"
     assert names(tmp_path) == ["x.json"]
+
+
+# --- verdicts that hold on every iperf3 ---------------------------------------------------------
+
+EMPTY_END_39 = ('{"start": {"connected": [], "version": "iperf 3.9"}, "intervals": [], '
+                '"end": {}}\n')
+
+
+@pytest.mark.parametrize("stdout,stderr,returncode,error", [
+    # 3.9, server down: no "error" key, the reason on stderr only.
+    (EMPTY_END_39, "iperf3: error - unable to send control message: Bad file descriptor\n", 1,
+     "unable to send control message: Bad file descriptor"),
+    (EMPTY_END_39, "", 0, "iperf3 reported no result (exit 0)"),
+    (EMPTY_END_39, "", None, "iperf3 reported no result (exit ?)"),
+    # 3.12 exits 0 on errors: the JSON's own message wins, stderr adds nothing.
+    ('{"error": "unable to connect to server: Connection refused"}', "", 0,
+     "unable to connect to server: Connection refused"),
+    # 3.7 prefixes its messages.
+    ('{"error": "error - test authorization failed", "end": {}}', "", 1,
+     "error - test authorization failed"),
+])
+def test_a_result_without_figures_is_an_error_with_iperf3s_own_words(stdout, stderr,
+                                                                     returncode, error):
+    doc = iperf_client.result_document(stdout, stderr, returncode)
+    assert doc["error"] == error
+    row = iperf_client.ledger_row(doc, "20240101_000000_client.json")
+    assert (row["status"], row["error"], row["sent_bps"]) == ("error", error, "")
+
+
+def test_an_old_file_without_figures_or_error_is_rebuilt_as_an_error():
+    """Files written before this check (3.9 runs recorded as ok) tell the truth on --rebuild."""
+    doc = json.loads(EMPTY_END_39)
+    doc["continuous_iperf"] = {"exit_code": 1, "direction": "forward"}
+    row = iperf_client.ledger_row(doc, "20240101_000000_client.json")
+    assert (row["status"], row["error"]) == ("error", "iperf3 reported no result (exit 1)")
+
+
+def test_a_udp_result_of_an_old_iperf3_has_its_one_sum_as_figures():
+    doc = {"start": {"test_start": {"protocol": "UDP"}},
+           "end": {"sum": {"bits_per_second": 1e6, "lost_percent": 0.5}}}
+    row = iperf_client.ledger_row(iperf_client.result_document(json.dumps(doc), "", 0), "f")
+    figures = (row["status"], row["sent_bps"], row["received_bps"])
+    assert figures == ("ok", "1000000.0", "1000000.0")
+
+
+@pytest.mark.parametrize("error,version,busy", [
+    ("the server is busy running a test. try again later", (3, 12), True),
+    ("error - the server is busy running a test. try again later", (3, 7), True),
+    ("unable to send control message: Connection reset by peer", (3, 9), True),
+    ("unable to send control message: Connection reset by peer", (3, 12), False),
+    ("unable to send control message: Connection reset by peer", None, False),
+    ("unable to connect to server: Connection refused", (3, 9), False),
+])
+def test_busy_in_each_versions_words(error, version, busy):
+    assert iperf_client.is_busy({"error": error}, version) is busy
+
+
+@pytest.mark.parametrize("error,stderr,version,logged_in,fragments", [
+    ("test authorization failed", "", (3, 12), True,
+     ["login refused", "password", "clock", "--legacy-clients"]),
+    ("error - test authorization failed", "", (3, 7), True, ["login refused", "--legacy-clients"]),
+    # A 3.21 server refuses by closing the connection; a 3.21 client fails on old servers.
+    ("control socket has closed unexpectedly", "", (3, 21), True,
+     ["login refused", "older than iperf3 3.17", "OAEP"]),
+    ("test authorization failed", "", (3, 21), True, ["login refused", "OAEP"]),
+    ("test authorization failed", "error:1C80006A:Provider routines::output buffer too small",
+     (3, 16), True, ["iperf3 3.16 cannot log in at all", "3.21"]),
+    ("test authorization failed", "", (3, 12), False, ["requires a login", "--username"]),
+])
+def test_a_refused_login_is_explained_on_every_version(
+        error, stderr, version, logged_in, fragments):
+    line = iperf_client.explain_error(error, stderr, version, logged_in)
+    assert "\n" not in line and line.endswith(error)
+    for fragment in fragments:
+        assert fragment in line
+
+
+@pytest.mark.parametrize("error", [
+    "control socket has closed unexpectedly",  # without a login: not a refused one
+    "iperf3 printed no JSON result (exit code 0): iperf 3.12 ... authentication, bind to device",
+])
+def test_other_errors_are_not_taken_for_a_refused_login(error):
+    assert iperf_client.explain_error(error, "", (3, 21), False) == error

@@ -123,7 +123,7 @@ def test_wrong_password_is_a_failed_test_that_says_why(auth_server, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 2, done.stderr  # one line per direction
     for line, direction in zip(lines, ("forward", "reverse")):
-        assert direction in line and "authentication failed" in line and "clock" in line
+        assert direction in line and "login refused" in line and "clock" in line
     assert [row["status"] for row in ledger(results)] == ["error", "error"]
     assert "not-it" not in done.stderr
     assert files_containing(results, "not-it") == []

@@ -433,9 +433,13 @@ def test_keep_days_deletes_old_raw_files_and_keeps_rows(tmp_path, capsys, fake_i
 
 @pytest.mark.parametrize("text, status, error", [
     ("[" * 100000 + "]" * 100000, "error", "unreadable result: "),
-    ('{"continuous_iperf": {"start": true, "run": 5}, "end": {}}', "ok", ""),
+    # No figures is no success, whatever else the file says (iperf3 3.9 writes such files).
+    ('{"continuous_iperf": {"start": true, "run": 5}, "end": {}}', "error",
+     "iperf3 reported no result (exit ?)"),
     ('{"start": {"timestamp": {"timesecs": 1e400}}, "end": {"sum_received": '
-     '{"bits_per_second": NaN}}}', "ok", ""),
+     '{"bits_per_second": NaN}}}', "error", "iperf3 reported no result"),
+    ('{"end": {"sum_sent": {"bits_per_second": NaN}, "sum_received": '
+     '{"bits_per_second": NaN}}}', "error", "iperf3 reported no result"),
     ("\xff\xfe not utf-8", "error", "unreadable result: "),
     ("", "error", "unreadable result: "),
 ])
