@@ -205,6 +205,21 @@ def run_script(script, args, env=None, timeout=120, cwd=None):
     )
 
 
+def hold_server(iperf3, port):
+    """A client testing against `port` for a minute; returns once its test runs."""
+    client = subprocess.Popen([iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", "60",
+                               "-b", "1M", "-i", "0.5", "--forceflush"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True)
+    # Probe only once the test runs: a probe racing the client's connect would take the
+    # server first and leave the client with "busy".
+    for line in client.stdout:
+        if "sec" in line and "bits/sec" in line:
+            break
+    assert client.poll() is None, "the holding client did not start its test"
+    return client
+
+
 # --- The server script's test host ---
 
 def listening(port):

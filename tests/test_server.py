@@ -12,7 +12,8 @@ import pytest
 
 import iperf_server
 from conftest import (SERVER_SCRIPT, assert_one_line_error, assert_quiet_success, free_port,
-                      kill_pid, kill_process, listening, pid_alive, run_script, wait_until)
+                      hold_server, kill_pid, kill_process, listening, pid_alive, run_script,
+                      wait_until)
 
 
 def test_first_run_starts_a_daemon_and_the_second_keeps_it(host):
@@ -226,21 +227,6 @@ def test_status_says_unhealthy_for_a_hung_daemon(host):
     assert done.returncode == 1, done.stdout
     assert "pid %d" % pid in done.stdout and "no answer" in done.stdout
     assert host.pid() == pid, "--status must not restart anything"
-
-
-def hold_server(iperf3, port):
-    """A client testing against `port` for a minute; returns once its test runs."""
-    client = subprocess.Popen([iperf3, "-c", "127.0.0.1", "-p", str(port), "-t", "60",
-                               "-b", "1M", "-i", "0.5", "--forceflush"],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, universal_newlines=True)
-    # Probe only once the test runs: a probe racing the client's connect would take the
-    # server first and leave the client with "busy".
-    for line in client.stdout:
-        if "sec" in line and "bits/sec" in line:
-            break
-    assert client.poll() is None, "the holding client did not start its test"
-    return client
 
 
 @pytest.fixture
