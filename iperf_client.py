@@ -49,6 +49,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1500,10 +1501,16 @@ O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted at a file's name 
 
 
 def write_atomic(path, data):
-    """Write bytes to `path` so a reader sees the old file or the whole new one, never half.
+    """Write bytes to `path` so a reader sees the old file or the whole new one, never half,
+    and never damage what is there (see output_target).
 
     A temporary file in the same folder, fsync, rename; the temporary file is removed on error.
+    A character device or a FIFO gets the bytes streamed into it instead. Raises OSError.
     """
+    how, path = output_target(path)
+    if how == "stream":
+        _stream_into(path, data)
+        return
     folder = os.path.dirname(path) or "."
     fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                 dir=folder)
@@ -1521,6 +1528,54 @@ def write_atomic(path, data):
             pass
         raise
     _fsync_dir(folder)
+
+
+# Names of a file this process already has open: streamed into, never replaced (a rename over
+# /dev/stdout would replace the link, or clobber a file the shell opened for appending).
+_OPEN_FILE_ALIAS_RE = re.compile(r"^/(?:dev/std(?:out|err)$|dev/fd/|proc/(?:self|\d+)/fd/)")
+
+
+def output_target(path):
+    """How write_atomic writes `path`: ("replace", the regular file to replace) or ("stream",
+    path) for a character device, a FIFO or this process's own open file (/dev/stdout).
+
+    A symlink to a regular file: the file it names is replaced and the link kept. Anything else
+    that exists and is not a regular file (a directory, a socket, a block device, a dangling
+    symlink) is never replaced: raises OSError.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise OSError(errno.ENOENT, "it is a symbolic link to nothing: not replaced")
+        return "replace", path
+    if _OPEN_FILE_ALIAS_RE.match(os.path.abspath(path)) or stat.S_ISCHR(info.st_mode) or \
+            stat.S_ISFIFO(info.st_mode):
+        return "stream", path
+    if stat.S_ISREG(info.st_mode):
+        return "replace", os.path.realpath(path) if os.path.islink(path) else path
+    kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a socket"
+            if stat.S_ISSOCK(info.st_mode) else "a block device" if stat.S_ISBLK(info.st_mode)
+            else "not a regular file")
+    raise OSError(errno.EEXIST, "it is %s, not a regular file: not replaced" % kind)
+
+
+def _stream_into(path, data):
+    """Write `data` into a device, FIFO or open file; a FIFO without a reader is an error, not
+    a hang (cron would wait for ever)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise OSError(exc.errno, "a FIFO that no process reads")
+        raise
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder):
@@ -1585,11 +1640,13 @@ def write_textfile(path, rows, server, port, wait=10.0):
                 if time.monotonic() >= deadline:
                     raise OSError(exc.errno, "its folder stayed locked for %s s" % wait)
                 time.sleep(0.05)
-        try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                existing = handle.read()
-        except FileNotFoundError:
-            existing = ""
+        existing = ""
+        if output_target(path)[0] == "replace":  # a FIFO is not read: it would wait for ever
+            try:
+                with open(path, encoding="utf-8", errors="replace") as handle:
+                    existing = handle.read()
+            except FileNotFoundError:
+                pass
         write_atomic(path, prometheus_text(existing, rows, server, port).encode("utf-8"))
     finally:
         os.close(fd)

@@ -1,0 +1,123 @@
+"""An operator's worst day, each case reproduced the way it was found: writes into devices and
+FIFOs, a client killed with SIGKILL, a clock that jumped, a full disk, a ledger cut, edited or
+written by a newer version. Nothing may be lost, nothing false, nothing damaged."""
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import CLIENT_SCRIPT, run_script
+
+sys.path.insert(0, str(CLIENT_SCRIPT.parent))
+import iperf_client  # noqa: E402
+from test_html import day_of_runs, write_ledger  # noqa: E402
+
+
+# --- writes never damage what they replace --------------------------------------------------------
+
+def report_html(folder, target):
+    return run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--html", target])
+
+
+@pytest.fixture
+def ledger_folder(tmp_path):
+    folder = tmp_path / "results"
+    write_ledger(folder, day_of_runs())
+    return folder
+
+
+def test_a_character_device_is_written_into_not_replaced(ledger_folder, tmp_path):
+    device = tmp_path / "null"
+    os.mknod(str(device), stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a private /dev/null
+    done = report_html(ledger_folder, device)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert stat.S_ISCHR(os.lstat(str(device)).st_mode)
+
+
+def test_a_fifo_with_a_reader_gets_the_page(ledger_folder, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(str(fifo))
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    try:
+        done = report_html(ledger_folder, fifo)
+    finally:
+        if reader.is_alive():  # the report failed before opening it: release the reader
+            with open(str(fifo), "wb"):
+                pass
+        reader.join(10)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert received[0].startswith(b"<!DOCTYPE html>")
+    assert stat.S_ISFIFO(os.lstat(str(fifo)).st_mode)
+
+
+def test_a_fifo_without_a_reader_is_an_error_not_a_hang(ledger_folder, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(str(fifo))
+    done = report_html(ledger_folder, fifo)
+    assert done.returncode == 1 and "no process reads" in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and stat.S_ISFIFO(os.lstat(str(fifo)).st_mode)
+
+
+def test_html_to_dev_stdout_prints_the_page(ledger_folder):
+    done = subprocess.run([sys.executable, str(CLIENT_SCRIPT), "report", "-d",
+                           str(ledger_folder), "--html", "/dev/stdout"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(b"<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize("kind", ["directory", "socket", "dangling symlink"])
+def test_anything_else_that_is_not_a_regular_file_is_refused(ledger_folder, tmp_path, kind):
+    target = tmp_path / "target"
+    if kind == "directory":
+        target.mkdir()
+    elif kind == "socket":
+        import socket
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(target))
+        sock.close()
+    else:
+        target.symlink_to(tmp_path / "nowhere")
+    before = os.lstat(str(target))
+    done = report_html(ledger_folder, target)
+    assert done.returncode == 1 and "not replaced" in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+    assert stat.S_IFMT(os.lstat(str(target)).st_mode) == stat.S_IFMT(before.st_mode)
+
+
+def test_a_symlink_to_a_file_keeps_the_link_and_replaces_the_file(ledger_folder, tmp_path):
+    real = tmp_path / "www" / "report.html"
+    real.parent.mkdir()
+    real.write_text("old")
+    link = tmp_path / "report.html"
+    link.symlink_to(real)
+    done = report_html(ledger_folder, link)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert os.path.islink(str(link)) and real.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_the_prometheus_textfile_is_never_replaced_by_a_device(tmp_path, fake_iperf3):
+    from test_client import FAKE_RESULT
+    fake = fake_iperf3(FAKE_RESULT + "\nprint(json.dumps(doc))\n")
+    device = tmp_path / "null"
+    os.mknod(str(device), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    done = run_script(CLIENT_SCRIPT, ["-c", "h.example", "-d", tmp_path / "r", "--iperf3", fake,
+                                      "--prometheus-textfile", device])
+    assert (done.returncode, done.stderr) == (0, "")
+    assert stat.S_ISCHR(os.lstat(str(device)).st_mode)
+
+
+def test_output_target_in_each_case(tmp_path):
+    assert iperf_client.output_target(str(tmp_path / "new.html")) == (
+        "replace", str(tmp_path / "new.html"))
+    assert iperf_client.output_target("/dev/stdout")[0] == "stream"
+    assert iperf_client.output_target("/proc/self/fd/1")[0] == "stream"
+    with pytest.raises(OSError):
+        iperf_client.output_target(str(tmp_path))
