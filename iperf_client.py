@@ -30,6 +30,7 @@ input, 75 another run holds the results folder's lock, 128+N stopped by signal N
 import argparse
 import collections
 import csv
+import ctypes
 import datetime
 import errno
 import fcntl
@@ -1416,6 +1417,28 @@ def _signal_group(proc, signum):
         pass
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
+
+
+def _die_with_parent():
+    """A preexec_fn that has the kernel SIGKILL the child when this process dies, however it
+    dies (SIGKILL included: no handler of ours runs then), so that no iperf3 outlives its hard
+    limit or keeps a server busy. Linux only; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+    return arm
+
+
 def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_GRACE):
     """Run one command (iperf3) and return a CommandResult; never leaves the process running.
 
@@ -1429,7 +1452,7 @@ def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_G
         proc = subprocess.Popen(
             [str(arg) for arg in argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env=env, start_new_session=True, universal_newlines=True,
-            errors="replace",
+            errors="replace", preexec_fn=_die_with_parent(),
         )
     except OSError as exc:
         return CommandResult(failure="cannot run %s: %s" % (argv[0], exc.strerror or exc))

@@ -121,3 +121,39 @@ def test_output_target_in_each_case(tmp_path):
     assert iperf_client.output_target("/proc/self/fd/1")[0] == "stream"
     with pytest.raises(OSError):
         iperf_client.output_target(str(tmp_path))
+
+
+# --- no iperf3 outlives its client ----------------------------------------------------------------
+
+def iperf3_clients_of(port):
+    """PIDs of live iperf3 clients testing against `port` (read from /proc)."""
+    from test_client import pids_with
+    return pids_with("-c", "127.0.0.1", "-p", str(port))
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
+def test_sigkilled_client_leaves_no_iperf3_running(iperf3, start_iperf3_server, tmp_path,
+                                                   delay):
+    """Against a stopped server iperf3 waits for ever: only the kernel's parent-death signal
+    can end it once the client is gone."""
+    import signal
+    import time
+    from conftest import kill_process, wait_until
+    server = start_iperf3_server()
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    proc = subprocess.Popen(
+        [sys.executable, str(CLIENT_SCRIPT), "-c", "127.0.0.1", "-p", str(server.port), "-t",
+         "60", "-d", str(tmp_path), "--iperf3", iperf3],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: iperf3_clients_of(server.port), timeout=10)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_until(lambda: not iperf3_clients_of(server.port), timeout=5), \
+            "iperf3 outlived its SIGKILLed client"
+    finally:
+        kill_process(proc)
+        for pid in iperf3_clients_of(server.port):
+            os.kill(pid, signal.SIGKILL)
+        os.kill(server.proc.pid, signal.SIGCONT)
