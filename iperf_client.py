@@ -1615,20 +1615,31 @@ def _fsync_dir(folder):
 
 
 def append_ledger(path, row):
-    """Append one row to the ledger, with the header first when the file is new or empty.
+    """Append one row (a dict) to the ledger, with the header first when the file is new or
+    empty, its cells in the order of the file's own header (a newer version's extra columns
+    stay empty).
 
     The row is written whole or not at all: a short write (a full disk) is cut back off and
-    raises. A last line without its newline (an editor's doing) gets one first, so the new row
-    is never glued onto it.
+    raises. A last line without its newline gets one first, so the new row is never glued onto
+    it; when that line is no row at all (a crash cut it short), it is cut off instead and said:
+    its result file still holds it, for `report --rebuild`.
     """
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, FILE_MODE)
     try:
-        text = csv_line([row[column] for column in LEDGER_COLUMNS])
         size = os.fstat(fd).st_size
+        header = LEDGER_COLUMNS
+        if size:
+            first = os.pread(fd, 64 * 1024, 0).split(b"\n", 1)[0].decode("utf-8", "replace")
+            cells = next(csv.reader([first]), [])
+            if header_layout(cells) is not None:
+                header = [cell.strip() for cell in cells]
+        text = csv_line([row.get(column, "") for column in header])
         if size == 0:
             text = csv_line(LEDGER_COLUMNS) + text
         elif os.pread(fd, 1, size - 1) != b"\n":
-            text = "\n" + text
+            size = _end_cut_line(fd, size, path)
+            if os.pread(fd, 1, size - 1) != b"\n":
+                text = "\n" + text
         data = text.encode("utf-8")
         try:
             written = 0
@@ -1640,6 +1651,23 @@ def append_ledger(path, row):
             raise
     finally:
         os.close(fd)
+
+
+def _end_cut_line(fd, size, path):
+    """The ledger's size once a last line that is no well-formed row is cut off (a crash while
+    appending left it); an intact last line that only lost its newline stays. Logs the cut."""
+    tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
+    start = size - len(tail) + tail.rfind(b"\n") + 1
+    if start == 0:
+        return size  # the header itself: leave it be
+    line = os.pread(fd, size - start, start).decode("utf-8", errors="replace")
+    cells = next(csv.reader([line]), [])
+    if len(cells) == len(LEDGER_COLUMNS) and well_formed(cells):
+        return size
+    os.ftruncate(fd, start)
+    log.warning("the ledger %s ended in a line cut short (%s): removed; 'report --rebuild' "
+                "restores its row from its result file", path, one_line(line, 120))
+    return start
 
 
 def write_textfile(path, rows, server, port, wait=10.0):
@@ -1847,59 +1875,165 @@ class LedgerError(IperfError):
     """The ledger is missing or damaged: `report --rebuild` is the remedy."""
 
 
-def read_ledger(path):
-    """The ledger's rows as lists of strings (header checked and left out).
+def header_layout(header):
+    """Where each of LEDGER_COLUMNS stands in a ledger's `header` (a list of cells), and the
+    names of the header's other columns (a newer version's, kept and carried along): (positions,
+    extra). None when the header lacks one of our columns or repeats one (a damaged header)."""
+    names = [cell.strip() for cell in header]
+    where = {name: index for index, name in enumerate(names)}
+    if len(where) != len(names) or any(name not in where for name in LEDGER_COLUMNS):
+        return None
+    return [where[name] for name in LEDGER_COLUMNS], [name for name in names if name not in COL]
 
-    Raises LedgerError when it is missing or damaged (salvage_ledger keeps what it can).
-    """
+
+def _mapper(header):
+    """A function turning a line's cells into our row (LEDGER_COLUMNS order, then the extra
+    columns), and the header's extra names; None for the standard header (rows as they are)."""
+    layout = header_layout(header)
+    if layout is None:
+        return None
+    positions, extra = layout
+    order = positions + [index for index, name in enumerate(header) if name.strip() in extra]
+    if order == list(range(len(header))):
+        return None, extra
+    return operator.itemgetter(*order), extra
+
+
+def well_formed(row):
+    """True when a row (LEDGER_COLUMNS order) could have been written by a run or a rebuild:
+    a result file's name, a known status, numbers where numbers go, a readable timestamp. A
+    line cut short by a crash while it was appended is not (it may even have the right number
+    of cells, when the cut fell inside the last one)."""
+    if not RESULT_NAME_RE.match(row[COL["file"]]) or row[COL["status"]] not in ("ok", "error"):
+        return False
+    for column in NUMBER_COLUMNS:
+        cell = row[COL[column]]
+        if cell:
+            try:
+                float(cell)
+            except ValueError:
+                return False
+    return not row[0] or row_time(row[0]) is not None
+
+
+def _parse_lines(lines):
+    """CSV cells of ledger lines (text, newline kept or not): a plain split where no cell is
+    quoted (no error text held a comma or a quote: the common case, half again as fast)."""
+    cells = [line.rstrip("\n").split(",") if '"' not in line and "\r" not in line else None
+             for line in lines]
+    if None in cells:
+        cells = list(csv.reader(lines))
+    return cells
+
+
+def _ledger_from_lines(path, lines, extra=None):
+    """Rows of a ledger from its lines, the header first; see read_ledger."""
     remedy = "run 'iperf_client.py report --rebuild' to regenerate it from the result files"
-    width = len(LEDGER_COLUMNS)
     try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-            # A line without quotes (no error text held a comma or a quote: the common case)
-            # splits into the same cells as the csv module reads, half again as fast.
-            rows = [line.rstrip("\n").split(",") if '"' not in line and "\r" not in line
-                    else None for line in handle]
-            if None in rows:
-                handle.seek(0)
-                rows = list(csv.reader(handle))
-        header = rows.pop(0) if rows else None
-    except FileNotFoundError:
-        raise LedgerError("no ledger %s: %s" % (path, remedy))
+        rows = _parse_lines(lines)
     except csv.Error as exc:
         raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, remedy))
-    except OSError as exc:
-        raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
-    if header is not None and tuple(header) != LEDGER_COLUMNS:
+    if not rows:
+        return []
+    header = rows.pop(0)
+    mapper = (None, []) if tuple(header) == LEDGER_COLUMNS else _mapper(header)
+    if mapper is None:
         raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, remedy))
-    bad = [index for index, row in enumerate(rows) if len(row) != width]
+    bad = [index for index, row in enumerate(rows) if len(row) != len(header)]
     if bad:
         raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
-            path, bad[0] + 2, len(rows[bad[0]]), width, remedy))
+            path, bad[0] + 2, len(rows[bad[0]]), len(header), remedy))
+    getter, names = mapper
+    if getter is not None:
+        rows = [list(getter(row)) for row in rows]
+    if rows and not lines[-1].endswith("\n") and not well_formed(rows[-1]):
+        raise LedgerError("ledger %s is damaged (its last line is cut short): %s"
+                          % (path, remedy))
+    if extra is not None:
+        extra[:] = names
+    elif names:
+        rows = [row[:len(LEDGER_COLUMNS)] for row in rows]
     return rows
 
 
-def salvage_ledger(path):
+def read_ledger(path, extra=None):
+    """The ledger's rows as lists of strings in LEDGER_COLUMNS order, read by its header (any
+    order of our columns; a newer version's extra columns are left out, or, when `extra` is a
+    list, their names put in it and their cells kept at the end of each row).
+
+    Raises LedgerError when it is missing or damaged (salvage_ledger keeps what it can).
+    """
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            lines = handle.readlines()
+    except FileNotFoundError:
+        raise LedgerError("no ledger %s: run 'iperf_client.py report --rebuild' to regenerate "
+                          "it from the result files" % path)
+    except OSError as exc:
+        raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
+    return _ledger_from_lines(path, lines, extra)
+
+
+def read_ledger_tail(path, wanted):
+    """The ledger's last rows, at least `wanted` of them where it has that many (in ledger
+    order), and whether they reach back to its first row. Reads the header and the file's
+    end only, so its time and memory do not grow with the ledger. Raises as read_ledger."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.readline()
+            first = handle.tell()
+            position = size = os.fstat(handle.fileno()).st_size
+            data, block = b"", 64 * 1024
+            while position > first and data.count(b"\n") <= wanted:
+                step = min(block, position - first)
+                position -= step
+                handle.seek(position)
+                data = handle.read(step) + data
+                block *= 2
+    except FileNotFoundError:
+        raise LedgerError("no ledger %s: run 'iperf_client.py report --rebuild' to regenerate "
+                          "it from the result files" % path)
+    except OSError as exc:
+        raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
+    lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
+    if position > first:
+        lines = lines[1:]  # the first one is what remains of a line cut by the seek
+    lines = [line for line in lines if line.strip()]
+    header = header.decode("utf-8", errors="replace")
+    return _ledger_from_lines(path, [header] + lines[-wanted:]), position <= first or not size
+
+
+def salvage_ledger(path, extra=None):
     """Every well-formed row of a damaged ledger, line by line, and the number of lines that
     could not be kept. A row whose result file --keep-days deleted exists nowhere else, so a
-    damaged header or one bad line must not cost the others. (Cells never hold a line break:
-    errors are folded onto one line.)"""
+    damaged header or one bad line must not cost the others. The header says where each column
+    stands when it can; else the standard order is assumed. (Cells never hold a line break:
+    errors are folded onto one line.) `extra` as in read_ledger."""
     rows, dropped = [], 0
+    getter, names, width = None, [], len(LEDGER_COLUMNS)
     with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle):
-            if not line.strip():
+        lines = handle.readlines()
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            cells = next(csv.reader([line]))
+        except (csv.Error, StopIteration):
+            cells = []
+        if number == 0:
+            mapper = _mapper(cells) if tuple(cells) != LEDGER_COLUMNS else (None, [])
+            if mapper is not None:
+                (getter, names), width = mapper, len(cells)
                 continue
-            try:
-                cells = next(csv.reader([line]))
-            except (csv.Error, StopIteration):
-                cells = []
-            if number == 0 and sum(cell.strip() == column for cell, column
-                                   in zip(cells, LEDGER_COLUMNS)) >= len(LEDGER_COLUMNS) // 2:
-                continue  # the header, damaged or not
-            if len(cells) == len(LEDGER_COLUMNS):
-                rows.append(cells)
-            else:
-                dropped += 1
+            if sum(cell.strip() in COL for cell in cells) >= len(LEDGER_COLUMNS) // 2:
+                continue  # a damaged header: the standard order is the best guess
+        row = list(getter(cells)) if getter and len(cells) == width else cells
+        if len(cells) == width and well_formed(row):
+            rows.append(row if extra is not None else row[:len(LEDGER_COLUMNS)])
+        else:
+            dropped += 1
+    if extra is not None:
+        extra[:] = names
     return rows, dropped
 
 
@@ -1976,6 +2110,9 @@ def rebuild_ledger(folder, jobs=None):
     outlives the raw files. Files are read in parallel when there are many.
     """
     names = sorted(name for name in os.listdir(folder) if RESULT_NAME_RE.match(name))
+    # A file and its gzipped twin (gzip -k) are one test: the plain one is read.
+    plain = set(names)
+    names = [name for name in names if not (name.endswith(".gz") and name[:-3] in plain)]
     paths = [os.path.join(folder, name) for name in names]
     jobs = jobs or os.cpu_count() or 1
     if jobs > 1 and len(paths) >= 64:
@@ -1983,7 +2120,7 @@ def rebuild_ledger(folder, jobs=None):
             context = multiprocessing.get_context("fork")
         except ValueError:
             context = multiprocessing.get_context()
-        with context.Pool(min(jobs, 32)) as pool:
+        with context.Pool(min(jobs, 32), initializer=_quiet_worker) as pool:
             items = pool.map(_rebuild_item, paths, chunksize=max(1, len(paths) // (jobs * 8)))
     else:
         items = [_rebuild_item(path) for path in paths]
@@ -1991,24 +2128,57 @@ def rebuild_ledger(folder, jobs=None):
     for name in names:  # a run's file and its gzipped twin count as one
         present.add(name[:-3] if name.endswith(".gz") else name + ".gz")
     ledger = os.path.join(folder, LEDGER_NAME)
+    extra = []
     try:
-        old_rows = read_ledger(ledger)
+        old_rows, dropped = read_ledger(ledger, extra), 0
     except LedgerError:
-        old_rows = []
+        old_rows, dropped = [], 0
         if os.path.exists(ledger):
-            # Keep the damaged original beside the new one: what could not be salvaged from
-            # it may matter to a person, and exists nowhere else.
-            kept = "%s.damaged-%s" % (ledger, time.strftime(TIMESTAMP_FORMAT))
-            shutil.copy2(ledger, kept)
-            old_rows, dropped = salvage_ledger(ledger)
-            sys.stderr.write("iperf_client: the old ledger was damaged (%d line%s not kept); "
-                             "it is saved as %s\n" % (dropped, "" if dropped == 1 else "s", kept))
-    items += [(None, row) for row in old_rows if row[COL["file"]] not in present]
+            old_rows, dropped = salvage_ledger(ledger, extra)
+            dropped = dropped or -1  # damaged: the original is kept even if every row was
+    kept = []
+    for row in old_rows:
+        if not well_formed(row):
+            dropped = max(dropped, 0) + 1
+        elif row[COL["file"]] not in present:
+            kept.append(row)
+    if dropped:
+        # What could not be salvaged from it may matter to a person, and exists nowhere else.
+        copy = keep_damaged_copy(ledger)
+        sys.stderr.write("iperf_client: the old ledger was damaged (%d line%s not kept); it is "
+                         "saved as %s\n" % (max(dropped, 0), "" if dropped == 1 else "s", copy))
+    # A newer version's extra columns stay, after ours, with the cells it wrote.
+    extra_of = {row[COL["file"]]: row[len(LEDGER_COLUMNS):] for row in old_rows} if extra else {}
+    blank = [""] * len(extra)
+    items = [(start, row + extra_of.get(row[COL["file"]], blank)) for start, row in items]
+    items += [(None, row) for row in kept]
     items.sort(key=_ledger_order)
     rows = [row for _, row in items]
-    text = csv_line(LEDGER_COLUMNS) + "".join(csv_line(row) for row in rows)
+    text = csv_line(LEDGER_COLUMNS + tuple(extra)) + "".join(csv_line(row) for row in rows)
     write_atomic(ledger, text.encode("utf-8"))
     return len(rows)
+
+
+def keep_damaged_copy(ledger):
+    """Copy a damaged ledger to results.csv.damaged-<ts>[-N], never over an earlier copy."""
+    stamp = "%s.damaged-%s" % (ledger, time.strftime(TIMESTAMP_FORMAT))
+    for attempt in range(1, 1000):
+        name = stamp if attempt == 1 else "%s-%d" % (stamp, attempt)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, FILE_MODE)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as copy, open(ledger, "rb") as original:
+            shutil.copyfileobj(original, copy)
+        return name
+    raise OSError(errno.EEXIST, "too many damaged copies of %s" % ledger)
+
+
+def _quiet_worker():
+    """A rebuild worker leaves signals to the parent: a SIGTERM or Ctrl-C to the report must
+    not print a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # --- Command line -------------------------------------------------------------------------------

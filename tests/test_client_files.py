@@ -117,7 +117,7 @@ def test_rebuild_salvages_rows_whose_files_are_gone(tmp_path, damage):
              (ROW[column] for column in iperf_client.LEDGER_COLUMNS)] for n in range(6)]
     header = list(iperf_client.LEDGER_COLUMNS)
     if damage == "header":
-        header[0] = "timestamp "
+        header[0] = "tmestamp"  # misspelled: the header no longer says where "timestamp" is
     ledger = tmp_path / "results.csv"
     write_ledger(ledger, header, rows, ["a,half,row"] if damage == "bad-line" else [])
     before = ledger.read_text()

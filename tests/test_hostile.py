@@ -157,3 +157,107 @@ def test_sigkilled_client_leaves_no_iperf3_running(iperf3, start_iperf3_server, 
         for pid in iperf3_clients_of(server.port):
             os.kill(pid, signal.SIGKILL)
         os.kill(server.proc.pid, signal.SIGCONT)
+
+
+# --- the ledger is read and salvaged by its header, with every row kept ---------------------------
+
+def runs_with_a_fake(tmp_path, fake_iperf3, count=2):
+    """A results folder of `count` real runs (a fake iperf3 printing a fixed result); returns
+    it with its ledger's text."""
+    from test_client import FAKE_RESULT
+    fake = fake_iperf3(FAKE_RESULT + "\nprint(json.dumps(doc))\n")
+    folder = tmp_path / "r"
+    for _ in range(count):
+        done = run_script(CLIENT_SCRIPT, ["-c", "h.example", "-d", folder, "--iperf3", fake])
+        assert done.returncode == 0, done.stderr
+    return folder
+
+
+def ledger_lines(folder):
+    return (folder / "results.csv").read_text().splitlines()
+
+
+def rebuild(folder):
+    return run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--rebuild", "--format", "csv"])
+
+
+def test_a_last_line_cut_inside_the_file_column_is_no_row(tmp_path, fake_iperf3):
+    folder = runs_with_a_fake(tmp_path, fake_iperf3)
+    whole = ledger_lines(folder)
+    (folder / "results.csv").write_text("\n".join(whole)[:-8])  # "..._server.json" cut
+    done = rebuild(folder)
+    assert done.returncode == 0, done.stderr
+    assert ledger_lines(folder) == whole  # each test once: the cut row left, the real one read
+
+
+def test_a_run_after_a_cut_line_removes_it_and_keeps_the_rest(tmp_path, fake_iperf3):
+    folder = runs_with_a_fake(tmp_path, fake_iperf3, count=1)
+    whole = ledger_lines(folder)
+    (folder / "results.csv").write_text("\n".join(whole)[:-8])
+    folder = runs_with_a_fake(tmp_path, fake_iperf3, count=1)
+    lines = ledger_lines(folder)
+    assert lines[:2] == whole[:2] and len(lines) == 4
+    assert all(line.endswith((".json", ".json.gz")) for line in lines[1:])
+    assert any("cut short" in path.read_text() for path in folder.glob("*_iperf_mon.log"))
+    assert rebuild(folder).returncode == 0
+    assert len(ledger_lines(folder)) == 5  # the cut test's row comes back from its file
+
+
+def test_a_file_and_its_gzip_twin_are_one_test(tmp_path, fake_iperf3):
+    import gzip
+    folder = runs_with_a_fake(tmp_path, fake_iperf3, count=1)
+    whole = ledger_lines(folder)
+    for path in folder.glob("*.json"):
+        (folder / (path.name + ".gz")).write_bytes(gzip.compress(path.read_bytes()))  # gzip -k
+    assert rebuild(folder).returncode == 0
+    assert ledger_lines(folder) == whole
+
+
+def test_a_reordered_header_puts_the_figures_in_their_columns(tmp_path, fake_iperf3):
+    import csv
+    import json
+    folder = runs_with_a_fake(tmp_path, fake_iperf3, count=1)
+    with open(str(folder / "results.csv"), newline="") as handle:
+        table = list(csv.reader(handle))
+    sent, received = table[0].index("sent_bps"), table[0].index("received_bps")
+    for row in table:  # swap the two columns, header included: the same ledger, reordered
+        row[sent], row[received] = row[received], row[sent]
+    with open(str(folder / "results.csv"), "w", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(table)
+    done = run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--format", "json"])
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(done.stdout)["runs"]
+    assert [(run["sent_bps"], run["received_bps"]) for run in runs] == [
+        (1000.5, 900.25), (1001.5, 901.25)]
+    # A run continues the ledger in its own order.
+    runs_with_a_fake(tmp_path, fake_iperf3, count=1)
+    with open(str(folder / "results.csv"), newline="") as handle:
+        appended = list(csv.DictReader(handle))[-1]
+    assert (appended["sent_bps"], appended["received_bps"]) == ("1001.5", "901.25")
+
+
+def test_a_newer_versions_extra_column_keeps_every_row_and_its_cells(tmp_path, fake_iperf3):
+    import csv
+    folder = runs_with_a_fake(tmp_path, fake_iperf3, count=2)
+    lines = ledger_lines(folder)
+    (folder / "results.csv").write_text("\n".join(
+        [lines[0] + ",rtt_ms"] + [line + ",%d.5" % n for n, line in enumerate(lines[1:])]) + "\n")
+    runs_with_a_fake(tmp_path, fake_iperf3, count=1)  # a run of ours appends to it
+    done = rebuild(folder)
+    assert done.returncode == 0 and "damaged" not in done.stderr, done.stderr
+    assert not list(folder.glob("results.csv.damaged-*"))
+    with open(str(folder / "results.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6
+    assert [row["rtt_ms"] for row in rows] == ["0.5", "1.5", "2.5", "3.5", "", ""]
+    assert all(row["received_bps"] for row in rows)
+
+
+def test_damaged_copies_never_overwrite_each_other(tmp_path):
+    ledger = tmp_path / "results.csv"
+    ledger.write_text("first")
+    first = iperf_client.keep_damaged_copy(str(ledger))
+    ledger.write_text("second")
+    second = iperf_client.keep_damaged_copy(str(ledger))
+    assert first != second
+    assert (open(first).read(), open(second).read()) == ("first", "second")
