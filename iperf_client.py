@@ -108,9 +108,10 @@ OWNED_LONG = ("client", "port", "time", "parallel", "reverse", "json", "json-str
 PASSWORD_VARIABLE = "IPERF3_PASSWORD"  # the only way iperf3 takes a password without a prompt
 CONTROL_CLOSED_MARK = "control socket has closed unexpectedly"
 PKCS1_PADDING_SINCE = (3, 17)  # iperf3 pads logins with OAEP from 3.17 (older sides: PKCS#1)
-# iperf3 3.9 never says "busy": its connection to a busy server is reset instead.
-RESET_MARK = "unable to send control message: Connection reset by peer"
-RESET_MEANS_BUSY = ((3, 8), (3, 10))  # the versions seen to hide "busy" (3.9; 3.7 does not)
+# iperf3 3.9 never says "busy": its connection to a busy server is reset or broken instead.
+HIDDEN_BUSY_MARKS = ("unable to send control message: Connection reset by peer",
+                     "unable to send control message: Broken pipe")
+HIDDEN_BUSY_VERSIONS = ((3, 8), (3, 10))  # the versions seen to hide it (3.9; 3.7 does not)
 # iperf3's short options that take a value (from its getopt string), to tell "-B10.0.0.1" apart
 # from bundled flags such as "-ZR".
 SHORT_WITH_VALUE = "pficbtnklPwBMSLOFATCIX"
@@ -361,12 +362,14 @@ def format_seconds(value):
 
 def is_busy(document, version=None):
     """True when the server answered that it is busy with another client's test; with an
-    iperf3 that hides it (RESET_MEANS_BUSY), also when the connection was reset at the start."""
+    iperf3 that hides it (HIDDEN_BUSY_VERSIONS), also when the connection was reset or broken
+    as the test began."""
     error = str(document.get("error", ""))
     if BUSY_MARK in error:
         return True
-    low, high = RESET_MEANS_BUSY
-    return version is not None and low <= version[:2] < high and RESET_MARK in error
+    low, high = HIDDEN_BUSY_VERSIONS
+    return (version is not None and low <= version[:2] < high
+            and any(mark in error for mark in HIDDEN_BUSY_MARKS))
 
 
 def _dig(document, *keys):
@@ -1789,7 +1792,8 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
             break
         # Only an error that may hide "busy" asks for the version (a fake or hung iperf3
         # must not cost a --version call per attempt).
-        version = iperf3_version(options.iperf3) if RESET_MARK in error else None
+        version = (iperf3_version(options.iperf3)
+                   if any(mark in error for mark in HIDDEN_BUSY_MARKS) else None)
         if is_busy(document, version) and not outcome.timed_out:
             now = time.monotonic()
             if busy_deadline is None:

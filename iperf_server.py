@@ -813,10 +813,10 @@ class Watchdog:
             return "fail", "cannot run %s: %s" % (self.executable, exc.strerror)
         verdict, detail = classify_probe(done.returncode, done.stdout, done.stderr, False,
                                          authenticating=self.auth is not None)
-        if verdict == "fail" and "reset by peer" in detail and established_peers(
-                port or self.port):
+        if verdict == "fail" and "unable to send control message" in detail and \
+                established_peers(port or self.port):
             # iperf3 3.9 never says "busy": a busy server resets its probe's connection.
-            return "busy", "busy running a test (its probe's connection was reset)"
+            return "busy", "busy running a test (%s)" % detail
         return verdict, detail
 
     def remember(self, pid, verdict, detail, busy_since=None, busy_peers=(), restarted=False):

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from conftest import (
-    CLIENT_SCRIPT, free_port, kill_process, pid_alive, run_script, wait_until,
+    CANNOT_CONNECT, CLIENT_SCRIPT, SAYS_BUSY, free_port, kill_process, pid_alive, run_script, says,
+    wait_until,
 )
 
 sys.path.insert(0, str(CLIENT_SCRIPT.parent))
@@ -143,13 +144,13 @@ def test_server_down_records_both_errors(iperf3, tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 2
     assert "forward" in lines[0] and "reverse" in lines[1]
-    assert all("unable to connect" in line for line in lines)
+    assert all(says(line, CANNOT_CONNECT) for line in lines)
     rows = read_ledger(folder)
     assert [(r["direction"], r["status"], r["attempts"]) for r in rows] == [
         ("forward", "error", "2"), ("reverse", "error", "2")]
     for row in rows:
         doc = read_json(folder / row["file"])
-        assert "unable to connect" in doc["error"] and doc["error"] == row["error"]
+        assert says(doc["error"], CANNOT_CONNECT) and doc["error"] == row["error"]
         assert row["sent_bps"] == row["received_bps"] == ""
         assert row["timestamp"] == iperf_client.iso_time(doc["continuous_iperf"]["start"])
     log_text = next(folder.glob("*_iperf_mon.log")).read_text()
@@ -201,7 +202,8 @@ def test_busy_server_gives_up_after_busy_wait(iperf3, server, tmp_path):
     assert proc.returncode == 1, proc.stderr
     rows = read_ledger(tmp_path)
     log_text = next(tmp_path.glob("*_iperf_mon.log")).read_text()
-    assert all("busy" in r["error"] and r["attempts"] == "2" for r in rows), (rows, log_text)
+    assert all(says(r["error"], SAYS_BUSY) and r["attempts"] == "2" for r in rows), (
+        rows, log_text)
     assert len(proc.stderr.splitlines()) == 2, proc.stderr
 
 

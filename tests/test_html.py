@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from conftest import CLIENT_SCRIPT, free_port, require, run_script
+from conftest import CANNOT_CONNECT, CLIENT_SCRIPT, free_port, require, run_script, says
 
 sys.path.insert(0, str(CLIENT_SCRIPT.parent))
 import iperf_client  # noqa: E402
@@ -311,7 +311,7 @@ def test_html_from_real_runs_and_a_failed_one(iperf3_server, tmp_path):
         dots = page.find("circle", "point " + direction)
         assert len(page.find("polyline", "series " + direction)) + len(dots) == 2
         assert len(page.find("path", "failure " + direction)) == 1
-    assert "unable to connect" in page.text() and "unable to connect" in ledger
+    assert says(page.text(), CANNOT_CONNECT) and says(ledger, CANNOT_CONNECT)
     assert external_references(page) == []
 
 
