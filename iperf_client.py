@@ -667,7 +667,7 @@ def failed_rows(rows):
     return [row for row in rows if row[COL["status"]] != "ok"]
 
 
-def text_report(rows, summary, folder, prefix, since, until, received=None):
+def text_report(rows, summary, folder, prefix, since, until, received=None, now=None):
     """The report for a person, as a list of lines (`received` as in summary_of)."""
     received = _received(rows) if received is None else received
     lines = ["continuous-iperf report: %s, %s" % (
@@ -697,6 +697,9 @@ def text_report(rows, summary, folder, prefix, since, until, received=None):
         runs = len(set(map(operator.itemgetter(COL["prefix"], COL["run"]), rows)))
         lines.append("period: %s to %s, %d run%s" % (
             iso_time(min(moments)), iso_time(max(moments)), runs, "" if runs == 1 else "s"))
+        if now is not None and max(moments) > now + FUTURE_SLACK:
+            lines.append("warning: tests are dated up to %s, in the future: a clock was off "
+                         "when they ran" % iso_time(max(moments)))
     lines.append("")
     for name, stats in summary.items():
         count = stats["count"]
@@ -1266,6 +1269,7 @@ CHECK_RANK = ("OK", "UNKNOWN", "WARNING", "CRITICAL")  # the worst state wins
 MAX_AGE_RUNS = 3            # default --max-age: this many usual intervals between runs
 MAX_AGE_FALLBACK = 15.0     # minutes, when the ledger holds too few runs to tell the interval
 INTERVAL_ROWS = 2000        # the usual interval is read from the ledger's latest rows
+FUTURE_SLACK = 300          # seconds a test may seem to lie ahead (clocks of two hosts differ)
 
 
 def usual_interval(rows):
@@ -1312,15 +1316,22 @@ def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
     direction has no test. Performance data for both, in bits/s with Nagios ranges ("N:" alerts
     below N); "U" when there is no figure.
     """
-    latest = {}
+    latest = {}  # the last row of each direction in ledger order: the latest written
+    future = None
     for row in rows:
         moment = row_time(row[0])
         name = row[COL["direction"]]
-        if moment is not None and name in directions and moment >= latest.get(name, (-1,))[0]:
+        if moment is not None and name in directions:
             latest[name] = (moment, row)
+            if moment > now + FUTURE_SLACK:
+                future = row
     if not latest:
         return "UNKNOWN", "UNKNOWN - no results"
     notes, perf = [], []  # notes: (state, text)
+    if future is not None:
+        # A clock jumped: a test dated later than any real one must not pass for the latest.
+        notes.append(("WARNING", "a test is dated in the future (%s, %s ahead): a clock is "
+                                 "off" % (future[0], _in_minutes(row_time(future[0]) - now))))
     for name in directions:
         figure = None
         if name not in latest:
@@ -1349,13 +1360,14 @@ def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
         perf.append("%s=%s;%s:;%s:" % (name, "%d" % round(figure) if figure is not None
                                        else "U", _perf_number(warn_bps), _perf_number(crit_bps)))
     newest = max(moment for moment, _ in latest.values())
+    age = ("%s ago" % _in_minutes(now - newest) if newest <= now + FUTURE_SLACK
+           else "%s in the future" % _in_minutes(newest - now))
     state = max((note[0] for note in notes), key=CHECK_RANK.index)
     # The worst first: monitoring user interfaces often show only the start of the line.
     notes.sort(key=lambda note: -CHECK_RANK.index(note[0]))
     # A "|" in an error message would start the performance data early.
-    return state, "%s - %s; latest test %s ago | %s" % (
-        state, ", ".join(text for _, text in notes).replace("|", "/"),
-        _in_minutes(max(now - newest, 0)), " ".join(perf))
+    return state, "%s - %s; latest test %s | %s" % (
+        state, ", ".join(text for _, text in notes).replace("|", "/"), age, " ".join(perf))
 
 
 # --- Effects ------------------------------------------------------------------------------------
@@ -2588,7 +2600,8 @@ def _write_report(out, options, rows, folder, since, until):
                 run_json(row) for row in rows[start:start + 2000]))
         out.write("\n]}\n")
     else:
-        lines = text_report(rows, summary, folder, options.prefix, since, until, received)
+        lines = text_report(rows, summary, folder, options.prefix, since, until, received,
+                            time.time())
         out.write("\n".join(lines) + "\n")
     out.flush()
 
@@ -2614,11 +2627,28 @@ def _ledger_rows(folder):
     return read_ledger(ledger)
 
 
+def _latest_rows(folder, options, since, until):
+    """The selected rows among the ledger's latest: enough for each direction's latest test and
+    the usual interval (INTERVAL_ROWS), read from the ledger's end only, reading further back
+    only when the selection finds too little there. Raises IperfError, OSError."""
+    ledger = os.path.join(folder, LEDGER_NAME)
+    if not os.path.exists(ledger):
+        return _ledger_rows(folder)  # none yet, or a missing ledger said as report says it
+    wanted = INTERVAL_ROWS
+    while True:
+        tail, whole = read_ledger_tail(ledger, wanted)
+        rows = select_rows(tail, options.prefix, since, until, options.direction)
+        found = {row[COL["direction"]] for row in rows}
+        if whole or (len(rows) >= INTERVAL_ROWS and found >= set(
+                directions_of(options.direction))):
+            return rows
+        wanted *= 4
+
+
 def check_main(options, folder, since, until, now):
     """`report --check`: print the status line, return the plugin's exit code."""
     try:
-        rows = select_rows(_ledger_rows(folder), options.prefix, since, until,
-                           options.direction)
+        rows = _latest_rows(folder, options, since, until)
     except (IperfError, OSError) as exc:
         state, line = "UNKNOWN", "UNKNOWN - %s" % one_line(exc)
     else:

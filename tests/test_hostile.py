@@ -261,3 +261,43 @@ def test_damaged_copies_never_overwrite_each_other(tmp_path):
     second = iperf_client.keep_damaged_copy(str(ledger))
     assert first != second
     assert (open(first).read(), open(second).read()) == ("first", "second")
+
+
+# --- "latest" means the latest written ------------------------------------------------------------
+
+def test_a_test_dated_in_the_future_does_not_hide_later_failures(tmp_path, capsys):
+    """One run made while the clock was six days ahead, then failures at the right time."""
+    import time
+    from test_check import THRESHOLDS, check, runs
+    from test_html import row
+    now = time.time()
+    rows = runs(count=4, age=1200)
+    ahead = now + 6 * 86400
+    rows += [row(ahead, "forward", 9.4e9), row(ahead + 30, "reverse", 8.9e9, run_at=ahead)]
+    rows += [row(now - 120, "forward", error="unable to connect to server: refused"),
+             row(now - 90, "reverse", error="unable to connect to server: refused",
+                 run_at=now - 120)]
+    write_ledger(tmp_path, rows)
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 2 and line.startswith("CRITICAL - "), line
+    assert "forward test failed" in line and "reverse test failed" in line
+    assert "dated in the future" in line
+    report = run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path])
+    assert "in the future: a clock was off" in report.stdout
+
+
+def test_check_reads_only_the_end_of_a_large_ledger(tmp_path, capsys):
+    """The latest rows are found from the file's end; a damaged row far back does not matter
+    (the full report would say the ledger needs a rebuild)."""
+    from test_check import THRESHOLDS, check, runs
+    rows = runs(count=3000, interval=300)
+    write_ledger(tmp_path, rows)
+    with open(str(tmp_path / "results.csv")) as handle:
+        lines = handle.readlines()
+    lines[5] = "a,damaged,line\n"
+    (tmp_path / "results.csv").write_text("".join(lines))
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 0 and line.startswith("OK - "), line
+    tail, whole = iperf_client.read_ledger_tail(str(tmp_path / "results.csv"), 2000)
+    assert len(tail) == 2000 and not whole
+    assert tail == [[one[c] for c in iperf_client.LEDGER_COLUMNS] for one in rows[-2000:]]
