@@ -11,8 +11,12 @@ Generates its own data in a temporary folder and prints, side by side:
    `jq -r '.end.sum_received.bits_per_second'` over the same files; best of three.
 3. The peak memory (max RSS) of each, and of the rebuild over half the files, to show that it
    does not grow with the number of files.
+4. `report --check` over a ledger of 500,000 runs (1,000,000 rows) and over one of 5,000 runs,
+   against a whole process that only starts Python: it reads the ledger's end only, so neither
+   its time nor its memory grows with the ledger (goal: under 0.2 s and 50 MB).
 
-Usage: python3 tests/benchmarks/bench_report.py [--runs 100000] [--files 2000] [--keep DIR]
+Usage: python3 tests/benchmarks/bench_report.py [--runs 100000] [--files 2000]
+       [--check-runs 500000] [--keep DIR]
 """
 
 import argparse
@@ -36,8 +40,9 @@ BARE_READ = ("import csv, sys\n"
              "    rows = list(csv.reader(f))\n")
 
 
-def measure(argv, stdout_path, repeat=3):
-    """Best wall time (s) of `repeat` runs of argv with stdout to a file, and the peak RSS (MB)."""
+def measure(argv, stdout_path, repeat=3, codes=(0,)):
+    """Best wall time (s) of `repeat` runs of argv with stdout to a file, and the peak RSS (MB);
+    an exit code not in `codes` stops the benchmark."""
     best, peak = float("inf"), 0
     for _ in range(repeat):
         with open(stdout_path, "wb") as out:
@@ -50,7 +55,7 @@ def measure(argv, stdout_path, repeat=3):
                 os, "waitstatus_to_exitcode") else status >> 8
             error = proc.stderr.read().decode()
             proc.stderr.close()
-        if proc.returncode != 0:
+        if proc.returncode not in codes:
             raise SystemExit("%s failed (%s): %s" % (" ".join(argv), proc.returncode, error))
         best = min(best, elapsed)
         peak = max(peak, usage.ru_maxrss / 1024.0)
@@ -161,6 +166,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100000, help="runs in the ledger")
     parser.add_argument("--files", type=int, default=2000, help="result files to rebuild from")
+    parser.add_argument("--check-runs", type=int, default=500000,
+                        help="runs in the ledger that --check reads")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
     options = parser.parse_args()
     rng = random.Random(42)
@@ -231,6 +238,25 @@ def main():
               % (len(wrong), len(names)))
         print("  goal: rebuild >= 5x faster than jq: %s"
               % ("met" if jq >= 5 * rebuild else "MISSED"))
+
+        print("\n4. report --check, best of 3")
+        start, start_mem = measure([python, "-c", "pass"], out)
+        print("  %-36s %7s %10s" % ("", "time", "peak RSS"))
+        print("  %-36s %6.3fs %7.0f MB" % ("python -c pass", start, start_mem))
+        figures = []
+        for runs in (5000, options.check_runs):
+            check_dir = os.path.join(work, "check-%d" % runs)
+            os.makedirs(check_dir, exist_ok=True)
+            make_ledger(check_dir, runs, rng)
+            seconds, memory = measure([python, CLIENT, "report", "-d", check_dir, "--check",
+                                       "--warn-below", "100", "--crit-below", "10"],
+                                      out, codes=(0, 1, 2))
+            figures.append((seconds, memory))
+            print("  %-36s %6.3fs %7.0f MB" % ("--check, %d rows (%.0f MB)" % (
+                2 * runs, os.path.getsize(os.path.join(check_dir, iperf_client.LEDGER_NAME))
+                / 1e6), seconds, memory))
+        print("  goal: under 0.2 s and 50 MB whatever the size: %s" % (
+            "met" if all(s < 0.2 and m < 50 for s, m in figures) else "MISSED"))
     finally:
         if not options.keep:
             shutil.rmtree(work, ignore_errors=True)
