@@ -1725,6 +1725,28 @@ def open_log(path):
     return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
 
+class RunLogHandler(logging.StreamHandler):
+    """A run's log file (see open_log). A write that fails (a full disk) is said once on
+    stderr, naming the file, then logging there stops: never a traceback per message."""
+
+    def __init__(self, path):
+        super().__init__(open_log(path))
+        self.path = path
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        self.setLevel(logging.CRITICAL + 10)
+        sys.stderr.write("iperf_client: cannot write the log %s: %s; not logging there any "
+                         "more\n" % (self.path, getattr(error, "strerror", None) or error))
+
+    def close(self):
+        super().close()
+        try:  # a StreamHandler leaves its stream open; closing flushes, which may fail too
+            self.stream.close()
+        except OSError:
+            pass
+
+
 def take_lock(folder, wait=False):
     """Take the exclusive lock of a results folder; return its open fd (keep it open).
 
@@ -1844,7 +1866,12 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
     items = [("continuous_iperf", meta)] + [i for i in document.items() if i[0] != "error"]
     document = dict(items + ([("error", error)] if error is not None else []))
     data = encode_result(document)
-    write_atomic(file_path, gzip.compress(data, 6) if file_path.endswith(".gz") else data)
+    try:
+        write_atomic(file_path, gzip.compress(data, 6) if file_path.endswith(".gz") else data)
+    except OSError as exc:
+        # A full disk: the row still goes to the ledger (a line, where the file needed more).
+        log.error("cannot write the result file %s: %s", file_path, exc.strerror or exc)
+        document["continuous_iperf"]["unsaved"] = exc.strerror or str(exc)
     return document
 
 
@@ -2438,7 +2465,7 @@ def run(options, stopper):
     try:
         run_ts = run_timestamp(options.results_dir, options.prefix)
         log_path = os.path.join(options.results_dir, options.prefix + run_ts + "_iperf_mon.log")
-        handler = logging.StreamHandler(open_log(log_path))
+        handler = RunLogHandler(log_path)
         handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
         handler.setLevel(logging.DEBUG)
         log.addHandler(handler)
@@ -2464,7 +2491,14 @@ def run(options, stopper):
             if progress:
                 progress.clear()
             rows.append(ledger_row(document, file_name))
-            append_ledger(os.path.join(options.results_dir, LEDGER_NAME), rows[-1])
+            ledger = os.path.join(options.results_dir, LEDGER_NAME)
+            try:
+                append_ledger(ledger, rows[-1])
+            except OSError as exc:
+                raise IperfError("cannot append to the ledger %s: %s (the result files keep "
+                                 "the tests: 'report --rebuild')" % (ledger, exc.strerror or exc))
+            if "unsaved" in document["continuous_iperf"]:
+                status = 1
             if "error" in document:
                 status = 1
                 logged_in = options.username is not None
@@ -2491,7 +2525,6 @@ def run(options, stopper):
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
-            handler.stream.close()  # a StreamHandler leaves its stream open
         os.close(lock_fd)
 
 
@@ -2761,7 +2794,8 @@ def main(argv=None):
         log.error("%s", exc)
         return exc.status
     except OSError as exc:
-        log.error("%s", exc)
+        log.error("%s%s", "cannot write %s: " % exc.filename if exc.filename else "",
+                  exc.strerror or exc)
         return 1
     finally:
         stopper.restore()

@@ -72,6 +72,7 @@ OWNED_LONG = ("server", "daemon", "pidfile", "port", "bind", "client", "one-off"
 # iperf3's short options that take a value (its getopt string), to read clusters like "-VB addr".
 SHORT_WITH_VALUE = "pficbtnklPwBMSLOFATCIX"
 
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted at the log's name is not followed
 BUSY_MARK = "server is busy"  # the same words in every iperf3 from 3.1 to 3.21
 CONTROL_CLOSED_MARK = "control socket has closed unexpectedly"
 SND_TIMEOUT_MS = 30000  # --snd-timeout guard: a reverse test's client gone this long is dropped
@@ -605,6 +606,21 @@ def write_file_atomically(path, text, mode=0o600, owner=None):
         raise
 
 
+def check_writable_folder(folder, what):
+    """Raise IperfError naming the cause when a small file cannot be written in `folder` (not
+    allowed, a full disk, a read-only file system): iperf3 itself fails there in silence."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.")
+        try:
+            os.write(fd, b"%d\n" % os.getpid())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise IperfError("cannot write %s in %s: %s" % (what, folder, exc.strerror or exc))
+
+
 def read_state(path):
     """The watchdog's memory between runs (busy since when, last probe); {} when missing."""
     try:
@@ -825,11 +841,15 @@ class Watchdog:
         now = time.time()
         restarts = [when for when in read_state(self.state_file).get("restarts", [])
                     if isinstance(when, (int, float)) and now - when < RESTART_WINDOW]
-        save_state(self.state_file, {
-            "pid": pid, "verdict": verdict, "detail": detail, "checked": now,
-            "busy_since": busy_since, "busy_peers": sorted(busy_peers),
-            "restarts": restarts + [now] if restarted else restarts,
-        })
+        try:
+            save_state(self.state_file, {
+                "pid": pid, "verdict": verdict, "detail": detail, "checked": now,
+                "busy_since": busy_since, "busy_peers": sorted(busy_peers),
+                "restarts": restarts + [now] if restarted else restarts,
+            })
+        except IperfError as exc:
+            # The server itself is fine: only the busy clock and the restart count suffer.
+            log.warning("%s: a busy server's age and restart loops go untracked", exc)
         return len(restarts) + 1 if restarted else len(restarts)
 
     def stop_all(self, reason):
@@ -844,10 +864,8 @@ class Watchdog:
         (the parent exits 0 before the child writes the pidfile or binds the port)."""
         if self.auth:
             check_auth_files(self.executable, self.version_output, *self.auth)
-        folder = os.path.dirname(self.pidfile)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            # iperf3 would fork, fail to write its pidfile, and say nothing.
-            raise IperfError("cannot write the pidfile in %s: permission denied" % folder)
+        # iperf3 would fork, fail to write its pidfile, and say nothing.
+        check_writable_folder(os.path.dirname(self.pidfile), "the pidfile")
         if port_listening(self.address, self.port, self.bind):
             owner = listener_owner(self.port)
             raise IperfError("port %d is in use by another process (%s): stop it or choose "
@@ -1055,6 +1073,30 @@ def split_extra(argv):
     return argv, list(IPERF_EXTRA_ARGS)
 
 
+class LogFileHandler(logging.handlers.WatchedFileHandler):
+    """The log file, following logrotate's renames, opened without following a symlink planted
+    at its name; a write that fails (a full disk) is said once on stderr, then logging to the
+    file stops, instead of a traceback per message."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_NOFOLLOW,
+                     0o644)
+        return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+
+    def emit(self, record):
+        try:  # reopening after a rotation happens outside logging's own error handling
+            super().emit(record)
+        except Exception:  # noqa: B902 -- whatever it is, a log line is never worth a crash
+            self.handleError(record)
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        self.setLevel(logging.CRITICAL + 10)
+        print("iperf_server.py: warning: cannot write the log %s: %s; not logging there any "
+              "more" % (self.baseFilename, getattr(error, "strerror", None) or error),
+              file=sys.stderr)
+
+
 def setup_logging(log_file, verbose, quiet):
     """Log to the file (following logrotate's renames) and, on a terminal, to stderr.
 
@@ -1069,10 +1111,10 @@ def setup_logging(log_file, verbose, quiet):
     log.addHandler(logging.NullHandler())  # until the file opens: no stray "last resort" lines
     try:
         try:
-            file_handler = logging.handlers.WatchedFileHandler(log_file)
+            file_handler = LogFileHandler(log_file)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(log_file), exist_ok=True)
-            file_handler = logging.handlers.WatchedFileHandler(log_file)
+            file_handler = LogFileHandler(log_file)
     except OSError as exc:
         raise IperfError("cannot write log file %s: %s" % (log_file, exc.strerror))
     file_handler.setFormatter(logging.Formatter(

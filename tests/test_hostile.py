@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import CLIENT_SCRIPT, run_script
+from conftest import CLIENT_SCRIPT, SERVER_SCRIPT, run_script
 
 sys.path.insert(0, str(CLIENT_SCRIPT.parent))
 import iperf_client  # noqa: E402
@@ -301,3 +301,85 @@ def test_check_reads_only_the_end_of_a_large_ledger(tmp_path, capsys):
     tail, whole = iperf_client.read_ledger_tail(str(tmp_path / "results.csv"), 2000)
     assert len(tail) == 2000 and not whole
     assert tail == [[one[c] for c in iperf_client.LEDGER_COLUMNS] for one in rows[-2000:]]
+
+
+# --- a full disk: one line naming the path, the right exit code, what was measured kept ----------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KB tmpfs mounted in tmp_path (root only; unmounted afterwards)."""
+    from conftest import require
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    require(done.returncode == 0, "a tmpfs mount (root)", "REQUIRE_NETNS")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def fill(folder, leave=0):
+    """Fill the file system of `folder` but for about `leave` bytes."""
+    path = str(folder / "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"x" * 1024)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    if leave:
+        os.truncate(path, max(0, os.path.getsize(path) - leave))
+
+
+def no_traceback(text):
+    return "Traceback" not in text and "Logging error" not in text
+
+
+def test_client_on_a_full_disk_says_so_in_lines_naming_the_paths(small_disk, fake_iperf3):
+    from test_client import FAKE_RESULT
+    fake = fake_iperf3(FAKE_RESULT + "\nprint(json.dumps(doc))\n")
+    results = small_disk / "r"
+    results.mkdir()
+    fill(small_disk)
+    done = run_script(CLIENT_SCRIPT, ["-c", "h.example", "-d", results, "--iperf3", fake])
+    assert done.returncode == 1 and no_traceback(done.stderr), done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 3, done.stderr
+    assert all(str(results) in line and "No space left" in line for line in lines), lines
+
+
+def test_a_result_too_big_for_the_disk_still_leaves_its_ledger_row(small_disk, fake_iperf3):
+    """The disk fills during the run: the tests' rows are kept although their files are not."""
+    from test_client import FAKE_RESULT
+    fake = fake_iperf3(FAKE_RESULT + '\ndoc["intervals"] = ["x" * 60000]\nprint(json.dumps(doc))\n')
+    results = small_disk / "r"
+    results.mkdir()
+    fill(small_disk, leave=12 * 1024)
+    done = run_script(CLIENT_SCRIPT, ["-c", "h.example", "-d", results, "--iperf3", fake])
+    assert done.returncode == 1 and no_traceback(done.stderr), done.stderr
+    assert "cannot write the result file" in done.stderr and str(results) in done.stderr
+    rows = (results / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",ok," in row for row in rows[1:]), rows
+
+
+def test_server_log_on_a_full_disk_is_one_warning_and_the_server_runs(small_disk, host):
+    fill(small_disk)
+    done = run_script(SERVER_SCRIPT, ["--pidfile", host.pidfile, "--log-file",
+                                      small_disk / "monitor.log", "-p", host.port])
+    assert done.returncode == 0 and no_traceback(done.stderr), done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left" in lines[0] and "monitor.log" in lines[0], lines
+    assert host.daemons() == [host.pid()]
+
+
+def test_server_names_a_full_pidfile_folder(small_disk, tmp_path, host):
+    fill(small_disk)
+    done = run_script(SERVER_SCRIPT, ["--pidfile", small_disk / "iperf.pid", "--log-file",
+                                      host.log_file, "-p", host.port])
+    assert done.returncode == 1 and no_traceback(done.stderr), done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "cannot write the pidfile in %s: No space left" % small_disk in done.stderr
