@@ -2361,6 +2361,9 @@ def _check_options(parser, options):
                      "(or set IPERF_SERVER in the script)")
     if server.startswith("-"):
         parser.error("argument -c/--server: %r is not a host name" % options.server)
+    if any(ord(char) < 32 or ord(char) == 127 for char in server):
+        # It would go into the ledger's cells and the reports' lines as it is.
+        parser.error("argument -c/--server: %r holds a control character" % options.server)
     options.server = server
     owned = owned_option(options.extra)
     if owned is not None:
@@ -2720,6 +2723,7 @@ def report_main(argv):
     # collector would walk them again and again for nothing (it doubles the report's time).
     gc_was_enabled = gc.isenabled()
     gc.disable()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if options.check:
             return check_main(options, folder, since, until, now)
@@ -2751,6 +2755,9 @@ def report_main(argv):
     except KeyboardInterrupt:  # Ctrl-C while waiting for the lock or reading a huge folder
         sys.stderr.write("iperf_client.py report: interrupted\n")
         return 128 + signal.SIGINT
+    except Terminated:  # the rebuild's workers are gone with the pool; its temp file removed
+        sys.stderr.write("iperf_client.py report: stopped by SIGTERM\n")
+        return 128 + signal.SIGTERM
     except IperfError as exc:
         sys.stderr.write("iperf_client.py report: error: %s\n" % exc)
         return exc.status
@@ -2758,9 +2765,18 @@ def report_main(argv):
         sys.stderr.write("iperf_client.py report: error: %s\n" % exc)
         return 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if gc_was_enabled:
             gc.enable()
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM arrived during a report: unwinds it like Ctrl-C does (see report_main)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def main(argv=None):

@@ -862,14 +862,7 @@ class Watchdog:
     def spawn(self):
         """Start the daemon and wait until it is really up; `-D`'s exit code means nothing
         (the parent exits 0 before the child writes the pidfile or binds the port)."""
-        if self.auth:
-            check_auth_files(self.executable, self.version_output, *self.auth)
-        # iperf3 would fork, fail to write its pidfile, and say nothing.
-        check_writable_folder(os.path.dirname(self.pidfile), "the pidfile")
-        if port_listening(self.address, self.port, self.bind):
-            owner = listener_owner(self.port)
-            raise IperfError("port %d is in use by another process (%s): stop it or choose "
-                             "another port with -p" % (self.port, owner or "not our iperf3"))
+        self.check_port_can_be_had()  # again: something may have taken it meanwhile
         log.debug("starting: %s", " ".join(self.argv))
         try:
             done = subprocess.run(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -900,7 +893,29 @@ class Watchdog:
                              START_TIMEOUT, "no pidfile" if not pid else
                              "not listening on port %d" % self.port))
 
+    def check_port_can_be_had(self):
+        """Raise IperfError when the port is taken by anything but our own daemons: checked
+        before they are stopped, so that new settings naming a taken port leave the working
+        daemon running instead of no server at all."""
+        pids = set(our_daemons(self.pidfile))
+        ours = {option_value(daemon_argv_of(pid, self.pidfile) or [], "-p", "--port")
+                for pid in pids}
+        if str(self.port) in ours or not port_listening(self.address, self.port, self.bind):
+            return
+        owner = listener_owner(self.port)
+        raise IperfError("port %d is in use by another process (%s): stop it or choose another "
+                         "port with -p%s" % (self.port, owner or "not our iperf3",
+                                             "; the running iperf3 is left as it is"
+                                             if pids else ""))
+
     def start(self, reason):
+        # Whatever would keep the new daemon from starting is found before the running one
+        # is stopped: new settings that cannot work leave the working server alone.
+        if self.auth:
+            check_auth_files(self.executable, self.version_output, *self.auth)
+        # iperf3 would fork, fail to write its pidfile, and say nothing.
+        check_writable_folder(os.path.dirname(self.pidfile), "the pidfile")
+        self.check_port_can_be_had()
         log.warning("starting iperf3: %s", reason)
         self.stop_all(reason)
         pid = self.spawn()

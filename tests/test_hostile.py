@@ -383,3 +383,83 @@ def test_server_names_a_full_pidfile_folder(small_disk, tmp_path, host):
     assert done.returncode == 1 and no_traceback(done.stderr), done.stderr
     assert done.stderr.count("\n") == 1
     assert "cannot write the pidfile in %s: No space left" % small_disk in done.stderr
+
+
+# --- the server changes settings without losing the server ----------------------------------------
+
+def test_a_new_port_that_is_taken_keeps_the_working_daemon(host):
+    import socket
+    from conftest import assert_one_line_error, assert_quiet_success, free_port
+    assert_quiet_success(host.run())
+    pid = host.pid()
+    taken = free_port()
+    blocker = socket.socket()
+    blocker.bind(("0.0.0.0", taken))
+    blocker.listen(1)
+    try:
+        done = host.run(port=taken)
+    finally:
+        blocker.close()
+    assert_one_line_error(done, 1, "port %d is in use" % taken, "left as it is")
+    assert host.daemons() == [pid] and host.pid() == pid
+
+
+def test_an_unwritable_state_file_is_a_warning_not_a_failed_run(host):
+    from conftest import assert_quiet_success
+    assert_quiet_success(host.run())
+    os.mkdir(host.pidfile + ".state.d")
+    os.unlink(host.pidfile + ".state")
+    os.rename(host.pidfile + ".state.d", host.pidfile + ".state")  # a directory: unwritable
+    done = host.run()
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "untracked" in host.log()
+
+
+def test_the_server_log_never_follows_a_planted_symlink(host, tmp_path):
+    from conftest import assert_one_line_error
+    target = tmp_path / "elsewhere"
+    target.write_text("precious\n")
+    os.symlink(str(target), host.log_file)
+    done = host.run()
+    assert_one_line_error(done, 1, host.log_file)
+    assert target.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("server", ["host\nname", "host\tname", "bad\x1bname"])
+def test_a_server_name_with_control_characters_is_refused(tmp_path, server):
+    from conftest import assert_one_line_error
+    done = run_script(CLIENT_SCRIPT, ["--server", server, "-d", tmp_path / "r"])
+    assert_one_line_error(done, 2, "control character")
+    assert not (tmp_path / "r").exists()
+
+
+def test_sigterm_during_a_rebuild_stops_it_in_one_line(tmp_path):
+    """The rebuild reads files in worker processes: none may print a traceback."""
+    import json
+    import signal
+    import time
+    # About 150 KB of numbers in each file, which is parsed whole (no metadata of ours first).
+    padding = [{"start": n + 0.25, "bytes": n * 1000, "sender": True} for n in range(3000)]
+    for index in range(600):
+        document = {"start": {"timestamp": {"timesecs": 1700000000 + index}},
+                    "intervals": padding,
+                    "end": {"sum_sent": {"bits_per_second": 1e6},
+                            "sum_received": {"bits_per_second": 9e5}}}
+        name = "20240101_%06d_client.json" % index
+        (tmp_path / name).write_text(json.dumps(document))
+    proc = subprocess.Popen([sys.executable, str(CLIENT_SCRIPT), "report", "-d", str(tmp_path),
+                             "--rebuild"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    from conftest import wait_until
+
+    def workers():
+        with open("/proc/%d/task/%d/children" % (proc.pid, proc.pid)) as handle:
+            return handle.read().split()
+    assert wait_until(lambda: proc.poll() is not None or len(workers()) >= 2, timeout=30)
+    time.sleep(0.2)  # the workers are reading files now
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr)
+    assert stderr.strip().splitlines() == ["iperf_client.py report: stopped by SIGTERM"]
+    assert not [name for name in os.listdir(str(tmp_path)) if name.endswith(".tmp")]
