@@ -422,6 +422,23 @@ def process_uptime(pid):
         return None
 
 
+def live_threads(pid):
+    """True when a thread of `pid` other than a dead leader still runs: iperf3 3.16+ runs its
+    streams in threads, and its main thread can be a zombie while they still hold the port."""
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, task), "rb") as stat:
+                if stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
 def wait_for_exit(pid, seconds):
     """Wait until `pid` is gone or a zombie; True when it is. An exiting process loses its
     command line before it closes its sockets, so "no longer ours" is not yet "gone": the port
@@ -429,7 +446,7 @@ def wait_for_exit(pid, seconds):
     deadline = time.monotonic() + seconds
     while True:
         info = process_info(pid)
-        if info is None or info[0] in ("Z", "X"):
+        if info is None or (info[0] in ("Z", "X") and not live_threads(pid)):
             return True
         if time.monotonic() > deadline:
             return False
