@@ -463,3 +463,12 @@ def test_sigterm_during_a_rebuild_stops_it_in_one_line(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr)
     assert stderr.strip().splitlines() == ["iperf_client.py report: stopped by SIGTERM"]
     assert not [name for name in os.listdir(str(tmp_path)) if name.endswith(".tmp")]
+
+
+def test_iperf3s_version_banner_is_never_taken_for_a_refused_login(iperf3_server, tmp_path):
+    """`-- -v` makes iperf3 print its banner ("... authentication ...") instead of a result."""
+    done = run_script(CLIENT_SCRIPT, ["--server", "127.0.0.1", "--port", iperf3_server.port,
+                                      "-t", "1", "-d", tmp_path, "--retries", "0", "--", "-v"])
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "printed no JSON result" in done.stderr
+    assert "login" not in done.stderr and "authentication failed" not in done.stderr
