@@ -832,8 +832,11 @@ class Watchdog:
         argv = daemon_argv_of(pid, self.pidfile)
         return (pid, argv) if argv else (None, None)
 
-    def probe(self, address=None, port=None):
-        """Ask the server for a 1 KB test; returns (verdict, detail) as classify_probe does."""
+    def probe(self, address=None, port=None, authenticating=None):
+        """Ask the server for a 1 KB test; returns (verdict, detail) as classify_probe does.
+        `authenticating`: whether the server checks logins (default: whether ours does)."""
+        if authenticating is None:
+            authenticating = self.auth is not None
         argv = probe_argv(self.executable, address or self.address, port or self.port)
         log.debug("probe: %s", " ".join(argv))
         try:
@@ -845,7 +848,7 @@ class Watchdog:
         except OSError as exc:
             return "fail", "cannot run %s: %s" % (self.executable, exc.strerror)
         verdict, detail = classify_probe(done.returncode, done.stdout, done.stderr, False,
-                                         authenticating=self.auth is not None)
+                                         authenticating)
         if verdict == "fail" and "unable to send control message" in detail and \
                 established_peers(port or self.port):
             # iperf3 3.9 never says "busy": a busy server resets its probe's connection.
@@ -1009,7 +1012,9 @@ class Watchdog:
         head = "iperf3 running: pid %d, port %d, up %s" % (
             pid, port, format_duration(uptime) if uptime is not None else "?")
         if self.probe_enabled:
-            verdict, detail = self.probe(probe_address(option_value(argv, "-B", "--bind")), port)
+            # Judged as the daemon runs, whatever flags --status was given.
+            verdict, detail = self.probe(probe_address(option_value(argv, "-B", "--bind")), port,
+                                         "--rsa-private-key-path" in argv)
             when = "probe"
         else:
             state = read_state(self.state_file)
