@@ -521,7 +521,14 @@ def test_defaults_come_from_the_settings(capsys):
     assert (options.busy_wait, options.jitter, options.timeout_margin, options.prefix) == (
         120, 0, 30, "")
     assert options.results_dir == os.path.join(os.path.expanduser("~"), "iperf_results")
-    assert iperf_client.TEST_DURATION == 60  # parsing never rewrites the settings
+
+
+def test_flags_never_rewrite_the_settings(capsys):
+    """A run with other flags leaves the module's settings as the admin wrote them."""
+    assert iperf_client.main(["-c", "h", "-t", "5", "-P", "2", "-p", "5202", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "iperf3 -c h -p 5202 -t 5 -P 2 -J"
+    assert (iperf_client.IPERF_SERVER, iperf_client.TEST_DURATION, iperf_client.NUMBER_STREAMS,
+            iperf_client.IPERF_PORT) == ("CHANGE_TO_IP", 60, 30, 5201)
 
 
 def test_version(capsys):
