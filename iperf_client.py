@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 
-__version__ = "2.0.0"
+__version__ = "2.1.0"  # the project's version: both scripts and the package
 
 # --- Settings an admin may edit (the command-line flags default to these) -----------------------
 IPERF_EXECUTABLE = "iperf3"                 # iperf3 executable to run (a name on PATH or a path)
@@ -1736,8 +1736,8 @@ class RunLogHandler(logging.StreamHandler):
     def handleError(self, record):
         error = sys.exc_info()[1]
         self.setLevel(logging.CRITICAL + 10)
-        sys.stderr.write("iperf_client: cannot write the log %s: %s; not logging there any "
-                         "more\n" % (self.path, getattr(error, "strerror", None) or error))
+        say("cannot write the log %s: %s; not logging there any more"
+            % (self.path, getattr(error, "strerror", None) or error))
 
     def close(self):
         super().close()
@@ -1764,7 +1764,7 @@ def take_lock(folder, wait=False):
             if not wait:
                 raise IperfError("another run is in progress in %s (lock %s held): skipping "
                                  "this run" % (folder, path), EX_TEMPFAIL)
-            sys.stderr.write("iperf_client: waiting for the run in progress in %s\n" % folder)
+            say("waiting for the run in progress in %s" % folder)
             fcntl.flock(fd, fcntl.LOCK_EX)
     except BaseException:
         os.close(fd)
@@ -2188,8 +2188,8 @@ def rebuild_ledger(folder, jobs=None):
     if dropped:
         # What could not be salvaged from it may matter to a person, and exists nowhere else.
         copy = keep_damaged_copy(ledger)
-        sys.stderr.write("iperf_client: the old ledger was damaged (%d line%s not kept); it is "
-                         "saved as %s\n" % (max(dropped, 0), "" if dropped == 1 else "s", copy))
+        say("the old ledger was damaged (%d line%s not kept); it is saved as %s"
+            % (max(dropped, 0), "" if dropped == 1 else "s", copy))
     # A newer version's extra columns stay, after ours, with the cells it wrote.
     extra_of = {row[COL["file"]]: row[len(LEDGER_COLUMNS):] for row in old_rows} if extra else {}
     blank = [""] * len(extra)
@@ -2226,11 +2226,23 @@ def _quiet_worker():
 
 # --- Command line -------------------------------------------------------------------------------
 
+def say(message):
+    """One line on stderr, after the program's name (see program_name)."""
+    sys.stderr.write("%s: %s\n" % (program_name(), message))
+
+
+def program_name():
+    """How the script was invoked: the installed command's name (iperf-client) or the file's.
+    Every line this script writes on stderr starts with it."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("iperf") else "iperf_client.py"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error message (cron mails it; the usage block is noise)."""
 
     def error(self, message):
-        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+        self.exit(2, "%s: error: %s (see --help)\n" % (program_name(), message))
 
 
 def _whole_seconds(text):
@@ -2283,7 +2295,7 @@ def _prefix(text):
 def build_parser():
     """The parser of a run's flags; defaults are the settings above."""
     parser = _Parser(
-        prog="iperf_client.py",
+        prog=program_name(),
         usage="%(prog)s [options] [-- IPERF3_ARGS]\n       %(prog)s report [report options]",
         description="Run a forward and a reverse iperf3 test against a server and record both.",
         epilog="Arguments after -- go to iperf3 unchanged (except the options this script sets: "
@@ -2445,7 +2457,7 @@ def _setup_logging(options):
     else:
         level = (logging.ERROR, logging.INFO, logging.DEBUG)[min(options.verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("iperf_client: %(message)s"))
+    handler.setFormatter(logging.Formatter(program_name() + ": %(message)s"))
     handler.setLevel(level)
     log.setLevel(logging.DEBUG)
     log.propagate = False
@@ -2564,7 +2576,7 @@ def _minutes(text):
 def build_report_parser(parser_class=_Parser):
     """The parser of the `report` subcommand."""
     parser = parser_class(
-        prog="iperf_client.py report",
+        prog=program_name() + " report",
         description="Summarise the results folder's ledger: counts, failures, throughput "
                     "(received bits/s) per direction, the median by hour of day, the lowest "
                     "and the failed runs.",
@@ -2735,8 +2747,7 @@ def report_main(argv):
                 count = rebuild_ledger(folder)
             finally:
                 os.close(lock_fd)
-            sys.stderr.write("iperf_client: rebuilt %s: %d rows\n"
-                             % (os.path.join(folder, LEDGER_NAME), count))
+            say("rebuilt %s: %d rows" % (os.path.join(folder, LEDGER_NAME), count))
         rows = _ledger_rows(folder)
         rows = select_rows(rows, options.prefix, since, until, options.direction)
         if options.html:
@@ -2753,16 +2764,16 @@ def report_main(argv):
             pass
         return 0
     except KeyboardInterrupt:  # Ctrl-C while waiting for the lock or reading a huge folder
-        sys.stderr.write("iperf_client.py report: interrupted\n")
+        say("interrupted")
         return 128 + signal.SIGINT
     except Terminated:  # the rebuild's workers are gone with the pool; its temp file removed
-        sys.stderr.write("iperf_client.py report: stopped by SIGTERM\n")
+        say("stopped by SIGTERM")
         return 128 + signal.SIGTERM
     except IperfError as exc:
-        sys.stderr.write("iperf_client.py report: error: %s\n" % exc)
+        say("error: %s" % exc)
         return exc.status
     except OSError as exc:
-        sys.stderr.write("iperf_client.py report: error: %s\n" % exc)
+        say("error: %s" % exc)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-__version__ = "1.0.0"
+__version__ = "2.1.0"  # the project's version: both scripts and the package
 
 # --- Settings an admin may edit (each one is also a command-line flag) ----------------------------
 IPERF_PID_FILE = os.path.expanduser("~/iperf.pid")  # where iperf3 writes its PID (absolute)
@@ -1052,9 +1052,27 @@ def port_number(text):
     return int(text)
 
 
+def program_name():
+    """How the script was invoked: the installed command's name (iperf-server) or the file's."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("iperf") else "iperf_server.py"
+
+
+def say(kind, message):
+    """One line on stderr, "<program>: error: ..." or "...: warning: ...", as argparse's own."""
+    print("%s: %s: %s" % (program_name(), kind, message), file=sys.stderr)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error message (cron mails it; the usage block is noise)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="iperf_server.py",
+    parser = OneLineParser(
+        prog=program_name(),
         description="Keep exactly one healthy iperf3 server running (run it from cron every "
                     "minute). Arguments after -- are passed to iperf3 unchanged.",
         epilog="exit codes: 0 healthy server running, 1 no healthy server could be had, "
@@ -1103,10 +1121,11 @@ def build_parser():
 
 
 def split_extra(argv):
-    """Split our arguments from iperf3's: everything after the first `--` goes to iperf3."""
+    """Split our arguments from iperf3's: those after the first `--` are added to
+    IPERF_EXTRA_ARGS (as in iperf_client.py)."""
     if "--" in argv:
         cut = argv.index("--")
-        return argv[:cut], argv[cut + 1:]
+        return argv[:cut], list(IPERF_EXTRA_ARGS) + argv[cut + 1:]
     return argv, list(IPERF_EXTRA_ARGS)
 
 
@@ -1129,9 +1148,8 @@ class LogFileHandler(logging.handlers.WatchedFileHandler):
     def handleError(self, record):
         error = sys.exc_info()[1]
         self.setLevel(logging.CRITICAL + 10)
-        print("iperf_server.py: warning: cannot write the log %s: %s; not logging there any "
-              "more" % (self.baseFilename, getattr(error, "strerror", None) or error),
-              file=sys.stderr)
+        say("warning", "cannot write the log %s: %s; not logging there any more"
+            % (self.baseFilename, getattr(error, "strerror", None) or error))
 
 
 def setup_logging(log_file, verbose, quiet):
@@ -1185,10 +1203,10 @@ def run_reporting_errors(action):
         action()
         return EXIT_OK
     except UsageError as exc:
-        print("iperf_server.py: error: %s" % exc, file=sys.stderr)
+        say("error", exc)
         return EXIT_USAGE
     except IperfError as exc:
-        print("iperf_server.py: error: %s" % exc, file=sys.stderr)
+        say("error", exc)
         return EXIT_FAILED
 
 
@@ -1211,7 +1229,16 @@ def add_user_command(parser, args):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Entry point: parse `argv` (default sys.argv[1:]), act, return the exit code (argparse's
+    own exits, --help and usage errors, become return values too)."""
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else \
+            EXIT_USAGE
+
+
+def _main(argv):
     ours, extra = split_extra(argv)
     parser = build_parser()
     args = parser.parse_args(ours)
@@ -1268,12 +1295,12 @@ def main(argv=None):
                 return EXIT_OK
             watchdog.ensure_running()
         if watchdog.alarm and not errors_shown:
-            print("iperf_server.py: warning: %s" % watchdog.alarm, file=sys.stderr)
+            say("warning", watchdog.alarm)
         return EXIT_OK
     except IperfError as exc:
         log.error("%s", exc)
         if not errors_shown:
-            print("iperf_server.py: error: %s" % exc, file=sys.stderr)
+            say("error", exc)
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         log.warning("interrupted")
@@ -1282,7 +1309,7 @@ def main(argv=None):
         where = " %s" % exc.filename if exc.filename else ""
         log.error("%s%s: %s", exc.strerror, where, exc)
         if not errors_shown:
-            print("iperf_server.py: error:%s: %s" % (where, exc.strerror or exc), file=sys.stderr)
+            say("error", "%s%s" % (where.strip() + ": " if where else "", exc.strerror or exc))
         return EXIT_FAILED
 
 

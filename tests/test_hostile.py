@@ -461,7 +461,7 @@ def test_sigterm_during_a_rebuild_stops_it_in_one_line(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert "Traceback" not in stderr, stderr
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr)
-    assert stderr.strip().splitlines() == ["iperf_client.py report: stopped by SIGTERM"]
+    assert stderr.strip().splitlines() == ["iperf_client.py: stopped by SIGTERM"]
     assert not [name for name in os.listdir(str(tmp_path)) if name.endswith(".tmp")]
 
 

@@ -3,6 +3,9 @@
 import os
 import re
 import subprocess
+import sys
+
+import pytest
 
 import iperf_server
 from conftest import ROOT, kill_pid, listening, require
@@ -50,3 +53,28 @@ def test_quick_start_main_job_measures_loopback_both_ways(tmp_path, iperf3):
     finally:
         for pid in iperf_server.our_daemons(pidfile):
             kill_pid(pid)
+
+
+def test_one_version_for_both_scripts_and_the_package():
+    import configparser
+    import iperf_client
+    import iperf_server
+    assert iperf_client.__version__ == iperf_server.__version__
+    config = configparser.ConfigParser()
+    config.read(str(ROOT / "setup.cfg"))
+    assert config["metadata"]["version"] == "attr: iperf_server.__version__"
+
+
+@pytest.mark.parametrize("script,command", [("iperf_client.py", "iperf-client"),
+                                            ("iperf_server.py", "iperf-server")])
+def test_an_installed_command_names_itself_as_invoked(tmp_path, script, command):
+    """pip installs the scripts as iperf-client and iperf-server: their lines say so."""
+    link = tmp_path / command
+    link.symlink_to(ROOT / script)
+    done = subprocess.run([sys.executable, str(link), "--version"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert done.stdout.strip().startswith(command + " 2."), done.stdout
+    done = subprocess.run([sys.executable, str(link), "--no-such-flag"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert done.returncode == 2 and done.stderr.startswith(command + ": error: "), done.stderr
+    assert done.stderr.count("\n") == 1

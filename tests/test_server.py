@@ -389,10 +389,10 @@ def test_failing_daemon_start_reports_iperf3s_words(host, fake_iperf3):
     assert_one_line_error(done, 1, "iperf3 failed to start", "not supported")
 
 
-def test_main_in_process_rejects_owned_options():
-    with pytest.raises(SystemExit) as exit_info:
-        iperf_server.main(["--", "--daemon"])
-    assert exit_info.value.code == 2
+def test_main_in_process_returns_2_for_owned_options(capsys):
+    assert iperf_server.main(["--", "--daemon"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--daemon" in err
 
 
 FIGURES = ('{"end": {"sum_sent": {"bits_per_second": 8e6}, '
@@ -456,3 +456,11 @@ def test_guards_added_by_version_are_not_settings():
 ])
 def test_version_is_read_from_the_banner(text, version):
     assert iperf_server.parse_version(text) == version
+
+
+def test_arguments_after_the_double_dash_add_to_the_setting(monkeypatch):
+    """As in iperf_client.py: IPERF_EXTRA_ARGS holds what every run needs, `--` adds to it."""
+    monkeypatch.setattr(iperf_server, "IPERF_EXTRA_ARGS", ["--forceflush"])
+    assert iperf_server.split_extra(["-p", "1", "--", "-V"]) == (["-p", "1"],
+                                                               ["--forceflush", "-V"])
+    assert iperf_server.split_extra(["-p", "1"]) == (["-p", "1"], ["--forceflush"])
