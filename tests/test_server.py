@@ -461,6 +461,6 @@ def test_version_is_read_from_the_banner(text, version):
 def test_arguments_after_the_double_dash_add_to_the_setting(monkeypatch):
     """As in iperf_client.py: IPERF_EXTRA_ARGS holds what every run needs, `--` adds to it."""
     monkeypatch.setattr(iperf_server, "IPERF_EXTRA_ARGS", ["--forceflush"])
-    assert iperf_server.split_extra(["-p", "1", "--", "-V"]) == (["-p", "1"],
-                                                               ["--forceflush", "-V"])
+    ours, extra = iperf_server.split_extra(["-p", "1", "--", "-V"])
+    assert (ours, extra) == (["-p", "1"], ["--forceflush", "-V"])
     assert iperf_server.split_extra(["-p", "1"]) == (["-p", "1"], ["--forceflush"])
