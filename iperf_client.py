@@ -93,6 +93,10 @@ LEDGER_COLUMNS = (
     "timestamp", "run", "prefix", "direction", "server", "port", "streams", "duration", "status",
     "error", "sent_bps", "received_bps", "retransmits", "attempts", "file",
 )
+# A ledger row, on the run side as on the report side, is a list of strings in the order of
+# LEDGER_COLUMNS, and Col names each position: row[Col.DIRECTION], row[Col.RECEIVED_BPS]. (The
+# ledger file may order its columns otherwise: it is read by its header, see read_ledger.)
+Col = type("Col", (), {name.upper(): index for index, name in enumerate(LEDGER_COLUMNS)})
 # direction -> (file suffix, extra iperf3 flag); forward runs first, as in the original.
 DIRECTIONS = (("forward", "_client.json", []), ("reverse", "_server.json", ["-R"]))
 EX_TEMPFAIL = 75
@@ -407,7 +411,7 @@ def local_utc_offset(seconds):
 
 
 def ledger_row(document, file_name):
-    """The ledger row (a dict keyed by LEDGER_COLUMNS) for one result document.
+    """The ledger row (a list, see Col) for one result document.
 
     Reads the "continuous_iperf" metadata this script writes, and iperf3's own keys for the start
     time and the figures. Used after each test and when the ledger is rebuilt from the files.
@@ -441,7 +445,7 @@ def ledger_row(document, file_name):
         "attempts": meta.get("attempts", ""),
         "file": file_name,
     }
-    return {key: "" if value is None else str(value) for key, value in row.items()}
+    return [str(row[column]) if row[column] is not None else "" for column in LEDGER_COLUMNS]
 
 
 def encode_result(document):
@@ -465,9 +469,9 @@ SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
 SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 SUMMARY_KEYS = ("count", "ok", "failed", "min_bps", "p5_bps", "median_bps", "mean_bps", "p95_bps",
                 "max_bps", "retransmits")
-COL = {name: index for index, name in enumerate(LEDGER_COLUMNS)}
 NUMBER_COLUMNS = ("port", "streams", "duration", "sent_bps", "received_bps", "retransmits",
                   "attempts")
+NUMBER_POSITIONS = [LEDGER_COLUMNS.index(column) for column in NUMBER_COLUMNS]
 # A row whose cells, joined by \x1f, match this needs no escaping: its number cells are JSON
 # numbers or empty, its string cells hold no quote, backslash or control character.
 _ROW_OK_RE = re.compile("\x1f".join(
@@ -516,15 +520,15 @@ def row_time(timestamp):
 def select_rows(rows, prefix=None, since=None, until=None, direction="both"):
     """The ledger rows (lists) of one prefix, direction and period [since, until)."""
     if prefix is not None:
-        rows = [row for row in rows if row[COL["prefix"]] == prefix]
+        rows = [row for row in rows if row[Col.PREFIX] == prefix]
     if direction != "both":
-        rows = [row for row in rows if row[COL["direction"]] == direction]
+        rows = [row for row in rows if row[Col.DIRECTION] == direction]
     if since is not None or until is not None:
         low = float("-inf") if since is None else since
         high = float("inf") if until is None else until
         kept = []
         for row in rows:
-            moment = row_time(row[0])
+            moment = row_time(row[Col.TIMESTAMP])
             if moment is not None and low <= moment < high:
                 kept.append(row)
         rows = kept
@@ -558,16 +562,16 @@ def _floats(cells):
 
 def _received(rows):
     """(row, received_bps) of the ok rows that have a figure."""
-    ok = [row for row in rows if row[COL["status"]] == "ok" and row[COL["received_bps"]]]
+    ok = [row for row in rows if row[Col.STATUS] == "ok" and row[Col.RECEIVED_BPS]]
     try:
-        values = list(map(float, (row[COL["received_bps"]] for row in ok)))
+        values = list(map(float, (row[Col.RECEIVED_BPS] for row in ok)))
         if math.isfinite(sum(values)):  # no nan or inf hiding in a hand-edited ledger
             return list(zip(ok, values))
     except ValueError:
         pass
     pairs = []  # the slow way, cell by cell
     for row in ok:
-        values = _floats([row[COL["received_bps"]]])
+        values = _floats([row[Col.RECEIVED_BPS]])
         if values:
             pairs.append((row, values[0]))
     return pairs
@@ -576,9 +580,9 @@ def _received(rows):
 def summarize(rows, received=None):
     """Statistics of one direction's rows: SUMMARY_KEYS -> numbers (bits/s; None when no ok
     row has a figure). `received` is _received(rows) when the caller has it already."""
-    ok_rows = [row for row in rows if row[COL["status"]] == "ok"]
+    ok_rows = [row for row in rows if row[Col.STATUS] == "ok"]
     values = sorted(value for _, value in (_received(rows) if received is None else received))
-    cells = [row[COL["retransmits"]] for row in ok_rows if row[COL["retransmits"]]]
+    cells = [row[Col.RETRANSMITS] for row in ok_rows if row[Col.RETRANSMITS]]
     try:
         retransmits = sum(map(int, cells))
     except ValueError:  # "12.0" or worse from a hand-edited ledger: the slow way
@@ -608,11 +612,11 @@ def summary_of(rows, direction="both", received=None):
     by_rows = {name: [] for name in names}
     by_received = {name: [] for name in names}
     for row in rows:
-        if row[3] in by_rows:  # 3: direction
-            by_rows[row[3]].append(row)
+        if row[Col.DIRECTION] in by_rows:
+            by_rows[row[Col.DIRECTION]].append(row)
     for pair in received:
-        if pair[0][3] in by_received:
-            by_received[pair[0][3]].append(pair)
+        if pair[0][Col.DIRECTION] in by_received:
+            by_received[pair[0][Col.DIRECTION]].append(pair)
     return {name: summarize(by_rows[name], by_received[name]) for name in names}
 
 
@@ -657,14 +661,14 @@ def medians_by_hour(received):
     `received` is _received(rows)."""
     by_hour = collections.defaultdict(list)
     for row, value in received:
-        by_hour[row[3], row[0][11:13]].append(value)  # 3: direction; [11:13]: the hour
+        by_hour[row[Col.DIRECTION], row[Col.TIMESTAMP][11:13]].append(value)  # "THH": hour
     return {key: (percentile(sorted(values), 0.5), len(values))
             for key, values in by_hour.items()}
 
 
 def failed_rows(rows):
     """The rows of failed tests, in ledger order."""
-    return [row for row in rows if row[COL["status"]] != "ok"]
+    return [row for row in rows if row[Col.STATUS] != "ok"]
 
 
 def text_report(rows, summary, folder, prefix, since, until, received=None, now=None):
@@ -677,7 +681,7 @@ def text_report(rows, summary, folder, prefix, since, until, received=None, now=
         return lines
     # The first and last test: compare timestamps as text within each UTC offset (DST changes
     # it), then parse only those few.
-    stamps = [row[0] for row in rows]
+    stamps = [row[Col.TIMESTAMP] for row in rows]
     offsets = {stamp[-6:] for stamp in stamps}
     bounds = {}
     if len(offsets) == 1:  # the common case: no DST change in the period
@@ -694,7 +698,7 @@ def text_report(rows, summary, folder, prefix, since, until, received=None, now=
     moments = [m for m in map(row_time, [t for pair in bounds.values() for t in pair])
                if m is not None]
     if moments:
-        runs = len(set(map(operator.itemgetter(COL["prefix"], COL["run"]), rows)))
+        runs = len(set(map(operator.itemgetter(Col.PREFIX, Col.RUN), rows)))
         lines.append("period: %s to %s, %d run%s" % (
             iso_time(min(moments)), iso_time(max(moments)), runs, "" if runs == 1 else "s"))
         if now is not None and max(moments) > now + FUTURE_SLACK:
@@ -726,15 +730,15 @@ def text_report(rows, summary, folder, prefix, since, until, received=None, now=
     lowest = heapq.nsmallest(5, received, key=lambda pair: pair[1])
     if lowest:
         lines += ["", "lowest runs (received):"]
-        lines += ["  %s %-7s %12s  %s" % (row[0], row[COL["direction"]], human_bps(value),
-                                          row[COL["file"]]) for row, value in lowest]
+        lines += ["  %s %-7s %12s  %s" % (row[Col.TIMESTAMP], row[Col.DIRECTION], human_bps(value),
+                                          row[Col.FILE]) for row, value in lowest]
     failed = failed_rows(rows)
     if failed:
         lines += ["", "failed runs (%s):" % (
             "all %d" % len(failed) if len(failed) <= 10 else "the last 10 of %d" % len(failed))]
-        lines += ["  %s %-7s %s" % (row[0], row[COL["direction"]], row[COL["error"]])
+        lines += ["  %s %-7s %s" % (row[Col.TIMESTAMP], row[Col.DIRECTION], row[Col.ERROR])
                   for row in failed[-10:]]
-        counts = collections.Counter(row[COL["error"]] for row in failed)
+        counts = collections.Counter(row[Col.ERROR] for row in failed)
         if len(failed) > 10:
             lines += ["", "errors, most frequent first:"]
             lines += ["  %6d  %s" % (n, error) for error, n in counts.most_common(5)]
@@ -747,28 +751,30 @@ def complete_row(row, document, file_name):
     start = document.get("start") if isinstance(document.get("start"), dict) else {}
     test_start = start.get("test_start") if isinstance(start.get("test_start"), dict) else {}
     connecting = start.get("connecting_to") if isinstance(start.get("connecting_to"), dict) else {}
-    if not row["direction"]:
+    if not row[Col.DIRECTION]:
         if test_start.get("reverse") in (0, 1):
-            row["direction"] = "reverse" if test_start["reverse"] else "forward"
+            row[Col.DIRECTION] = "reverse" if test_start["reverse"] else "forward"
         elif named:
-            row["direction"] = "reverse" if named.group("side") == "server" else "forward"
-    fill = {"server": connecting.get("host"), "port": connecting.get("port"),
-            "streams": test_start.get("num_streams"), "duration": test_start.get("duration")}
+            row[Col.DIRECTION] = "reverse" if named.group("side") == "server" else "forward"
+    fill = {Col.SERVER: connecting.get("host"), Col.PORT: connecting.get("port"),
+            Col.STREAMS: test_start.get("num_streams"),
+            Col.DURATION: test_start.get("duration")}
     if named:
-        fill["run"] = named.group("run")
-        fill["prefix"] = named.group("prefix")
+        fill[Col.RUN] = named.group("run")
+        fill[Col.PREFIX] = named.group("prefix")
         moment = run_time(named.group("run"))
-        fill["timestamp"] = iso_time(moment) if moment is not None else None
-    for key, value in fill.items():
-        if not row[key] and value is not None:
-            row[key] = str(value)
+        fill[Col.TIMESTAMP] = iso_time(moment) if moment is not None else None
+    for position, value in fill.items():
+        if not row[position] and value is not None:
+            row[position] = str(value)
     return row
 
 
 def unreadable_row(file_name, reason):
     """The ledger row of a result file that cannot be read."""
-    row = dict.fromkeys(LEDGER_COLUMNS, "")
-    row.update(file=file_name, status="error", error=one_line("unreadable result: %s" % reason))
+    row = [""] * len(LEDGER_COLUMNS)
+    row[Col.FILE], row[Col.STATUS] = file_name, "error"
+    row[Col.ERROR] = one_line("unreadable result: %s" % reason)
     return complete_row(row, {}, file_name)
 
 
@@ -892,10 +898,10 @@ def time_ticks(start, end, most=8):
 def time_series(rows, received, direction):
     """The tests of one direction in time order: [(unix seconds, received bits/s or None for a
     failed test, row)]; `received` is _received(rows), the text report's figures."""
-    points = [(row_time(row[0]), value, row) for row, value in received
-              if row[COL["direction"]] == direction]
-    points += [(row_time(row[0]), None, row) for row in failed_rows(rows)
-               if row[COL["direction"]] == direction]
+    points = [(row_time(row[Col.TIMESTAMP]), value, row) for row, value in received
+              if row[Col.DIRECTION] == direction]
+    points += [(row_time(row[Col.TIMESTAMP]), None, row) for row in failed_rows(rows)
+               if row[Col.DIRECTION] == direction]
     return sorted((p for p in points if p[0] is not None), key=lambda p: p[0])
 
 
@@ -1022,7 +1028,7 @@ def svg_time_chart(series, medians, start, end, width=SVG_WIDTH, height=330):
                        '<title>%s</title></path>' % (
                            name, colour, x - 3, band - 3, html.escape("%s %s failed%s: %s" % (
                                failed[-1][0], name, " (%d tests)" % len(failed)
-                               if len(failed) > 1 else "", failed[-1][COL["error"]]))))
+                               if len(failed) > 1 else "", failed[-1][Col.ERROR]))))
     for index, name in enumerate(series):
         colour, dash, _ = DIRECTION_STYLE[name]
         x = left + 20 + 225 * index
@@ -1119,7 +1125,7 @@ def html_report(rows, summary, folder, prefix, since, until, now, received=None,
            '<p class="meta">%s, %s; made %s</p>' % (
                html.escape(folder), "prefix %s" % html.escape(repr(prefix))
                if prefix is not None else "all prefixes", iso_time(now))]
-    moments = [m for m in (row_time(row[0]) for row in rows) if m is not None]
+    moments = [m for m in (row_time(row[Col.TIMESTAMP]) for row in rows) if m is not None]
     if not moments:
         out.append("<p>No results%s.</p></body></html>" % (
             " in the selected period" if since or until else ""))
@@ -1127,7 +1133,7 @@ def html_report(rows, summary, folder, prefix, since, until, now, received=None,
     first, last = min(moments), max(moments)
     out.append('<p class="meta">period: %s to %s, %d runs; times are local (UTC%s)</p>' % (
         iso_time(first), iso_time(last),
-        len({(row[COL["prefix"]], row[COL["run"]]) for row in rows}),
+        len({(row[Col.PREFIX], row[Col.RUN]) for row in rows}),
         iso_time(last)[19:] or "+00:00"))
     start = since if since is not None else first
     end = min(until, max(now, last)) if until is not None else last
@@ -1157,8 +1163,8 @@ def html_report(rows, summary, folder, prefix, since, until, now, received=None,
             "All %d" % len(failed) if len(failed) <= failed_limit
             else "The latest %d of %d" % (failed_limit, len(failed))))
         out.append(_html_table(("time", "direction", "error", "file"), [
-            [row[0][:10] + " " + row[0][11:19], row[COL["direction"]], row[COL["error"]],
-             row[COL["file"]]] for row in shown], "failed", (0, 1, 3), 2))
+            [row[Col.TIMESTAMP][:10] + " " + row[Col.TIMESTAMP][11:19], row[Col.DIRECTION],
+             row[Col.ERROR], row[Col.FILE]] for row in shown], "failed", (0, 1, 3), 2))
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
@@ -1214,23 +1220,23 @@ def _prom_number(cell):
 
 
 def run_samples(rows, server, port):
-    """The samples of one run: `rows` are its ledger rows (dicts), one per test that ran.
+    """The samples of one run: `rows` are its ledger rows, one per test that ran.
 
     A failed test gives success 0 and no throughput or retransmit series (0 bits/s would be a
     lie that drags averages down).
     """
     samples = []
-    starts = [row_time(row["timestamp"]) for row in rows]
+    starts = [row_time(row[Col.TIMESTAMP]) for row in rows]
     starts = [moment for moment in starts if moment is not None]
     if starts:
         samples.append(("iperf_last_run_timestamp_seconds",
                         {"server": server, "port": str(port)}, _prom_number(str(min(starts)))))
     for row in rows:
-        labels = {"server": server, "port": str(port), "direction": row["direction"]}
-        ok = row["status"] == "ok"
+        labels = {"server": server, "port": str(port), "direction": row[Col.DIRECTION]}
+        ok = row[Col.STATUS] == "ok"
         samples.append(("iperf_success", labels, "1" if ok else "0"))
         for metric, column, _ in PROMETHEUS_METRICS[:3]:
-            value = _prom_number(row[column]) if ok else None
+            value = _prom_number(row[LEDGER_COLUMNS.index(column)]) if ok else None
             if value is not None:
                 samples.append((metric, labels, value))
     return samples
@@ -1240,7 +1246,7 @@ def prometheus_text(existing, rows, server, port):
     """The new textfile: `existing` (the file's text, "" when new) with this client's
     server/port series replaced by the samples of this run's `rows`; other clients' series
     are kept. A direction this run did not test (stopped by a signal) keeps its last series."""
-    tested = {row["direction"] for row in rows}
+    tested = {row[Col.DIRECTION] for row in rows}
     port = str(port)
     kept = []
     for metric, labels, value in parse_textfile(existing):
@@ -1278,8 +1284,8 @@ def usual_interval(rows):
     None with fewer than three runs."""
     starts = {}
     for row in rows[-INTERVAL_ROWS:]:
-        moment = row_time(row[0])
-        key = (row[COL["prefix"]], row[COL["run"]])
+        moment = row_time(row[Col.TIMESTAMP])
+        key = (row[Col.PREFIX], row[Col.RUN])
         if moment is not None and moment < starts.get(key, float("inf")):
             starts[key] = moment
     by_prefix = {}
@@ -1319,8 +1325,8 @@ def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
     latest = {}  # the last row of each direction in ledger order: the latest written
     future = None
     for row in rows:
-        moment = row_time(row[0])
-        name = row[COL["direction"]]
+        moment = row_time(row[Col.TIMESTAMP])
+        name = row[Col.DIRECTION]
         if moment is not None and name in directions:
             latest[name] = (moment, row)
             if moment > now + FUTURE_SLACK:
@@ -1338,10 +1344,10 @@ def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
             notes.append(("UNKNOWN", "%s: no result" % name))
         else:
             moment, row = latest[name]
-            values = _floats([row[COL["received_bps"]]])
-            if row[COL["status"]] != "ok":
+            values = _floats([row[Col.RECEIVED_BPS]])
+            if row[Col.STATUS] != "ok":
                 notes.append(("CRITICAL", "%s test failed at %s: %s" % (
-                    name, row[0], one_line(row[COL["error"]], 200))))
+                    name, row[Col.TIMESTAMP], one_line(row[Col.ERROR], 200))))
             elif not values:
                 notes.append(("UNKNOWN", "%s: no throughput figure" % name))
             else:
@@ -1630,7 +1636,7 @@ def _fsync_dir(folder):
 
 
 def append_ledger(path, row):
-    """Append one row (a dict) to the ledger, with the header first when the file is new or
+    """Append one row (see Col) to the ledger, with the header first when the file is new or
     empty, its cells in the order of the file's own header (a newer version's extra columns
     stay empty).
 
@@ -1648,7 +1654,8 @@ def append_ledger(path, row):
             cells = next(csv.reader([first]), [])
             if header_layout(cells) is not None:
                 header = [cell.strip() for cell in cells]
-        text = csv_line([row.get(column, "") for column in header])
+        cells = dict(zip(LEDGER_COLUMNS, row))
+        text = csv_line([cells.get(column, "") for column in header])
         if size == 0:
             text = csv_line(LEDGER_COLUMNS) + text
         elif os.pread(fd, 1, size - 1) != b"\n":
@@ -1926,7 +1933,8 @@ def header_layout(header):
     where = {name: index for index, name in enumerate(names)}
     if len(where) != len(names) or any(name not in where for name in LEDGER_COLUMNS):
         return None
-    return [where[name] for name in LEDGER_COLUMNS], [name for name in names if name not in COL]
+    return ([where[name] for name in LEDGER_COLUMNS],
+            [name for name in names if name not in LEDGER_COLUMNS])
 
 
 def _mapper(header):
@@ -1947,16 +1955,16 @@ def well_formed(row):
     a result file's name, a known status, numbers where numbers go, a readable timestamp. A
     line cut short by a crash while it was appended is not (it may even have the right number
     of cells, when the cut fell inside the last one)."""
-    if not RESULT_NAME_RE.match(row[COL["file"]]) or row[COL["status"]] not in ("ok", "error"):
+    if not RESULT_NAME_RE.match(row[Col.FILE]) or row[Col.STATUS] not in ("ok", "error"):
         return False
-    for column in NUMBER_COLUMNS:
-        cell = row[COL[column]]
+    for position in NUMBER_POSITIONS:
+        cell = row[position]
         if cell:
             try:
                 float(cell)
             except ValueError:
                 return False
-    return not row[0] or row_time(row[0]) is not None
+    return not row[Col.TIMESTAMP] or row_time(row[Col.TIMESTAMP]) is not None
 
 
 def _parse_lines(lines):
@@ -2068,7 +2076,7 @@ def salvage_ledger(path, extra=None):
             if mapper is not None:
                 (getter, names), width = mapper, len(cells)
                 continue
-            if sum(cell.strip() in COL for cell in cells) >= len(LEDGER_COLUMNS) // 2:
+            if sum(cell.strip() in LEDGER_COLUMNS for cell in cells) >= len(LEDGER_COLUMNS) // 2:
                 continue  # a damaged header: the standard order is the best guess
         row = list(getter(cells)) if getter and len(cells) == width else cells
         if len(cells) == width and well_formed(row):
@@ -2118,9 +2126,8 @@ def read_result_file(path, with_start=False):
         row = complete_row(ledger_row(document, name), document, name)
     except Exception as exc:  # noqa: B902 -- whatever a file holds is a row, never a crash
         reason = getattr(exc, "strerror", None) or exc
-        row = [unreadable_row(name, reason)[column] for column in LEDGER_COLUMNS]
+        row = unreadable_row(name, reason)
         return (None, row) if with_start else row
-    row = [row[column] for column in LEDGER_COLUMNS]
     if not with_start:
         return row
     meta = document.get("continuous_iperf")
@@ -2140,10 +2147,10 @@ def _ledger_order(item):
     repeats) and the ledger's whole seconds only stand in when the precise start is unknown."""
     start, row = item
     if start is None:
-        start = row_time(row[COL["timestamp"]])
+        start = row_time(row[Col.TIMESTAMP])
     if start is None:
-        start = run_time(row[COL["run"]]) or 0.0
-    return (start, row[COL["direction"]] != "forward", row[COL["file"]])
+        start = run_time(row[Col.RUN]) or 0.0
+    return (start, row[Col.DIRECTION] != "forward", row[Col.FILE])
 
 
 def rebuild_ledger(folder, jobs=None):
@@ -2183,7 +2190,7 @@ def rebuild_ledger(folder, jobs=None):
     for row in old_rows:
         if not well_formed(row):
             dropped = max(dropped, 0) + 1
-        elif row[COL["file"]] not in present:
+        elif row[Col.FILE] not in present:
             kept.append(row)
     if dropped:
         # What could not be salvaged from it may matter to a person, and exists nowhere else.
@@ -2191,9 +2198,9 @@ def rebuild_ledger(folder, jobs=None):
         say("the old ledger was damaged (%d line%s not kept); it is saved as %s"
             % (max(dropped, 0), "" if dropped == 1 else "s", copy))
     # A newer version's extra columns stay, after ours, with the cells it wrote.
-    extra_of = {row[COL["file"]]: row[len(LEDGER_COLUMNS):] for row in old_rows} if extra else {}
+    extra_of = {row[Col.FILE]: row[len(LEDGER_COLUMNS):] for row in old_rows} if extra else {}
     blank = [""] * len(extra)
-    items = [(start, row + extra_of.get(row[COL["file"]], blank)) for start, row in items]
+    items = [(start, row + extra_of.get(row[Col.FILE], blank)) for start, row in items]
     items += [(None, row) for row in kept]
     items.sort(key=_ledger_order)
     rows = [row for _, row in items]
@@ -2686,7 +2693,7 @@ def _latest_rows(folder, options, since, until):
     while True:
         tail, whole = read_ledger_tail(ledger, wanted)
         rows = select_rows(tail, options.prefix, since, until, options.direction)
-        found = {row[COL["direction"]] for row in rows}
+        found = {row[Col.DIRECTION] for row in rows}
         if whole or (len(rows) >= INTERVAL_ROWS and found >= set(
                 directions_of(options.direction))):
             return rows

@@ -39,6 +39,11 @@ doc = {"start": {"timestamp": {"timesecs": 1700000000 + reverse},
 
 # --- helpers ------------------------------------------------------------------------------------
 
+def named(row):
+    """A ledger row (a list in LEDGER_COLUMNS order) as a dict, for assertions by name."""
+    return dict(zip(COLUMNS, row))
+
+
 def read_ledger(folder):
     with open(os.path.join(str(folder), "results.csv"), newline="") as handle:
         rows = list(csv.reader(handle))
@@ -569,8 +574,8 @@ def test_ledger_row_from_a_known_document():
                    "sum_received": {"bits_per_second": 123456789.123}},
            "error": "a\nmulti-line,  error"}
     row = iperf_client.ledger_row(doc, "p20240101_000000_server.json")
-    assert list(row) == COLUMNS
-    assert row == {
+    assert len(row) == len(COLUMNS) and all(isinstance(cell, str) for cell in row)
+    assert dict(zip(COLUMNS, row)) == {
         "timestamp": iperf_client.iso_time(1704067201), "run": "20240101_000000",
         "prefix": "p", "direction": "reverse", "server": "s", "port": "5201", "streams": "4",
         "duration": "10", "status": "error", "error": "a multi-line, error",
@@ -616,7 +621,7 @@ def test_a_result_without_figures_is_an_error_with_iperf3s_own_words(stdout, std
                                                                      returncode, error):
     doc = iperf_client.result_document(stdout, stderr, returncode)
     assert doc["error"] == error
-    row = iperf_client.ledger_row(doc, "20240101_000000_client.json")
+    row = named(iperf_client.ledger_row(doc, "20240101_000000_client.json"))
     assert (row["status"], row["error"], row["sent_bps"]) == ("error", error, "")
 
 
@@ -624,14 +629,15 @@ def test_an_old_file_without_figures_or_error_is_rebuilt_as_an_error():
     """Files written before this check (3.9 runs recorded as ok) tell the truth on --rebuild."""
     doc = json.loads(EMPTY_END_39)
     doc["continuous_iperf"] = {"exit_code": 1, "direction": "forward"}
-    row = iperf_client.ledger_row(doc, "20240101_000000_client.json")
+    row = named(iperf_client.ledger_row(doc, "20240101_000000_client.json"))
     assert (row["status"], row["error"]) == ("error", "iperf3 reported no result (exit 1)")
 
 
 def test_a_udp_result_of_an_old_iperf3_has_its_one_sum_as_figures():
     doc = {"start": {"test_start": {"protocol": "UDP"}},
            "end": {"sum": {"bits_per_second": 1e6, "lost_percent": 0.5}}}
-    row = iperf_client.ledger_row(iperf_client.result_document(json.dumps(doc), "", 0), "f")
+    row = named(iperf_client.ledger_row(iperf_client.result_document(json.dumps(doc), "", 0),
+                                        "f"))
     figures = (row["status"], row["sent_bps"], row["received_bps"])
     assert figures == ("ok", "1000000.0", "1000000.0")
 

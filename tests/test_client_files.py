@@ -13,9 +13,8 @@ import pytest
 import iperf_client
 from conftest import CLIENT_SCRIPT, assert_one_line_error
 
-ROW = dict(zip(iperf_client.LEDGER_COLUMNS, ["2026-01-01T00:00:00+00:00", "20260101_000000", "",
-                                             "forward", "h", "5201", "2", "1", "ok", "", "1.5",
-                                             "1.25", "0", "1", "20260101_000000_client.json"]))
+ROW = ["2026-01-01T00:00:00+00:00", "20260101_000000", "", "forward", "h", "5201", "2", "1", "ok",
+       "", "1.5", "1.25", "0", "1", "20260101_000000_client.json"]  # in LEDGER_COLUMNS order
 
 
 def ledger_rows(path):
@@ -27,9 +26,11 @@ def test_append_after_a_last_line_without_newline_keeps_both_rows(tmp_path):
     ledger = tmp_path / "results.csv"
     iperf_client.append_ledger(str(ledger), ROW)
     ledger.write_bytes(ledger.read_bytes().rstrip(b"\n"))  # as an editor may save it
-    iperf_client.append_ledger(str(ledger), dict(ROW, direction="reverse"))
+    reverse = list(ROW)
+    reverse[iperf_client.Col.DIRECTION] = "reverse"
+    iperf_client.append_ledger(str(ledger), reverse)
     rows = ledger_rows(ledger)
-    assert [row[3] for row in rows[1:]] == ["forward", "reverse"]
+    assert [row[iperf_client.Col.DIRECTION] for row in rows[1:]] == ["forward", "reverse"]
     assert all(len(row) == len(iperf_client.LEDGER_COLUMNS) for row in rows)
 
 
@@ -113,8 +114,7 @@ def rebuild(folder):
 @pytest.mark.parametrize("damage", ["header", "bad-line"])
 def test_rebuild_salvages_rows_whose_files_are_gone(tmp_path, damage):
     """After --keep-days the ledger's old rows exist nowhere else: damage must not cost them."""
-    rows = [[cell.replace("000000", "00000%d" % n) for cell in
-             (ROW[column] for column in iperf_client.LEDGER_COLUMNS)] for n in range(6)]
+    rows = [[cell.replace("000000", "00000%d" % n) for cell in ROW] for n in range(6)]
     header = list(iperf_client.LEDGER_COLUMNS)
     if damage == "header":
         header[0] = "tmestamp"  # misspelled: the header no longer says where "timestamp" is

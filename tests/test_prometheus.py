@@ -126,13 +126,14 @@ def test_unwritable_textfile_is_one_error_line_and_the_results_stay(iperf3_serve
 def ledger_rows(server_port, direction_status):
     rows = []
     for index, (direction, status) in enumerate(direction_status):
-        rows.append({
+        cells = {
             "timestamp": iperf_client.iso_time(1700000000 + 60 * index), "run": "x",
             "prefix": "", "direction": direction, "server": server_port[0],
             "port": str(server_port[1]), "streams": "2", "duration": "1", "status": status,
             "error": "" if status == "ok" else "boom", "sent_bps": "1000.5",
             "received_bps": "999.25", "retransmits": "" if direction == "reverse" else "4",
-            "attempts": "1", "file": "f"})
+            "attempts": "1", "file": "f"}
+        rows.append([cells[column] for column in iperf_client.LEDGER_COLUMNS])
     return rows
 
 
