@@ -1803,58 +1803,14 @@ class Progress:
 
 def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=None,
              rng=random):
-    """Run one direction's test with its retries; write its result file; return the document.
-
-    A busy server is retried after a random pause until --busy-wait seconds have passed (not
-    counted as retries); other failures are retried --retries times. The file holds the last
-    attempt, with the "continuous_iperf" metadata; the log holds every attempt.
-    """
+    """Run one direction's test with its retries (see attempt_test); write its result file;
+    return the document. The file holds the last attempt, with the "continuous_iperf"
+    metadata; the log holds every attempt."""
     argv = iperf3_argv(options.iperf3, options.server, options.port, options.duration,
                        options.streams, reverse, options.extra)
-    limit = options.duration + omit_seconds(options.extra) + options.timeout_margin
-    attempts = failures = 0
-    busy_deadline = None
-    while True:
-        attempts += 1
-        started = time.time()
-        log.info("%s test, attempt %d", direction, attempts)
-        outcome = run_command(argv, limit, env=options.iperf3_env, stopper=stopper,
-                              progress=progress)
-        document = result_document(outcome.stdout, outcome.stderr, outcome.returncode,
-                                   outcome.timed_out, outcome.stopped_by, outcome.failure)
-        error = document.get("error")
-        if outcome.stderr.strip():
-            log.debug("iperf3 stderr: %s", one_line(outcome.stderr, 2000))
-        if error is None:
-            log.info("%s test, attempt %d: ok", direction, attempts)
-            break
-        log.warning("%s test, attempt %d failed: %s", direction, attempts, one_line(error))
-        if stopper.signum is not None:
-            break
-        # Only an error that may hide "busy" asks for the version (a fake or hung iperf3
-        # must not cost a --version call per attempt).
-        version = (iperf3_version(options.iperf3)
-                   if any(mark in error for mark in HIDDEN_BUSY_MARKS) else None)
-        if is_busy(document, version) and not outcome.timed_out:
-            now = time.monotonic()
-            if busy_deadline is None:
-                busy_deadline = now + options.busy_wait
-            if now < busy_deadline:
-                delay = min(rng.uniform(*BUSY_DELAY), busy_deadline - now)
-                log.info("server busy: retrying in %.1f s", delay)
-                stopper.sleep(delay)
-                if stopper.signum is not None:
-                    error = document["error"] = "interrupted by %s; %s" % (stopper.name, error)
-                    break
-                continue
-            log.warning("server still busy after %s s: giving up", options.busy_wait)
-            break
-        failures += 1
-        if failures > options.retries:
-            break
-    # The metadata goes first and "error" (when there is one) last, right after iperf3's "end"
-    # as iperf3 writes it: the ledger's rebuild reads a file's head and tail only.
-    meta = {
+    document, outcome, attempts, started = attempt_test(options, argv, direction, stopper,
+                                                        progress, rng)
+    document = with_metadata(document, {
         "version": __version__,
         "run": run_ts,
         "prefix": options.prefix,
@@ -1869,9 +1825,7 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
         "exit_code": outcome.returncode,
         "stderr": one_line(outcome.stderr, 1000),
         "utc_offset": local_utc_offset(started),
-    }
-    items = [("continuous_iperf", meta)] + [i for i in document.items() if i[0] != "error"]
-    document = dict(items + ([("error", error)] if error is not None else []))
+    })
     data = encode_result(document)
     try:
         write_atomic(file_path, gzip.compress(data, 6) if file_path.endswith(".gz") else data)
@@ -1880,6 +1834,78 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
         log.error("cannot write the result file %s: %s", file_path, exc.strerror or exc)
         document["continuous_iperf"]["unsaved"] = exc.strerror or str(exc)
     return document
+
+
+def attempt_test(options, argv, direction, stopper, progress, rng):
+    """Run one test's attempts; returns the last one's (document, CommandResult, number of
+    attempts, start in Unix seconds).
+
+    A busy server is retried after a random pause until --busy-wait seconds have passed (not
+    counted as retries); other failures are retried --retries times; a signal ends it all.
+    """
+    limit = options.duration + omit_seconds(options.extra) + options.timeout_margin
+    attempts = failures = 0
+    busy_deadline = None
+    while True:
+        attempts += 1
+        started = time.time()
+        log.info("%s test, attempt %d", direction, attempts)
+        outcome = run_command(argv, limit, env=options.iperf3_env, stopper=stopper,
+                              progress=progress)
+        document = result_document(outcome.stdout, outcome.stderr, outcome.returncode,
+                                   outcome.timed_out, outcome.stopped_by, outcome.failure)
+        if outcome.stderr.strip():
+            log.debug("iperf3 stderr: %s", one_line(outcome.stderr, 2000))
+        error = document.get("error")
+        if error is None:
+            log.info("%s test, attempt %d: ok", direction, attempts)
+            break
+        log.warning("%s test, attempt %d failed: %s", direction, attempts, one_line(error))
+        if stopper.signum is not None:
+            break
+        if _busy(options, document) and not outcome.timed_out:
+            busy_deadline = busy_deadline or time.monotonic() + options.busy_wait
+            if not _pause_for_busy_server(busy_deadline, options.busy_wait, stopper, rng):
+                break
+            if stopper.signum is not None:
+                document["error"] = "interrupted by %s; %s" % (stopper.name, error)
+                break
+            continue
+        failures += 1
+        if failures > options.retries:
+            break
+    return document, outcome, attempts, started
+
+
+def _busy(options, document):
+    """is_busy, asking for the version only when the error may hide "busy" (a fake or hung
+    iperf3 must not cost a --version call per attempt)."""
+    error = document.get("error", "")
+    hidden = any(mark in error for mark in HIDDEN_BUSY_MARKS)
+    return is_busy(document, iperf3_version(options.iperf3) if hidden else None)
+
+
+def _pause_for_busy_server(deadline, busy_wait, stopper, rng):
+    """Sleep a random while before retrying a busy server; False (and said) once `deadline`
+    has passed: give up."""
+    now = time.monotonic()
+    if now >= deadline:
+        log.warning("server still busy after %s s: giving up", busy_wait)
+        return False
+    delay = min(rng.uniform(*BUSY_DELAY), deadline - now)
+    log.info("server busy: retrying in %.1f s", delay)
+    stopper.sleep(delay)
+    return True
+
+
+def with_metadata(document, meta):
+    """The result document as its file holds it: our metadata first and iperf3's "error" (when
+    there is one) last, right after its "end", as iperf3 writes it: the ledger's rebuild reads
+    a file's head and tail only."""
+    items = [("continuous_iperf", meta)] + [i for i in document.items() if i[0] != "error"]
+    if "error" in document:
+        items.append(("error", document["error"]))
+    return dict(items)
 
 
 def run_timestamp(folder, prefix):
