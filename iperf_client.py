@@ -1497,21 +1497,7 @@ def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_G
                 continue
             log.warning("%s: sending SIGTERM to %s", "stopping" if result.stopped_by
                         else "hard limit of %s s reached" % format_seconds(limit), argv[0])
-            _signal_group(proc, signal.SIGTERM)
-            try:
-                result.stdout, result.stderr = proc.communicate(timeout=grace)
-            except subprocess.TimeoutExpired:
-                log.warning("%s ignored SIGTERM for %s s: sending SIGKILL", argv[0], grace)
-                _signal_group(proc, signal.SIGKILL)
-                try:
-                    result.stdout, result.stderr = proc.communicate(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    # Something that left the process group still holds the output pipes.
-                    log.warning("%s: output still open after SIGKILL; giving up on it", argv[0])
-                    proc.kill()
-                    proc.wait()
-                    proc.stdout.close()
-                    proc.stderr.close()
+            result.stdout, result.stderr = _end_process(proc, argv[0], grace)
             break
     finally:
         if proc.poll() is None:  # an unexpected exception: still leave nothing behind
@@ -1519,6 +1505,27 @@ def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_G
             proc.wait()
     result.returncode = proc.returncode
     return result
+
+
+def _end_process(proc, name, grace):
+    """SIGTERM to the command's group (iperf3 then prints its partial JSON), SIGKILL `grace`
+    seconds later; returns what it printed (stdout, stderr)."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        log.warning("%s ignored SIGTERM for %s s: sending SIGKILL", name, grace)
+    _signal_group(proc, signal.SIGKILL)
+    try:
+        return proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        # Something that left the process group still holds the output pipes.
+        log.warning("%s: output still open after SIGKILL; giving up on it", name)
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        return "", ""
 
 
 _versions = {}  # executable -> its version tuple (or None), read once per process
@@ -2524,56 +2531,68 @@ def run(options, stopper):
             delay = random.uniform(0, options.jitter)
             log.info("jitter: sleeping %.1f s", delay)
             stopper.sleep(delay)
-        progress = None
-        if sys.stderr.isatty() and options.quiet == 0:
-            progress = Progress(sys.stderr, options.duration)
-        status = 0
-        rows = []
-        for direction, suffix, flags in DIRECTIONS:
-            if stopper.signum is not None:
-                break
-            file_name = result_name(options.prefix, run_ts, suffix, options.compress)
-            document = run_test(options, direction, bool(flags),
-                                os.path.join(options.results_dir, file_name), run_ts, stopper,
-                                progress(direction) if progress else None)
-            if progress:
-                progress.clear()
-            rows.append(ledger_row(document, file_name))
-            ledger = os.path.join(options.results_dir, LEDGER_NAME)
-            try:
-                append_ledger(ledger, rows[-1])
-            except OSError as exc:
-                raise IperfError("cannot append to the ledger %s: %s (the result files keep "
-                                 "the tests: 'report --rebuild')" % (ledger, exc.strerror or exc))
-            if "unsaved" in document["continuous_iperf"]:
-                status = 1
-            if "error" in document:
-                status = 1
-                logged_in = options.username is not None
-                log.error("%s test failed: %s", direction, explain_error(
-                    document["error"], document["continuous_iperf"]["stderr"],
-                    iperf3_version(options.iperf3) if logged_in else None, logged_in))
-        if options.prometheus_textfile and rows:
-            try:
-                write_textfile(options.prometheus_textfile, rows, options.server, options.port)
-            except OSError as exc:
-                status = status or 1
-                log.error("cannot write the Prometheus textfile %s: %s",
-                          options.prometheus_textfile, exc.strerror or exc)
-        if stopper.signum is not None:
-            log.warning("stopped by %s", stopper.name)
-            return 128 + stopper.signum
-        if options.keep_days:
-            deleted = delete_old_files(options.results_dir, options.prefix, options.keep_days)
-            log.info("deleted %d files older than %d days (their ledger rows stay)",
-                     len(deleted), options.keep_days)
-        log.info("run %s finished: %s", run_ts, "ok" if status == 0 else "a test failed")
-        return status
+        rows, status = run_tests(options, run_ts, stopper)
+        return finish_run(options, run_ts, rows, status, stopper)
     finally:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
         os.close(lock_fd)
+
+
+def run_tests(options, run_ts, stopper):
+    """The run's tests, forward then reverse, each recorded in its file and the ledger as soon
+    as it ends; returns (their ledger rows, 0 or 1 when one failed or was not saved)."""
+    progress = None
+    if sys.stderr.isatty() and options.quiet == 0:
+        progress = Progress(sys.stderr, options.duration)
+    status = 0
+    rows = []
+    ledger = os.path.join(options.results_dir, LEDGER_NAME)
+    for direction, suffix, flags in DIRECTIONS:
+        if stopper.signum is not None:
+            break
+        file_name = result_name(options.prefix, run_ts, suffix, options.compress)
+        document = run_test(options, direction, bool(flags),
+                            os.path.join(options.results_dir, file_name), run_ts, stopper,
+                            progress(direction) if progress else None)
+        if progress:
+            progress.clear()
+        rows.append(ledger_row(document, file_name))
+        try:
+            append_ledger(ledger, rows[-1])
+        except OSError as exc:
+            raise IperfError("cannot append to the ledger %s: %s (the result files keep the "
+                             "tests: 'report --rebuild')" % (ledger, exc.strerror or exc))
+        if "unsaved" in document["continuous_iperf"]:
+            status = 1
+        if "error" in document:
+            status = 1
+            logged_in = options.username is not None
+            log.error("%s test failed: %s", direction, explain_error(
+                document["error"], document["continuous_iperf"]["stderr"],
+                iperf3_version(options.iperf3) if logged_in else None, logged_in))
+    return rows, status
+
+
+def finish_run(options, run_ts, rows, status, stopper):
+    """After the tests: the Prometheus textfile, old files deleted; returns the exit code."""
+    if options.prometheus_textfile and rows:
+        try:
+            write_textfile(options.prometheus_textfile, rows, options.server, options.port)
+        except OSError as exc:
+            status = status or 1
+            log.error("cannot write the Prometheus textfile %s: %s",
+                      options.prometheus_textfile, exc.strerror or exc)
+    if stopper.signum is not None:
+        log.warning("stopped by %s", stopper.name)
+        return 128 + stopper.signum
+    if options.keep_days:
+        deleted = delete_old_files(options.results_dir, options.prefix, options.keep_days)
+        log.info("deleted %d files older than %d days (their ledger rows stay)",
+                 len(deleted), options.keep_days)
+    log.info("run %s finished: %s", run_ts, "ok" if status == 0 else "a test failed")
+    return status
 
 
 class _CheckParser(_Parser):
