@@ -2196,50 +2196,57 @@ def rebuild_ledger(folder, jobs=None):
     # A file and its gzipped twin (gzip -k) are one test: the plain one is read.
     plain = set(names)
     names = [name for name in names if not (name.endswith(".gz") and name[:-3] in plain)]
-    paths = [os.path.join(folder, name) for name in names]
-    jobs = jobs or os.cpu_count() or 1
-    if jobs > 1 and len(paths) >= 64:
-        try:
-            context = multiprocessing.get_context("fork")
-        except ValueError:
-            context = multiprocessing.get_context()
-        with context.Pool(min(jobs, 32), initializer=_quiet_worker) as pool:
-            items = pool.map(_rebuild_item, paths, chunksize=max(1, len(paths) // (jobs * 8)))
-    else:
-        items = [_rebuild_item(path) for path in paths]
+    items = _read_result_files([os.path.join(folder, name) for name in names], jobs)
     present = set(names)
     for name in names:  # a run's file and its gzipped twin count as one
         present.add(name[:-3] if name.endswith(".gz") else name + ".gz")
     ledger = os.path.join(folder, LEDGER_NAME)
     extra = []
-    try:
-        old_rows, dropped = read_ledger(ledger, extra), 0
-    except LedgerError:
-        old_rows, dropped = [], 0
-        if os.path.exists(ledger):
-            old_rows, dropped = salvage_ledger(ledger, extra)
-            dropped = dropped or -1  # damaged: the original is kept even if every row was
-    kept = []
-    for row in old_rows:
-        if not well_formed(row):
-            dropped = max(dropped, 0) + 1
-        elif row[Col.FILE] not in present:
-            kept.append(row)
-    if dropped:
-        # What could not be salvaged from it may matter to a person, and exists nowhere else.
-        copy = keep_damaged_copy(ledger)
-        say("the old ledger was damaged (%d line%s not kept); it is saved as %s"
-            % (max(dropped, 0), "" if dropped == 1 else "s", copy))
+    old_rows = _old_ledger_rows(ledger, extra)
     # A newer version's extra columns stay, after ours, with the cells it wrote.
     extra_of = {row[Col.FILE]: row[len(LEDGER_COLUMNS):] for row in old_rows} if extra else {}
     blank = [""] * len(extra)
     items = [(start, row + extra_of.get(row[Col.FILE], blank)) for start, row in items]
-    items += [(None, row) for row in kept]
+    items += [(None, row) for row in old_rows if row[Col.FILE] not in present]
     items.sort(key=_ledger_order)
     rows = [row for _, row in items]
     text = csv_line(LEDGER_COLUMNS + tuple(extra)) + "".join(csv_line(row) for row in rows)
     write_atomic(ledger, text.encode("utf-8"))
     return len(rows)
+
+
+def _read_result_files(paths, jobs=None):
+    """(start, row) of each result file, read in worker processes when there are many."""
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1 or len(paths) < 64:
+        return [_rebuild_item(path) for path in paths]
+    try:
+        context = multiprocessing.get_context("fork")
+    except ValueError:
+        context = multiprocessing.get_context()
+    with context.Pool(min(jobs, 32), initializer=_quiet_worker) as pool:
+        return pool.map(_rebuild_item, paths, chunksize=max(1, len(paths) // (jobs * 8)))
+
+
+def _old_ledger_rows(ledger, extra):
+    """The well-formed rows of the ledger being rebuilt (salvaged when it is damaged, with its
+    extra columns' names put in `extra`). When a line is dropped, or the ledger is damaged, a
+    copy of it is kept: what could not be salvaged may matter to a person, and exists nowhere
+    else."""
+    try:
+        rows, dropped = read_ledger(ledger, extra), 0
+    except LedgerError:
+        if not os.path.exists(ledger):
+            return []
+        rows, dropped = salvage_ledger(ledger, extra)
+        dropped = dropped or -1  # damaged: the original is kept even if every row was
+    kept = [row for row in rows if well_formed(row)]
+    dropped = max(dropped, 0) + len(rows) - len(kept) if len(kept) < len(rows) else dropped
+    if dropped:
+        copy = keep_damaged_copy(ledger)
+        say("the old ledger was damaged (%d line%s not kept); it is saved as %s"
+            % (max(dropped, 0), "" if dropped == 1 else "s", copy))
+    return kept
 
 
 def keep_damaged_copy(ledger):
@@ -2770,11 +2777,10 @@ def report_main(argv):
     # argparse also takes an abbreviation such as --che; only --check starts with --ch.
     check = any(arg.startswith("--ch") and "--check".startswith(arg) for arg in argv)
     parser = build_report_parser(_CheckParser if check else _Parser)
+    now = time.time()
     try:
         options = parser.parse_args(argv)
         _check_report_options(parser, options)
-        now = time.time()
-        since = until = None
         try:
             since = parse_when(options.since, now) if options.since is not None else None
             until = parse_when(options.until, now) if options.until is not None else None
@@ -2791,21 +2797,7 @@ def report_main(argv):
     try:
         if options.check:
             return check_main(options, folder, since, until, now)
-        if not os.path.isdir(folder):
-            raise IperfError("cannot read results folder %s: no such folder" % folder)
-        if options.rebuild:
-            lock_fd = take_lock(folder, wait=True)
-            try:
-                count = rebuild_ledger(folder)
-            finally:
-                os.close(lock_fd)
-            say("rebuilt %s: %d rows" % (os.path.join(folder, LEDGER_NAME), count))
-        rows = _ledger_rows(folder)
-        rows = select_rows(rows, options.prefix, since, until, options.direction)
-        if options.html:
-            _write_html(options.html, options, rows, folder, since, until, now)
-        else:
-            _write_report(sys.stdout, options, rows, folder, since, until)
+        return _report(options, folder, since, until, now)
     except BrokenPipeError:
         # `report | head`: the reader has what it wanted. Point stdout at /dev/null so that
         # Python's final flush does not complain either.
@@ -2831,6 +2823,24 @@ def report_main(argv):
         signal.signal(signal.SIGTERM, previous)
         if gc_was_enabled:
             gc.enable()
+
+
+def _report(options, folder, since, until, now):
+    """The report proper (after a --rebuild when asked): text, csv, json or a page."""
+    if not os.path.isdir(folder):
+        raise IperfError("cannot read results folder %s: no such folder" % folder)
+    if options.rebuild:
+        lock_fd = take_lock(folder, wait=True)
+        try:
+            count = rebuild_ledger(folder)
+        finally:
+            os.close(lock_fd)
+        say("rebuilt %s: %d rows" % (os.path.join(folder, LEDGER_NAME), count))
+    rows = select_rows(_ledger_rows(folder), options.prefix, since, until, options.direction)
+    if options.html:
+        _write_html(options.html, options, rows, folder, since, until, now)
+    else:
+        _write_report(sys.stdout, options, rows, folder, since, until)
     return 0
 
 
