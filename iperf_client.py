@@ -2375,25 +2375,8 @@ def build_parser():
     parser.add_argument("--timeout-margin", type=_margin, default=TIMEOUT_MARGIN, metavar="S",
                         help="an attempt is stopped after duration + omit + S seconds "
                              "(default: %(default)s)")
-    parser.add_argument("--compress", action="store_true", default=COMPRESS,
-                        help="write results as .json.gz, about 10x smaller")
-    parser.add_argument("--keep-days", type=_count, default=KEEP_DAYS, metavar="N",
-                        help="after a run, delete this prefix's result and log files of runs "
-                             "older than N days; ledger rows are kept (default: %(default)s, "
-                             "keep forever)")
-    parser.add_argument("--username", default=USERNAME, metavar="NAME",
-                        help="authenticate to the server as NAME (iperf3 3.2+ with OpenSSL); "
-                             "the password comes from --password-file or $IPERF3_PASSWORD")
-    parser.add_argument("--rsa-public-key-path", default=RSA_PUBLIC_KEY_PATH, metavar="FILE",
-                        help="the server's RSA public key (with --username)")
-    parser.add_argument("--password-file", default=PASSWORD_FILE, metavar="FILE",
-                        help="read the password from the first line of FILE, which only its "
-                             "owner may read (default: $IPERF3_PASSWORD)")
-    parser.add_argument("--prometheus-textfile", default=PROMETHEUS_TEXTFILE, metavar="PATH",
-                        help="after each run, write the latest results to PATH in "
-                             "node_exporter's textfile-collector format (a *.prom file in its "
-                             "--collector.textfile.directory); clients testing other servers or "
-                             "ports may share the file")
+    _add_output_flags(parser)
+    _add_auth_flags(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="print the two iperf3 commands and exit; measure nothing")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -2402,6 +2385,33 @@ def build_parser():
                         help="print nothing, not even failed tests (the exit code still tells)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser
+
+
+def _add_output_flags(parser):
+    """What a run keeps, and where."""
+    parser.add_argument("--compress", action="store_true", default=COMPRESS,
+                        help="write results as .json.gz, about 10x smaller")
+    parser.add_argument("--keep-days", type=_count, default=KEEP_DAYS, metavar="N",
+                        help="after a run, delete this prefix's result and log files of runs "
+                             "older than N days; ledger rows are kept (default: %(default)s, "
+                             "keep forever)")
+    parser.add_argument("--prometheus-textfile", default=PROMETHEUS_TEXTFILE, metavar="PATH",
+                        help="after each run, write the latest results to PATH in "
+                             "node_exporter's textfile-collector format (a *.prom file in its "
+                             "--collector.textfile.directory); clients testing other servers or "
+                             "ports may share the file")
+
+
+def _add_auth_flags(parser):
+    """A server that requires a login."""
+    parser.add_argument("--username", default=USERNAME, metavar="NAME",
+                        help="authenticate to the server as NAME (iperf3 3.2+ with OpenSSL); "
+                             "the password comes from --password-file or $IPERF3_PASSWORD")
+    parser.add_argument("--rsa-public-key-path", default=RSA_PUBLIC_KEY_PATH, metavar="FILE",
+                        help="the server's RSA public key (with --username)")
+    parser.add_argument("--password-file", default=PASSWORD_FILE, metavar="FILE",
+                        help="read the password from the first line of FILE, which only its "
+                             "owner may read (default: $IPERF3_PASSWORD)")
 
 
 def _split_extra(argv):
