@@ -1337,29 +1337,16 @@ def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
     if future is not None:
         # A clock jumped: a test dated later than any real one must not pass for the latest.
         notes.append(("WARNING", "a test is dated in the future (%s, %s ahead): a clock is "
-                                 "off" % (future[0], _in_minutes(row_time(future[0]) - now))))
+                                 "off" % (future[Col.TIMESTAMP],
+                                          _in_minutes(row_time(future[Col.TIMESTAMP]) - now))))
     for name in directions:
         figure = None
         if name not in latest:
             notes.append(("UNKNOWN", "%s: no result" % name))
         else:
             moment, row = latest[name]
-            values = _floats([row[Col.RECEIVED_BPS]])
-            if row[Col.STATUS] != "ok":
-                notes.append(("CRITICAL", "%s test failed at %s: %s" % (
-                    name, row[Col.TIMESTAMP], one_line(row[Col.ERROR], 200))))
-            elif not values:
-                notes.append(("UNKNOWN", "%s: no throughput figure" % name))
-            else:
-                figure = values[0]
-                if figure < crit_bps:
-                    notes.append(("CRITICAL", "%s %s < %s" % (
-                        name, human_bps(figure), human_bps(crit_bps))))
-                elif figure < warn_bps:
-                    notes.append(("WARNING", "%s %s < %s" % (
-                        name, human_bps(figure), human_bps(warn_bps))))
-                else:
-                    notes.append(("OK", "%s %s" % (name, human_bps(figure))))
+            figure, note = _judge_latest(name, row, warn_bps, crit_bps)
+            notes.append(note)
             if now - moment > max_age * 60:
                 notes.append(("CRITICAL", "%s: latest test %s old (max %s)" % (
                     name, _in_minutes(now - moment), _in_minutes(max_age * 60))))
@@ -1374,6 +1361,22 @@ def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
     # A "|" in an error message would start the performance data early.
     return state, "%s - %s; latest test %s | %s" % (
         state, ", ".join(text for _, text in notes).replace("|", "/"), age, " ".join(perf))
+
+
+def _judge_latest(name, row, warn_bps, crit_bps):
+    """(its received bits/s or None, (state, text)) of a direction's latest test."""
+    values = _floats([row[Col.RECEIVED_BPS]])
+    if row[Col.STATUS] != "ok":
+        return None, ("CRITICAL", "%s test failed at %s: %s" % (
+            name, row[Col.TIMESTAMP], one_line(row[Col.ERROR], 200)))
+    if not values:
+        return None, ("UNKNOWN", "%s: no throughput figure" % name)
+    figure = values[0]
+    if figure < crit_bps:
+        return figure, ("CRITICAL", "%s %s < %s" % (name, human_bps(figure), human_bps(crit_bps)))
+    if figure < warn_bps:
+        return figure, ("WARNING", "%s %s < %s" % (name, human_bps(figure), human_bps(warn_bps)))
+    return figure, ("OK", "%s %s" % (name, human_bps(figure)))
 
 
 # --- Effects ------------------------------------------------------------------------------------
