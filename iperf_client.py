@@ -679,8 +679,30 @@ def text_report(rows, summary, folder, prefix, since, until, received=None, now=
     if not rows:
         lines.append("no results%s." % (" in the selected period" if since or until else ""))
         return lines
-    # The first and last test: compare timestamps as text within each UTC offset (DST changes
-    # it), then parse only those few.
+    moments = period_of(rows)
+    if moments:
+        runs = len(set(map(operator.itemgetter(Col.PREFIX, Col.RUN), rows)))
+        lines.append("period: %s to %s, %d run%s" % (
+            iso_time(moments[0]), iso_time(moments[1]), runs, "" if runs == 1 else "s"))
+        if now is not None and moments[1] > now + FUTURE_SLACK:
+            lines.append("warning: tests are dated up to %s, in the future: a clock was off "
+                         "when they ran" % iso_time(moments[1]))
+    lines.append("")
+    for name, stats in summary.items():
+        lines += _summary_lines(name, stats)
+    lines += _hour_lines(medians_by_hour(received), list(summary))
+    lowest = heapq.nsmallest(5, received, key=lambda pair: pair[1])
+    if lowest:
+        lines += ["", "lowest runs (received):"]
+        lines += ["  %s %-7s %12s  %s" % (row[Col.TIMESTAMP], row[Col.DIRECTION],
+                                          human_bps(value), row[Col.FILE])
+                  for row, value in lowest]
+    return lines + _failure_lines(failed_rows(rows))
+
+
+def period_of(rows):
+    """(first, last) test start in Unix seconds, or None. Timestamps are compared as text
+    within each UTC offset (DST changes it), and only those few are parsed."""
     stamps = [row[Col.TIMESTAMP] for row in rows]
     offsets = {stamp[-6:] for stamp in stamps}
     bounds = {}
@@ -697,51 +719,50 @@ def text_report(rows, summary, folder, prefix, since, until, received=None, now=
                 pair[1] = stamp
     moments = [m for m in map(row_time, [t for pair in bounds.values() for t in pair])
                if m is not None]
-    if moments:
-        runs = len(set(map(operator.itemgetter(Col.PREFIX, Col.RUN), rows)))
-        lines.append("period: %s to %s, %d run%s" % (
-            iso_time(min(moments)), iso_time(max(moments)), runs, "" if runs == 1 else "s"))
-        if now is not None and max(moments) > now + FUTURE_SLACK:
-            lines.append("warning: tests are dated up to %s, in the future: a clock was off "
-                         "when they ran" % iso_time(max(moments)))
-    lines.append("")
-    for name, stats in summary.items():
-        count = stats["count"]
-        lines.append("%s: %d tests, %d ok, %d failed (%.1f%%)" % (
-            name, count, stats["ok"], stats["failed"],
-            100.0 * stats["failed"] / count if count else 0.0))
-        if stats["median_bps"] is not None:
-            figures = {key: human_bps(stats[key]) for key in SUMMARY_KEYS if key.endswith("_bps")}
-            lines.append("  received: median %(median_bps)s, mean %(mean_bps)s" % figures)
-            lines.append("            p5 %(p5_bps)s, p95 %(p95_bps)s, min %(min_bps)s, "
-                         "max %(max_bps)s" % figures)
-            lines.append("  retransmits: %d (ok tests)" % stats["retransmits"])
-    by_hour = medians_by_hour(received)
-    if by_hour:
-        names = list(summary)
-        lines += ["", "median received by hour of day (local time of the test):",
-                  "  hour" + "".join("%24s" % name for name in names)]
-        for hour in ("%02d" % h for h in range(24)):
-            cells = []
-            for name in names:
-                median, count = by_hour.get((name, hour), (None, 0))
-                cells.append("%24s" % ("%s (%d)" % (human_bps(median), count) if count else "-"))
-            lines.append("  %s  %s" % (hour, "".join(cells)))
-    lowest = heapq.nsmallest(5, received, key=lambda pair: pair[1])
-    if lowest:
-        lines += ["", "lowest runs (received):"]
-        lines += ["  %s %-7s %12s  %s" % (row[Col.TIMESTAMP], row[Col.DIRECTION], human_bps(value),
-                                          row[Col.FILE]) for row, value in lowest]
-    failed = failed_rows(rows)
-    if failed:
-        lines += ["", "failed runs (%s):" % (
-            "all %d" % len(failed) if len(failed) <= 10 else "the last 10 of %d" % len(failed))]
-        lines += ["  %s %-7s %s" % (row[Col.TIMESTAMP], row[Col.DIRECTION], row[Col.ERROR])
-                  for row in failed[-10:]]
+    return (min(moments), max(moments)) if moments else None
+
+
+def _summary_lines(name, stats):
+    count = stats["count"]
+    lines = ["%s: %d tests, %d ok, %d failed (%.1f%%)" % (
+        name, count, stats["ok"], stats["failed"],
+        100.0 * stats["failed"] / count if count else 0.0)]
+    if stats["median_bps"] is not None:
+        figures = {key: human_bps(stats[key]) for key in SUMMARY_KEYS if key.endswith("_bps")}
+        lines.append("  received: median %(median_bps)s, mean %(mean_bps)s" % figures)
+        lines.append("            p5 %(p5_bps)s, p95 %(p95_bps)s, min %(min_bps)s, "
+                     "max %(max_bps)s" % figures)
+        lines.append("  retransmits: %d (ok tests)" % stats["retransmits"])
+    return lines
+
+
+def _hour_lines(by_hour, names):
+    """The table of medians by hour of day (see medians_by_hour), one column a direction."""
+    if not by_hour:
+        return []
+    lines = ["", "median received by hour of day (local time of the test):",
+             "  hour" + "".join("%24s" % name for name in names)]
+    for hour in ("%02d" % h for h in range(24)):
+        cells = []
+        for name in names:
+            median, count = by_hour.get((name, hour), (None, 0))
+            cells.append("%24s" % ("%s (%d)" % (human_bps(median), count) if count else "-"))
+        lines.append("  %s  %s" % (hour, "".join(cells)))
+    return lines
+
+
+def _failure_lines(failed):
+    """The last failed tests and, when there are many, their most frequent errors."""
+    if not failed:
+        return []
+    lines = ["", "failed runs (%s):" % (
+        "all %d" % len(failed) if len(failed) <= 10 else "the last 10 of %d" % len(failed))]
+    lines += ["  %s %-7s %s" % (row[Col.TIMESTAMP], row[Col.DIRECTION], row[Col.ERROR])
+              for row in failed[-10:]]
+    if len(failed) > 10:
         counts = collections.Counter(row[Col.ERROR] for row in failed)
-        if len(failed) > 10:
-            lines += ["", "errors, most frequent first:"]
-            lines += ["  %6d  %s" % (n, error) for error, n in counts.most_common(5)]
+        lines += ["", "errors, most frequent first:"]
+        lines += ["  %6d  %s" % (n, error) for error, n in counts.most_common(5)]
     return lines
 
 
