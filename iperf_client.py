@@ -1165,29 +1165,33 @@ def html_report(rows, summary, folder, prefix, since, until, now, received=None,
         series, {name: summary[name]["median_bps"] for name in names}, start, end), "</div>"]
     out += ["<h2>Median by hour of day</h2>", '<div class="wide">',
             svg_hour_chart(medians_by_hour(received), names), "</div>"]
-    out.append("<h2>Summary</h2>")
-    out.append(_html_table(
+    out += _html_summary(summary) + _html_failed(failed_rows(rows), failed_limit)
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _html_summary(summary):
+    return ["<h2>Summary</h2>", _html_table(
         ("direction", "tests", "ok", "failed", "failed %", "median", "mean", "p5", "p95",
          "min", "max", "retransmits"),
         [[name, str(stats["count"]), str(stats["ok"]), str(stats["failed"]),
           "%.1f" % (100.0 * stats["failed"] / stats["count"]) if stats["count"] else "-"]
          + [human_bps(stats[key]) for key in
             ("median_bps", "mean_bps", "p5_bps", "p95_bps", "min_bps", "max_bps")]
-         + [str(stats["retransmits"])] for name, stats in summary.items()], "summary", (0,)))
-    failed = failed_rows(rows)
-    out.append("<h2>Failed runs</h2>")
+         + [str(stats["retransmits"])] for name, stats in summary.items()], "summary", (0,))]
+
+
+def _html_failed(failed, limit):
+    """The table of the latest `limit` failed tests, newest first."""
     if not failed:
-        out.append("<p>None.</p>")
-    else:
-        shown = failed[-failed_limit:][::-1]
-        out.append("<p>%s, newest first.</p>" % (
-            "All %d" % len(failed) if len(failed) <= failed_limit
-            else "The latest %d of %d" % (failed_limit, len(failed))))
-        out.append(_html_table(("time", "direction", "error", "file"), [
+        return ["<h2>Failed runs</h2>", "<p>None.</p>"]
+    shown = failed[-limit:][::-1]
+    return ["<h2>Failed runs</h2>", "<p>%s, newest first.</p>" % (
+        "All %d" % len(failed) if len(failed) <= limit
+        else "The latest %d of %d" % (limit, len(failed))),
+        _html_table(("time", "direction", "error", "file"), [
             [row[Col.TIMESTAMP][:10] + " " + row[Col.TIMESTAMP][11:19], row[Col.DIRECTION],
-             row[Col.ERROR], row[Col.FILE]] for row in shown], "failed", (0, 1, 3), 2))
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+             row[Col.ERROR], row[Col.FILE]] for row in shown], "failed", (0, 1, 3), 2)]
 
 
 # --- Pure helpers of the Prometheus textfile ----------------------------------------------------
