@@ -973,124 +973,170 @@ def svg_time_chart(series, medians, start, end, width=SVG_WIDTH, height=330):
     `series` maps a direction to its time_series() points, `medians` a direction to its median
     (drawn as a reference line). Failed tests are crosses in a band under the time axis.
     """
-    left, right, top, bottom = 56, width - 104, 34, height - 74
+    box = Box(56, width - 104, 34, height - 74)
     values = [p[1] for points in series.values() for p in points if p[1] is not None]
-    values += [m for m in medians.values() if m is not None]
-    divisor, unit = chart_unit(max(values) if values else 0)
-    y_ticks = nice_ticks(max(values) / divisor if values else 1)
+    scale = YScale(values + [m for m in medians.values() if m is not None], box)
     span = (end - start) or 1.0
 
     def x_of(moment):
-        return left + (moment - start) * (right - left) / span
+        return box.left + (moment - start) * (box.right - box.left) / span
 
-    def y_of(value):
-        return bottom - value / divisor * (bottom - top) / y_ticks[-1]
-
-    out = _svg_open(width, height, "received throughput over time, %s" % unit,
+    out = _svg_open(width, height, "received throughput over time, %s" % scale.unit,
                     "chart time-chart")
-    for tick in y_ticks:
+    out += _y_grid(scale, box) + _time_axis(start, end, x_of, box)
+    out.append('<line class="axis" x1="%d" x2="%d" y1="%d" y2="%d"/>'
+               % (box.left, box.left, box.top, box.bottom))
+    label_y = {name: scale.y_of(medians[name]) for name in series
+               if medians.get(name) is not None}
+    if len(label_y) == 2 and abs(label_y["forward"] - label_y["reverse"]) < 28:
+        middle = (label_y["forward"] + label_y["reverse"]) / 2  # keep both labels legible
+        upper = min(label_y, key=label_y.get)
+        label_y = {name: middle + (-14 if name == upper else 14) for name in label_y}
+    for index, (name, points) in enumerate(series.items()):
+        out += _series_marks(name, points, x_of, scale.y_of)
+        if name in label_y:
+            out += _median_marks(name, medians[name], label_y[name], scale.y_of, box)
+        out += _failure_marks(name, points, x_of, box.left, box.bottom + 12 + 12 * index)
+
+    def line_swatch(name, x, colour, dash, fill):
+        return ('<line class="legend %s" x1="%d" x2="%d" y1="%d" y2="%d" stroke="%s" '
+                'stroke-width="2.5"%s/>' % (name, x, x + 28, box.top - 20, box.top - 20, colour,
+                                            ' stroke-dasharray="%s"' % dash if dash else ""))
+    out += _legend(list(series), box, line_swatch, 34)
+    out.append('<text class="small" x="%d" y="%d" dy="4">&#215; failed test, dotted: median'
+               '</text>' % (box.left + 20 + 225 * len(series), box.top - 20))
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+Box = collections.namedtuple("Box", "left right top bottom")  # a chart's plot area, pixels
+
+
+class YScale:
+    """The bits/s axis of a chart that must reach the largest of `values`: its unit, its
+    round ticks (in that unit), and y_of(bits/s) -> pixels within `box`."""
+
+    def __init__(self, values, box):
+        self.divisor, self.unit = chart_unit(max(values) if values else 0)
+        self.ticks = nice_ticks(max(values) / self.divisor if values else 1)
+        self.box = box
+
+    def y_of(self, value):
+        return self.box.bottom - value / self.divisor * (
+            self.box.bottom - self.box.top) / self.ticks[-1]
+
+
+def _y_grid(scale, box):
+    """Horizontal grid lines with their labels, the unit over them, and the time or hour axis'
+    own line at the bottom."""
+    out = []
+    for tick in scale.ticks:
+        y = scale.y_of(tick * scale.divisor)
         out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>'
-                   % (left, right, y_of(tick * divisor), y_of(tick * divisor)))
+                   % (box.left, box.right, y, y))
         out.append('<text x="%d" y="%.1f" text-anchor="end" dy="4">%s</text>'
-                   % (left - 6, y_of(tick * divisor), _tick_label(tick)))
-    out.append('<text x="%d" y="%d" text-anchor="start">%s</text>' % (4, top - 16, unit))
+                   % (box.left - 6, y, _tick_label(tick)))
+    out.append('<text x="%d" y="%d" text-anchor="start">%s</text>' % (4, box.top - 16,
+                                                                      scale.unit))
+    out.append('<line class="axis" x1="%d" x2="%d" y1="%d" y2="%d"/>'
+               % (box.left, box.right, box.bottom, box.bottom))
+    return out
+
+
+def _legend(names, box, swatch, text_offset):
+    """One entry per direction above the chart: `swatch(name, x, colour, dash, fill)` draws its
+    mark, its label follows."""
+    out = []
+    for index, name in enumerate(names):
+        x = box.left + 20 + 225 * index
+        out.append(swatch(name, x, *DIRECTION_STYLE[name]))
+        out.append('<text x="%d" y="%d" dy="4">%s</text>'
+                   % (x + text_offset, box.top - 20, DIRECTION_LABEL[name]))
+    return out
+
+
+def _time_axis(start, end, x_of, box):
+    """Vertical grid lines at round local times, with hour (or date) labels and the day."""
+    out = []
     ticks, step = time_ticks(start, end)
     previous_day = None
     for tick in ticks:
         moment = datetime.datetime.fromtimestamp(tick)
         x = x_of(tick)
         out.append('<line class="grid" x1="%.1f" x2="%.1f" y1="%d" y2="%d"/>'
-                   % (x, x, top, bottom))
+                   % (x, x, box.top, box.bottom))
         label = moment.strftime("%H:%M" if step < 86400 else "%d %b")
         out.append('<text x="%.1f" y="%d" text-anchor="middle">%s</text>'
-                   % (x, bottom + 46, label))
+                   % (x, box.bottom + 46, label))
         day = moment.strftime("%a %d %b %Y" if step < 86400 else "%Y")
         if day != previous_day:
             out.append('<text class="small" x="%.1f" y="%d" text-anchor="middle">%s</text>'
-                       % (x, bottom + 62, day))
+                       % (x, box.bottom + 62, day))
             previous_day = day
-    out.append('<line class="axis" x1="%d" x2="%d" y1="%d" y2="%d"/>'
-               % (left, right, bottom, bottom))
-    out.append('<line class="axis" x1="%d" x2="%d" y1="%d" y2="%d"/>' % (left, left, top, bottom))
-    label_y = {name: y_of(medians[name]) for name in series if medians.get(name) is not None}
-    if len(label_y) == 2 and abs(label_y["forward"] - label_y["reverse"]) < 28:
-        middle = (label_y["forward"] + label_y["reverse"]) / 2  # keep both labels legible
-        upper = min(label_y, key=label_y.get)
-        label_y = {name: middle + (-14 if name == upper else 14) for name in label_y}
-    for index, (name, points) in enumerate(series.items()):
-        colour, dash, _ = DIRECTION_STYLE[name]
-        dashes = ' stroke-dasharray="%s"' % dash if dash else ""
-        for segment in split_at_gaps(thin_series(points)):
-            if len(segment) == 1:
-                out.append('<circle class="point %s" cx="%.1f" cy="%.1f" r="2.5" fill="%s"/>'
-                           % (name, x_of(segment[0][0]), y_of(segment[0][1]), colour))
-            else:
-                out.append('<polyline class="series %s" stroke="%s"%s points="%s"/>' % (
-                    name, colour, dashes,
-                    " ".join("%.1f,%.1f" % (x_of(t), y_of(v)) for t, v, _ in segment)))
-        if name in label_y:
-            y = y_of(medians[name])
-            out.append('<line class="median %s" stroke="%s" x1="%d" x2="%d" y1="%.1f" '
-                       'y2="%.1f"/>' % (name, colour, left, right, y, y))
-            out.append('<text class="small" x="%d" y="%.1f">%s median'
-                       '<tspan x="%d" dy="13">%s</tspan></text>' % (
-                           right + 6, label_y[name] - 2, name, right + 6,
-                           human_bps(medians[name])))
-        band = bottom + 12 + 12 * index
-        failures = {}
-        for moment, value, row in points:
-            if value is None:
-                failures.setdefault(int(x_of(moment)), []).append(row)
-        if failures:
-            out.append('<text class="small" x="%d" y="%d" dy="4" text-anchor="end">%s</text>'
-                       % (left - 6, band, name))
-        for x, failed in sorted(failures.items()):
-            out.append('<path class="failure %s" stroke="%s" d="M%d %dl6 6m0 -6l-6 6">'
-                       '<title>%s</title></path>' % (
-                           name, colour, x - 3, band - 3, html.escape("%s %s failed%s: %s" % (
-                               failed[-1][0], name, " (%d tests)" % len(failed)
-                               if len(failed) > 1 else "", failed[-1][Col.ERROR]))))
-    for index, name in enumerate(series):
-        colour, dash, _ = DIRECTION_STYLE[name]
-        x = left + 20 + 225 * index
-        out.append('<line class="legend %s" x1="%d" x2="%d" y1="%d" y2="%d" stroke="%s" '
-                   'stroke-width="2.5"%s/>' % (name, x, x + 28, top - 20, top - 20, colour,
-                                               ' stroke-dasharray="%s"' % dash if dash else ""))
-        out.append('<text x="%d" y="%d" dy="4">%s</text>'
-                   % (x + 34, top - 20, DIRECTION_LABEL[name]))
-    out.append('<text class="small" x="%d" y="%d" dy="4">&#215; failed test, dotted: median'
-               '</text>' % (left + 20 + 225 * len(series), top - 20))
-    out.append("</svg>")
-    return "\n".join(out)
+    return out
+
+
+def _series_marks(name, points, x_of, y_of):
+    """A direction's line, broken where no test ran; a lone test is a dot."""
+    colour, dash, _ = DIRECTION_STYLE[name]
+    dashes = ' stroke-dasharray="%s"' % dash if dash else ""
+    out = []
+    for segment in split_at_gaps(thin_series(points)):
+        if len(segment) == 1:
+            out.append('<circle class="point %s" cx="%.1f" cy="%.1f" r="2.5" fill="%s"/>'
+                       % (name, x_of(segment[0][0]), y_of(segment[0][1]), colour))
+        else:
+            out.append('<polyline class="series %s" stroke="%s"%s points="%s"/>' % (
+                name, colour, dashes,
+                " ".join("%.1f,%.1f" % (x_of(t), y_of(v)) for t, v, _ in segment)))
+    return out
+
+
+def _median_marks(name, median, label_y, y_of, box):
+    colour = DIRECTION_STYLE[name][0]
+    y = y_of(median)
+    return ['<line class="median %s" stroke="%s" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>'
+            % (name, colour, box.left, box.right, y, y),
+            '<text class="small" x="%d" y="%.1f">%s median<tspan x="%d" dy="13">%s</tspan>'
+            '</text>' % (box.right + 6, label_y - 2, name, box.right + 6, human_bps(median))]
+
+
+def _failure_marks(name, points, x_of, left, band):
+    """A cross per failed test (one per pixel column, titled with the latest's error) in the
+    direction's band under the time axis."""
+    colour = DIRECTION_STYLE[name][0]
+    failures = {}
+    for moment, value, row in points:
+        if value is None:
+            failures.setdefault(int(x_of(moment)), []).append(row)
+    out = []
+    if failures:
+        out.append('<text class="small" x="%d" y="%d" dy="4" text-anchor="end">%s</text>'
+                   % (left - 6, band, name))
+    for x, failed in sorted(failures.items()):
+        out.append('<path class="failure %s" stroke="%s" d="M%d %dl6 6m0 -6l-6 6">'
+                   '<title>%s</title></path>' % (
+                       name, colour, x - 3, band - 3, html.escape("%s %s failed%s: %s" % (
+                           failed[-1][Col.TIMESTAMP], name, " (%d tests)" % len(failed)
+                           if len(failed) > 1 else "", failed[-1][Col.ERROR]))))
+    return out
 
 
 def svg_hour_chart(by_hour, names, width=SVG_WIDTH, height=250):
     """An SVG bar chart of the median received bits/s by hour of day, one bar per direction
     (dark solid for forward, light with a dark outline for reverse). `by_hour` is what
     medians_by_hour() returns."""
-    left, right, top, bottom = 56, width - 16, 34, height - 34
-    medians = [by_hour[(name, "%02d" % hour)][0] for name in names for hour in range(24)
-               if (name, "%02d" % hour) in by_hour]
-    divisor, unit = chart_unit(max(medians) if medians else 0)
-    y_ticks = nice_ticks(max(medians) / divisor if medians else 1)
-    slot = (right - left) / 24.0
+    box = Box(56, width - 16, 34, height - 34)
+    scale = YScale([by_hour[(name, "%02d" % hour)][0] for name in names for hour in range(24)
+                    if (name, "%02d" % hour) in by_hour], box)
+    slot = (box.right - box.left) / 24.0
     bar = slot * 0.8 / max(len(names), 1)
-
-    def y_of(value):
-        return bottom - value / divisor * (bottom - top) / y_ticks[-1]
-
-    out = _svg_open(width, height, "median received throughput by hour of day, %s" % unit,
-                    "chart hour-chart")
-    for tick in y_ticks:
-        y = y_of(tick * divisor)
-        out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>'
-                   % (left, right, y, y))
-        out.append('<text x="%d" y="%.1f" text-anchor="end" dy="4">%s</text>'
-                   % (left - 6, y, _tick_label(tick)))
-    out.append('<text x="%d" y="%d">%s</text>' % (4, top - 16, unit))
+    out = _svg_open(width, height, "median received throughput by hour of day, %s"
+                    % scale.unit, "chart hour-chart")
+    out += _y_grid(scale, box)
     for hour in range(24):
         out.append('<text class="small" x="%.1f" y="%d" text-anchor="middle">%02d</text>'
-                   % (left + slot * (hour + 0.5), bottom + 16, hour))
+                   % (box.left + slot * (hour + 0.5), box.bottom + 16, hour))
         for index, name in enumerate(names):
             median, count = by_hour.get((name, "%02d" % hour), (None, 0))
             if median is None:
@@ -1099,20 +1145,16 @@ def svg_hour_chart(by_hour, names, width=SVG_WIDTH, height=250):
             out.append('<rect class="hour-bar %s" x="%.1f" y="%.1f" width="%.1f" height="%.1f" '
                        'fill="%s" stroke="%s"><title>%02d:00-%02d:59 %s: median %s (%d tests)'
                        '</title></rect>' % (
-                           name, left + slot * (hour + 0.1) + bar * index, y_of(median), bar,
-                           bottom - y_of(median), fill, colour, hour, hour, name,
-                           human_bps(median), count))
-    out.append('<line class="axis" x1="%d" x2="%d" y1="%d" y2="%d"/>'
-               % (left, right, bottom, bottom))
+                           name, box.left + slot * (hour + 0.1) + bar * index,
+                           scale.y_of(median), bar, box.bottom - scale.y_of(median), fill,
+                           colour, hour, hour, name, human_bps(median), count))
     out.append('<text class="small" x="%d" y="%d" text-anchor="end">hour of day (local time)'
-               '</text>' % (right, bottom + 30))
-    for index, name in enumerate(names):
-        colour, _, fill = DIRECTION_STYLE[name]
-        x = left + 20 + 225 * index
-        out.append('<rect class="legend %s" x="%d" y="%d" width="14" height="10" fill="%s" '
-                   'stroke="%s"/>' % (name, x, top - 25, fill, colour))
-        out.append('<text x="%d" y="%d" dy="4">%s</text>'
-                   % (x + 20, top - 20, DIRECTION_LABEL[name]))
+               '</text>' % (box.right, box.bottom + 30))
+
+    def box_swatch(name, x, colour, dash, fill):
+        return ('<rect class="legend %s" x="%d" y="%d" width="14" height="10" fill="%s" '
+                'stroke="%s"/>' % (name, x, box.top - 25, fill, colour))
+    out += _legend(names, box, box_swatch, 20)
     out.append("</svg>")
     return "\n".join(out)
 
