@@ -2878,14 +2878,8 @@ def report_main(argv):
         if options.check:
             return check_main(options, folder, since, until, now)
         return _report(options, folder, since, until, now)
-    except BrokenPipeError:
-        # `report | head`: the reader has what it wanted. Point stdout at /dev/null so that
-        # Python's final flush does not complain either.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-            pass
+    except BrokenPipeError:  # `report | head`: the reader has what it wanted
+        _silence_stdout()
         return 0
     except KeyboardInterrupt:  # Ctrl-C while waiting for the lock or reading a huge folder
         say("interrupted")
@@ -2922,6 +2916,16 @@ def _report(options, folder, since, until, now):
     else:
         _write_report(sys.stdout, options, rows, folder, since, until)
     return 0
+
+
+def _silence_stdout():
+    """Point stdout at /dev/null, so that Python's final flush into a closed pipe does not
+    complain either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
 
 
 class Terminated(Exception):

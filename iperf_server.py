@@ -1246,8 +1246,6 @@ def _main(argv):
         check_extra_args(extra)
     except UsageError as exc:
         parser.error(str(exc))
-    pidfile = absolute(args.pidfile)
-    log_file = absolute(args.log_file)
     if args.add_user is not None:
         return add_user_command(parser, args)
     if args.make_keys is not None:
@@ -1257,46 +1255,10 @@ def _main(argv):
         parser.error("--rsa-private-key-path and --authorized-users-path go together")
     if args.legacy_clients and not args.rsa_private_key_path:
         parser.error("--legacy-clients goes with authentication (--rsa-private-key-path)")
-    auth = None
-    if args.rsa_private_key_path:
-        auth = (absolute(args.rsa_private_key_path), absolute(args.authorized_users_path))
-
     errors_shown = False
     try:
-        errors_shown = setup_logging(log_file, args.verbose, args.quiet)
-        try:
-            os.makedirs(os.path.dirname(pidfile), exist_ok=True)
-        except OSError as exc:
-            raise IperfError("cannot create the pidfile's folder %s: %s"
-                             % (os.path.dirname(pidfile), exc.strerror))
-        executable = os.path.expanduser(args.iperf3)
-        version_output = ""
-        if args.stop or args.status:
-            # Stopping and reporting work without iperf3; where it exists, --status compares
-            # the daemon's executable with the file the name resolves to, as a run would.
-            found = shutil.which(executable)
-            executable = os.path.abspath(found) if found else executable
-        else:
-            executable = resolve_executable(executable)
-            version_output = read_version(executable)
-            if args.legacy_clients:
-                check_legacy_clients(executable, parse_version(version_output))
-        watchdog = Watchdog(executable, pidfile, args.port, args.bind, extra,
-                            args.max_busy, args.probe, auth, args.legacy_clients,
-                            version_output)
-        if args.status:
-            code, line = watchdog.status()
-            print(line)
-            return code
-        with FileLock(watchdog.lock_file, LOCK_TIMEOUT):
-            if args.stop:
-                watchdog.stop_all("--stop")
-                remove_file(watchdog.state_file)
-                return EXIT_OK
-            watchdog.ensure_running()
-        if watchdog.alarm and not errors_shown:
-            say("warning", watchdog.alarm)
-        return EXIT_OK
+        errors_shown = setup_logging(absolute(args.log_file), args.verbose, args.quiet)
+        return watch(args, extra, errors_shown)
     except IperfError as exc:
         log.error("%s", exc)
         if not errors_shown:
@@ -1311,6 +1273,47 @@ def _main(argv):
         if not errors_shown:
             say("error", "%s%s" % (where.strip() + ": " if where else "", exc.strerror or exc))
         return EXIT_FAILED
+
+
+def watch(args, extra, errors_shown):
+    """The watchdog's run, --status or --stop, with the parsed flags; returns the exit code,
+    raises IperfError."""
+    pidfile = absolute(args.pidfile)
+    try:
+        os.makedirs(os.path.dirname(pidfile), exist_ok=True)
+    except OSError as exc:
+        raise IperfError("cannot create the pidfile's folder %s: %s"
+                         % (os.path.dirname(pidfile), exc.strerror))
+    auth = None
+    if args.rsa_private_key_path:
+        auth = (absolute(args.rsa_private_key_path), absolute(args.authorized_users_path))
+    executable = os.path.expanduser(args.iperf3)
+    version_output = ""
+    if args.stop or args.status:
+        # Stopping and reporting work without iperf3; where it exists, --status compares
+        # the daemon's executable with the file the name resolves to, as a run would.
+        found = shutil.which(executable)
+        executable = os.path.abspath(found) if found else executable
+    else:
+        executable = resolve_executable(executable)
+        version_output = read_version(executable)
+        if args.legacy_clients:
+            check_legacy_clients(executable, parse_version(version_output))
+    watchdog = Watchdog(executable, pidfile, args.port, args.bind, extra, args.max_busy,
+                        args.probe, auth, args.legacy_clients, version_output)
+    if args.status:
+        code, line = watchdog.status()
+        print(line)
+        return code
+    with FileLock(watchdog.lock_file, LOCK_TIMEOUT):
+        if args.stop:
+            watchdog.stop_all("--stop")
+            remove_file(watchdog.state_file)
+            return EXIT_OK
+        watchdog.ensure_running()
+    if watchdog.alarm and not errors_shown:
+        say("warning", watchdog.alarm)
+    return EXIT_OK
 
 
 if __name__ == "__main__":
