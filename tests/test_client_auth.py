@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from conftest import (CLIENT_SCRIPT, SERVER_SCRIPT, assert_one_line_error, run_script)
+from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, SERVER_SCRIPT, assert_one_line_error,
+                      client_login_broken, run_script)
 
 PASSWORD = "Corr3ct-Horse_battery"
 USER = "tester"
@@ -74,7 +75,14 @@ def files_containing(folder, secret):
             if secret.encode() in (folder / name).read_bytes()]
 
 
-def test_right_password_from_the_environment(auth_server, tmp_path):
+@pytest.fixture
+def working_login(iperf3):
+    """Skips where this iperf3's client cannot log in at all (its own bug, named)."""
+    if client_login_broken(iperf3):
+        pytest.skip(CLIENT_LOGIN_BUG)
+
+
+def test_right_password_from_the_environment(auth_server, tmp_path, working_login):
     results = tmp_path / "results"
     seen = []
     stop = threading.Event()
@@ -98,7 +106,7 @@ def test_right_password_from_the_environment(auth_server, tmp_path):
     assert files_containing(results, PASSWORD) == []
 
 
-def test_right_password_from_a_file(auth_server, tmp_path):
+def test_right_password_from_a_file(auth_server, tmp_path, working_login):
     results = tmp_path / "results"
     password_file = tmp_path / "password"
     password_file.write_text(PASSWORD + "\nignored second line\n")
@@ -115,7 +123,7 @@ def test_right_password_from_a_file(auth_server, tmp_path):
     assert files_containing(results, PASSWORD) == []
 
 
-def test_wrong_password_is_a_failed_test_that_says_why(auth_server, tmp_path):
+def test_wrong_password_is_a_failed_test_that_says_why(auth_server, tmp_path, iperf3):
     results = tmp_path / "results"
     done = run_script(CLIENT_SCRIPT, auth_args(auth_server, results),
                       env={"IPERF3_PASSWORD": "not-it"})
@@ -123,7 +131,11 @@ def test_wrong_password_is_a_failed_test_that_says_why(auth_server, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 2, done.stderr  # one line per direction
     for line, direction in zip(lines, ("forward", "reverse")):
-        assert direction in line and "login refused" in line and "clock" in line
+        assert direction in line
+        if client_login_broken(iperf3):
+            assert "cannot log in at all" in line and "3.21" in line
+        else:
+            assert "login refused" in line and "clock" in line
     assert [row["status"] for row in ledger(results)] == ["error", "error"]
     assert "not-it" not in done.stderr
     assert files_containing(results, "not-it") == []
