@@ -134,11 +134,10 @@ class IperfError(Exception):
 # --- Pure helpers ---------------------------------------------------------------------------------
 
 def owned_option(args):
-    """Return the first argument in `args` that sets an option this script owns, or None.
-
-    Understands attached values (`-t5`, `--time=5`), bundled short flags (`-ZR`) and the
-    abbreviations getopt_long accepts (`--rev`).
-    """
+    """The first argument in `args` that sets an option this script owns, and that option's
+    own spelling: (argument, option), or None. Knows what iperf3's getopt_long accepts:
+    attached values (`-t5`, `--time=5`), abbreviations (`--rev`) and clusters of short flags
+    (`-ZR`); the value that follows an option taking one is no option."""
     skip_next = False
     for arg in args:
         if skip_next:
@@ -146,12 +145,13 @@ def owned_option(args):
             continue
         if arg.startswith("--") and len(arg) > 2:
             name = arg[2:].split("=", 1)[0]
-            if any(owned.startswith(name) for owned in OWNED_LONG):
-                return arg
+            for owned in OWNED_LONG:
+                if owned.startswith(name):
+                    return arg, "--" + owned
         elif arg.startswith("-") and len(arg) > 1:
             for index, char in enumerate(arg[1:], start=1):
                 if char in OWNED_SHORT:
-                    return arg
+                    return arg, "-" + char
                 if char in SHORT_WITH_VALUE:
                     skip_next = index == len(arg) - 1
                     break
@@ -2387,19 +2387,24 @@ _port = _whole_number(1, 65535, "a port number (1-65535)")
 _count = _whole_number(0, None, "a whole number >= 0")
 
 
-def _seconds(text, least=0):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not least <= value < float("inf"):
-        raise argparse.ArgumentTypeError("%r is not a number of seconds >= %g" % (text, least))
-    return value
+def _real_number(least, meaning, above=False):
+    """An argparse type: a finite number from `least` on (above it, with `above`)."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")  # fails every comparison below
+        if not (value > least if above else value >= least) or value == float("inf"):
+            raise argparse.ArgumentTypeError("%r is not %s" % (text, meaning))
+        return value
+    return parse
 
 
-def _margin(text):
-    # iperf3 needs a moment after -t to exchange the results; 0 would fail every test.
-    return _seconds(text, least=1)
+_seconds = _real_number(0, "a number of seconds >= 0")
+# iperf3 needs a moment after -t to exchange the results; 0 would fail every test.
+_margin = _real_number(1, "a number of seconds >= 1")
+_mbps = _real_number(0, "a number of Mbit/s >= 0")
+_minutes = _real_number(0, "a number of minutes > 0", above=True)
 
 
 def _prefix(text):
@@ -2484,12 +2489,13 @@ def _add_auth_flags(parser):
                              "owner may read (default: $IPERF3_PASSWORD)")
 
 
-def _split_extra(argv):
-    """Split our arguments from iperf3's at the first `--`."""
+def split_extra(argv):
+    """Split our arguments from iperf3's: those after the first `--` are added to
+    IPERF_EXTRA_ARGS (as in iperf_server.py)."""
     if "--" in argv:
-        index = argv.index("--")
-        return argv[:index], argv[index + 1:]
-    return argv, []
+        cut = argv.index("--")
+        return argv[:cut], list(IPERF_EXTRA_ARGS) + argv[cut + 1:]
+    return argv, list(IPERF_EXTRA_ARGS)
 
 
 def _check_options(parser, options):
@@ -2508,7 +2514,7 @@ def _check_options(parser, options):
     if owned is not None:
         parser.error("iperf3 argument %r is set or ruled out by this script: use its own flags "
                      "(-c -p -t -P); it runs -R and -J itself, times tests by --duration and "
-                     "measures one direction at a time" % owned)
+                     "measures one direction at a time" % owned[0])
     options.results_dir = os.path.abspath(os.path.expanduser(options.results_dir))
     if options.prometheus_textfile:
         options.prometheus_textfile = os.path.abspath(
@@ -2690,26 +2696,6 @@ class _CheckParser(_Parser):
         sys.stdout.write("UNKNOWN - bad arguments: %s\n" % message)
         sys.stdout.flush()
         raise SystemExit(CHECK_EXIT["UNKNOWN"])
-
-
-def _mbps(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError("%r is not a number of Mbit/s >= 0" % text)
-    return value
-
-
-def _minutes(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError("%r is not a number of minutes > 0" % text)
-    return value
 
 
 def build_report_parser(parser_class=_Parser):
@@ -2942,12 +2928,12 @@ def main(argv=None):
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
     parser = build_parser()
-    ours, extra = _split_extra(argv)
+    ours, extra = split_extra(argv)
     try:
         options = parser.parse_args(ours)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    options.extra = list(IPERF_EXTRA_ARGS) + extra
+    options.extra = extra
     try:
         _check_options(parser, options)
     except SystemExit as exc:

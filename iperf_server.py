@@ -104,32 +104,37 @@ def parse_pidfile(content):
     return pid if pid > 0 else None
 
 
-def owned_option(arg):
-    """The owned iperf3 option that `arg` spells, else None. Knows what iperf3's getopt_long
-    accepts: `--port=5201`, abbreviations (`--pidf`), attached values (`-p5201`) and
-    clusters of short flags (`-VsD`)."""
-    if arg.startswith("--") and len(arg) > 2:
-        name = arg[2:].split("=", 1)[0]
-        for owned in OWNED_LONG:
-            if owned.startswith(name):
-                return "--" + owned
-    elif arg.startswith("-") and len(arg) > 1:
-        for char in arg[1:]:
-            if char in OWNED_SHORT:
-                return "-" + char
-            if char in SHORT_WITH_VALUE:
-                break  # the rest of the word is that option's value
+def owned_option(args):
+    """The first argument in `args` that sets an option this script owns, and that option's
+    own spelling: (argument, option), or None. Knows what iperf3's getopt_long accepts:
+    attached values (`-p5201`, `--port=5201`), abbreviations (`--pidf`) and clusters of short
+    flags (`-VsD`); the value that follows an option taking one is no option."""
+    skip_next = False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0]
+            for owned in OWNED_LONG:
+                if owned.startswith(name):
+                    return arg, "--" + owned
+        elif arg.startswith("-") and len(arg) > 1:
+            for index, char in enumerate(arg[1:], start=1):
+                if char in OWNED_SHORT:
+                    return arg, "-" + char
+                if char in SHORT_WITH_VALUE:
+                    skip_next = index == len(arg) - 1
+                    break
     return None
 
 
 def check_extra_args(extra):
     """Raise UsageError when an argument meant for iperf3 would replace one the script owns."""
-    for arg in extra:
-        option = owned_option(arg)
-        if option:
-            raise UsageError(
-                "%s cannot be passed to iperf3 after --: the script sets it "
-                "(use this script's own flag where there is one)" % option)
+    owned = owned_option(extra)
+    if owned:
+        raise UsageError("%s cannot be passed to iperf3 after --: the script sets it "
+                         "(use this script's own flag where there is one)" % owned[1])
 
 
 def daemon_argv(executable, pidfile, port, bind, extra, auth=None, legacy_clients=False):
@@ -1036,7 +1041,7 @@ class Watchdog:
 
 # --- Command line ---------------------------------------------------------------------------------
 
-def minutes(text):
+def _minutes(text):
     try:
         value = float(text)
     except ValueError:
@@ -1046,7 +1051,7 @@ def minutes(text):
     return value
 
 
-def port_number(text):
+def _port(text):
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError("not a TCP port (1-65535): %r" % text)
     return int(text)
@@ -1083,7 +1088,7 @@ def build_parser():
                         help="this script's log (default: %(default)s)")
     parser.add_argument("--iperf3", default=IPERF_EXECUTABLE, metavar="PATH",
                         help="iperf3 executable (default: %(default)s)")
-    parser.add_argument("-p", "--port", type=port_number, default=IPERF_PORT,
+    parser.add_argument("-p", "--port", type=_port, default=IPERF_PORT,
                         help="listen on this port (default: %(default)s)")
     parser.add_argument("-B", "--bind", default=IPERF_BIND, metavar="ADDR",
                         help="listen on this address only (default: all addresses)")
@@ -1109,7 +1114,7 @@ def build_parser():
                              "then refused)")
     parser.add_argument("--no-probe", dest="probe", action="store_false",
                         help="do not run a health probe (a tiny test) against the server")
-    parser.add_argument("--max-busy", type=minutes, default=MAX_BUSY_MINUTES, metavar="MINUTES",
+    parser.add_argument("--max-busy", type=_minutes, default=MAX_BUSY_MINUTES, metavar="MINUTES",
                         help="restart a server that has been busy this long "
                              "(default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
