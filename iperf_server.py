@@ -305,6 +305,16 @@ def format_duration(seconds):
 
 # --- Processes ------------------------------------------------------------------------------------
 
+def run_command(argv, timeout):
+    """Run one command and return its subprocess.CompletedProcess: an argv list (never a
+    shell), logged at DEBUG first (no secret ever travels in an argv here), stdin closed, its
+    output captured as text, a hard timeout. Raises OSError and subprocess.TimeoutExpired as
+    subprocess.run does; every command of this script runs through here."""
+    log.debug("running: %s", " ".join(argv))
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+
+
 def process_info(pid):
     """Return (state, argv) of a process, or None when there is no such process.
 
@@ -323,10 +333,7 @@ def process_info(pid):
         argv = [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]] if raw else []
         return state, argv
     try:
-        out = subprocess.run(["ps", "-o", "stat=", "-o", "args=", "-p", str(pid)],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, universal_newlines=True,
-                             timeout=5).stdout.strip()
+        out = run_command(["ps", "-o", "stat=", "-o", "args=", "-p", str(pid)], 5).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     if not out:
@@ -338,9 +345,7 @@ def process_info(pid):
 def all_pids():
     if os.path.isdir("/proc/self"):
         return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    out = subprocess.run(["ps", "-A", "-o", "pid="], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                         universal_newlines=True, timeout=5).stdout
+    out = run_command(["ps", "-A", "-o", "pid="], 5).stdout
     return [int(word) for word in out.split()]
 
 
@@ -419,9 +424,7 @@ def process_uptime(pid):
     except (OSError, ValueError, IndexError):
         pass
     try:
-        out = subprocess.run(["ps", "-o", "etimes=", "-p", str(pid)], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             universal_newlines=True, timeout=5).stdout
+        out = run_command(["ps", "-o", "etimes=", "-p", str(pid)], 5).stdout
         return float(out.strip())
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
@@ -698,9 +701,8 @@ class FileLock:
 def read_version(executable):
     """What `iperf3 --version` prints (read once per run: about 2 ms)."""
     try:
-        return subprocess.run([executable, "--version"], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              universal_newlines=True, timeout=10).stdout
+        done = run_command([executable, "--version"], 10)
+        return done.stdout + done.stderr
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise IperfError("cannot run %s --version: %s" % (executable, exc))
 
@@ -788,8 +790,7 @@ def make_keys(folder, openssl=OPENSSL_EXECUTABLE):
         commands = [[openssl, "genrsa", "-out", made[0], "2048"],
                     [openssl, "rsa", "-in", made[0], "-pubout", "-out", made[1]]]
         for command in commands:
-            done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+            done = run_command(command, 60)
             if done.returncode != 0:
                 said = done.stderr.strip().splitlines()
                 raise IperfError("%s failed: %s" % (" ".join(command[:2]),
@@ -843,11 +844,8 @@ class Watchdog:
         if authenticating is None:
             authenticating = self.auth is not None
         argv = probe_argv(self.executable, address or self.address, port or self.port)
-        log.debug("probe: %s", " ".join(argv))
         try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, universal_newlines=True,
-                                  timeout=PROBE_TIMEOUT)
+            done = run_command(argv, PROBE_TIMEOUT)
         except subprocess.TimeoutExpired:
             return classify_probe(None, "", "", timed_out=True)
         except OSError as exc:
@@ -888,11 +886,8 @@ class Watchdog:
         """Start the daemon and wait until it is really up; `-D`'s exit code means nothing
         (the parent exits 0 before the child writes the pidfile or binds the port)."""
         self.check_port_can_be_had()  # again: something may have taken it meanwhile
-        log.debug("starting: %s", " ".join(self.argv))
         try:
-            done = subprocess.run(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, universal_newlines=True,
-                                  timeout=START_TIMEOUT)
+            done = run_command(self.argv, START_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise IperfError("%s did not return within %g s" % (self.executable, START_TIMEOUT))
         except OSError as exc:
