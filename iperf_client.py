@@ -86,6 +86,12 @@ LOCK_NAME = ".lock"                         # the lock file's name in the result
 # -------------------------------------------------------------------------------------------------
 
 PLACEHOLDER_SERVER = "CHANGE_TO_IP"
+# What one run reads, explicit: run(), run_tests() and run_test() take it, never the flags'
+# namespace. run_settings() builds it from the flags, whose defaults are the settings above.
+RunSettings = collections.namedtuple("RunSettings", (
+    "iperf3", "server", "port", "duration", "streams", "extra", "iperf3_env", "username",
+    "results_dir", "prefix", "retries", "busy_wait", "jitter", "timeout_margin", "compress",
+    "keep_days", "prometheus_textfile", "quiet"))
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
 LOG_FORMAT = "%(asctime)s %(name)-12s %(levelname)-8s %(message)s"
 LOG_DATE_FORMAT = "%m-%d %H:%M:%S"
@@ -1878,24 +1884,24 @@ class Progress:
             self.shown = False
 
 
-def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=None,
+def run_test(settings, direction, reverse, file_path, run_ts, stopper, progress=None,
              rng=random):
     """Run one direction's test with its retries (see attempt_test); write its result file;
     return the document. The file holds the last attempt, with the "continuous_iperf"
     metadata; the log holds every attempt."""
-    argv = iperf3_argv(options.iperf3, options.server, options.port, options.duration,
-                       options.streams, reverse, options.extra)
-    document, outcome, attempts, started = attempt_test(options, argv, direction, stopper,
+    argv = iperf3_argv(settings.iperf3, settings.server, settings.port, settings.duration,
+                       settings.streams, reverse, settings.extra)
+    document, outcome, attempts, started = attempt_test(settings, argv, direction, stopper,
                                                         progress, rng)
     document = with_metadata(document, {
         "version": __version__,
         "run": run_ts,
-        "prefix": options.prefix,
+        "prefix": settings.prefix,
         "direction": direction,
-        "server": options.server,
-        "port": options.port,
-        "streams": options.streams,
-        "duration": options.duration,
+        "server": settings.server,
+        "port": settings.port,
+        "streams": settings.streams,
+        "duration": settings.duration,
         "attempts": attempts,
         "start": round(started, 3),
         "command": command_line(argv),
@@ -1913,21 +1919,21 @@ def run_test(options, direction, reverse, file_path, run_ts, stopper, progress=N
     return document
 
 
-def attempt_test(options, argv, direction, stopper, progress, rng):
+def attempt_test(settings, argv, direction, stopper, progress, rng):
     """Run one test's attempts; returns the last one's (document, CommandResult, number of
     attempts, start in Unix seconds).
 
     A busy server is retried after a random pause until --busy-wait seconds have passed (not
     counted as retries); other failures are retried --retries times; a signal ends it all.
     """
-    limit = options.duration + omit_seconds(options.extra) + options.timeout_margin
+    limit = settings.duration + omit_seconds(settings.extra) + settings.timeout_margin
     attempts = failures = 0
     busy_deadline = None
     while True:
         attempts += 1
         started = time.time()
         log.info("%s test, attempt %d", direction, attempts)
-        outcome = run_command(argv, limit, env=options.iperf3_env, stopper=stopper,
+        outcome = run_command(argv, limit, env=settings.iperf3_env, stopper=stopper,
                               progress=progress)
         document = result_document(outcome.stdout, outcome.stderr, outcome.returncode,
                                    outcome.timed_out, outcome.stopped_by, outcome.failure)
@@ -1940,26 +1946,26 @@ def attempt_test(options, argv, direction, stopper, progress, rng):
         log.warning("%s test, attempt %d failed: %s", direction, attempts, one_line(error))
         if stopper.signum is not None:
             break
-        if _busy(options, document) and not outcome.timed_out:
-            busy_deadline = busy_deadline or time.monotonic() + options.busy_wait
-            if not _pause_for_busy_server(busy_deadline, options.busy_wait, stopper, rng):
+        if _busy(settings, document) and not outcome.timed_out:
+            busy_deadline = busy_deadline or time.monotonic() + settings.busy_wait
+            if not _pause_for_busy_server(busy_deadline, settings.busy_wait, stopper, rng):
                 break
             if stopper.signum is not None:
                 document["error"] = "interrupted by %s; %s" % (stopper.name, error)
                 break
             continue
         failures += 1
-        if failures > options.retries:
+        if failures > settings.retries:
             break
     return document, outcome, attempts, started
 
 
-def _busy(options, document):
+def _busy(settings, document):
     """is_busy, asking for the version only when the error may hide "busy" (a fake or hung
     iperf3 must not cost a --version call per attempt)."""
     error = document.get("error", "")
     hidden = any(mark in error for mark in HIDDEN_BUSY_MARKS)
-    return is_busy(document, iperf3_version(options.iperf3) if hidden else None)
+    return is_busy(document, iperf3_version(settings.iperf3) if hidden else None)
 
 
 def _pause_for_busy_server(deadline, busy_wait, stopper, rng):
@@ -2498,8 +2504,8 @@ def split_extra(argv):
     return argv, list(IPERF_EXTRA_ARGS)
 
 
-def _check_options(parser, options):
-    """Refuse what argparse's types cannot see; exits 2 with one line."""
+def check_options(parser, options):
+    """Refuse what argparse's types cannot see; exits 2 with one line. Changes nothing."""
     server = options.server.strip()
     if not server or server == PLACEHOLDER_SERVER:
         parser.error("no server configured: give --server HOST "
@@ -2509,31 +2515,44 @@ def _check_options(parser, options):
     if any(ord(char) < 32 or ord(char) == 127 for char in server):
         # It would go into the ledger's cells and the reports' lines as it is.
         parser.error("argument -c/--server: %r holds a control character" % options.server)
-    options.server = server
     owned = owned_option(options.extra)
     if owned is not None:
         parser.error("iperf3 argument %r is set or ruled out by this script: use its own flags "
                      "(-c -p -t -P); it runs -R and -J itself, times tests by --duration and "
                      "measures one direction at a time" % owned[0])
-    options.results_dir = os.path.abspath(os.path.expanduser(options.results_dir))
-    if options.prometheus_textfile:
-        options.prometheus_textfile = os.path.abspath(
-            os.path.expanduser(options.prometheus_textfile))
-    options.iperf3_env = None
     if options.username is None:
         return
     try:
         check_username(options.username)
         if not options.rsa_public_key_path:
             raise IperfError("--username needs --rsa-public-key-path FILE (the server's key)")
-        options.rsa_public_key_path = os.path.abspath(
-            os.path.expanduser(options.rsa_public_key_path))
-        check_readable(options.rsa_public_key_path, "public key")
-        password = read_password(options.password_file, os.environ)
+        check_readable(_absolute(options.rsa_public_key_path), "public key")
     except IperfError as exc:
         parser.error(str(exc))
-    options.extra = auth_argv(options.username, options.rsa_public_key_path) + options.extra
-    options.iperf3_env = dict(os.environ, **{PASSWORD_VARIABLE: password})
+
+
+def run_settings(options, environ):
+    """The RunSettings of checked flags (see check_options): paths made absolute, and with a
+    user name, the login's iperf3 arguments and the environment that carries its password
+    (read here: raises IperfError when there is none)."""
+    extra, env = list(options.extra), None
+    if options.username is not None:
+        password = read_password(options.password_file, environ)
+        extra = auth_argv(options.username, _absolute(options.rsa_public_key_path)) + extra
+        env = dict(environ, **{PASSWORD_VARIABLE: password})
+    return RunSettings(
+        iperf3=options.iperf3, server=options.server.strip(), port=options.port,
+        duration=options.duration, streams=options.streams, extra=extra, iperf3_env=env,
+        username=options.username, results_dir=_absolute(options.results_dir),
+        prefix=options.prefix, retries=options.retries, busy_wait=options.busy_wait,
+        jitter=options.jitter, timeout_margin=options.timeout_margin,
+        compress=options.compress, keep_days=options.keep_days,
+        prometheus_textfile=_absolute(options.prometheus_textfile)
+        if options.prometheus_textfile else "", quiet=options.quiet)
+
+
+def _absolute(path):
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def check_username(username):
@@ -2598,34 +2617,34 @@ def _setup_logging(options):
     return handler
 
 
-def run(options, stopper):
+def run(settings, stopper):
     """One run: lock, timestamp, log file, forward then reverse test, ledger rows.
 
     Returns the exit code; raises IperfError for what stops a run before any test.
     """
     try:
-        os.makedirs(options.results_dir, mode=0o775, exist_ok=True)  # never world-writable
+        os.makedirs(settings.results_dir, mode=0o775, exist_ok=True)  # never world-writable
     except OSError as exc:
         raise IperfError("cannot create results folder %s: %s"
-                         % (options.results_dir, exc.strerror))
-    lock_fd = take_lock(options.results_dir)
+                         % (settings.results_dir, exc.strerror))
+    lock_fd = take_lock(settings.results_dir)
     handler = None
     try:
-        run_ts = run_timestamp(options.results_dir, options.prefix)
-        log_path = os.path.join(options.results_dir, options.prefix + run_ts + "_iperf_mon.log")
+        run_ts = run_timestamp(settings.results_dir, settings.prefix)
+        log_path = os.path.join(settings.results_dir, settings.prefix + run_ts + "_iperf_mon.log")
         handler = RunLogHandler(log_path)
         handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
         handler.setLevel(logging.DEBUG)
         log.addHandler(handler)
         log.info("run %s: server %s port %s, %s s x %s streams, iperf3 %s, version %s", run_ts,
-                 options.server, options.port, options.duration, options.streams,
-                 options.iperf3, __version__)
-        if options.jitter > 0:
-            delay = random.uniform(0, options.jitter)
+                 settings.server, settings.port, settings.duration, settings.streams,
+                 settings.iperf3, __version__)
+        if settings.jitter > 0:
+            delay = random.uniform(0, settings.jitter)
             log.info("jitter: sleeping %.1f s", delay)
             stopper.sleep(delay)
-        rows, status = run_tests(options, run_ts, stopper)
-        return finish_run(options, run_ts, rows, status, stopper)
+        rows, status = run_tests(settings, run_ts, stopper)
+        return finish_run(settings, run_ts, rows, status, stopper)
     finally:
         if handler is not None:
             log.removeHandler(handler)
@@ -2633,21 +2652,21 @@ def run(options, stopper):
         os.close(lock_fd)
 
 
-def run_tests(options, run_ts, stopper):
+def run_tests(settings, run_ts, stopper):
     """The run's tests, forward then reverse, each recorded in its file and the ledger as soon
     as it ends; returns (their ledger rows, 0 or 1 when one failed or was not saved)."""
     progress = None
-    if sys.stderr.isatty() and options.quiet == 0:
-        progress = Progress(sys.stderr, options.duration)
+    if sys.stderr.isatty() and settings.quiet == 0:
+        progress = Progress(sys.stderr, settings.duration)
     status = 0
     rows = []
-    ledger = os.path.join(options.results_dir, LEDGER_NAME)
+    ledger = os.path.join(settings.results_dir, LEDGER_NAME)
     for direction, suffix, flags in DIRECTIONS:
         if stopper.signum is not None:
             break
-        file_name = result_name(options.prefix, run_ts, suffix, options.compress)
-        document = run_test(options, direction, bool(flags),
-                            os.path.join(options.results_dir, file_name), run_ts, stopper,
+        file_name = result_name(settings.prefix, run_ts, suffix, settings.compress)
+        document = run_test(settings, direction, bool(flags),
+                            os.path.join(settings.results_dir, file_name), run_ts, stopper,
                             progress(direction) if progress else None)
         if progress:
             progress.clear()
@@ -2661,29 +2680,29 @@ def run_tests(options, run_ts, stopper):
             status = 1
         if "error" in document:
             status = 1
-            logged_in = options.username is not None
+            logged_in = settings.username is not None
             log.error("%s test failed: %s", direction, explain_error(
                 document["error"], document["continuous_iperf"]["stderr"],
-                iperf3_version(options.iperf3) if logged_in else None, logged_in))
+                iperf3_version(settings.iperf3) if logged_in else None, logged_in))
     return rows, status
 
 
-def finish_run(options, run_ts, rows, status, stopper):
+def finish_run(settings, run_ts, rows, status, stopper):
     """After the tests: the Prometheus textfile, old files deleted; returns the exit code."""
-    if options.prometheus_textfile and rows:
+    if settings.prometheus_textfile and rows:
         try:
-            write_textfile(options.prometheus_textfile, rows, options.server, options.port)
+            write_textfile(settings.prometheus_textfile, rows, settings.server, settings.port)
         except OSError as exc:
             status = status or 1
             log.error("cannot write the Prometheus textfile %s: %s",
-                      options.prometheus_textfile, exc.strerror or exc)
+                      settings.prometheus_textfile, exc.strerror or exc)
     if stopper.signum is not None:
         log.warning("stopped by %s", stopper.name)
         return 128 + stopper.signum
-    if options.keep_days:
-        deleted = delete_old_files(options.results_dir, options.prefix, options.keep_days)
+    if settings.keep_days:
+        deleted = delete_old_files(settings.results_dir, settings.prefix, settings.keep_days)
         log.info("deleted %d files older than %d days (their ledger rows stay)",
-                 len(deleted), options.keep_days)
+                 len(deleted), settings.keep_days)
     log.info("run %s finished: %s", run_ts, "ok" if status == 0 else "a test failed")
     return status
 
@@ -2935,20 +2954,24 @@ def main(argv=None):
         return exc.code if isinstance(exc.code, int) else 2
     options.extra = extra
     try:
-        _check_options(parser, options)
+        check_options(parser, options)
+        try:
+            settings = run_settings(options, os.environ)
+        except IperfError as exc:
+            parser.error(str(exc))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     if options.dry_run:
         for _, _, flags in DIRECTIONS:
-            print(command_line(iperf3_argv(options.iperf3, options.server, options.port,
-                                           options.duration, options.streams, bool(flags),
-                                           options.extra)))
+            print(command_line(iperf3_argv(settings.iperf3, settings.server, settings.port,
+                                           settings.duration, settings.streams, bool(flags),
+                                           settings.extra)))
         return 0
     handler = _setup_logging(options)
     stopper = Stopper()
     stopper.install()
     try:
-        return run(options, stopper)
+        return run(settings, stopper)
     except IperfError as exc:
         log.error("%s", exc)
         return exc.status
