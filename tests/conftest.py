@@ -1,6 +1,8 @@
 """Shared fixtures: free ports, real iperf3 servers, fake iperf3 executables, and the switches
 that turn a missing tool from a skip (a developer's laptop) into a failure (CI)."""
 
+import csv
+import datetime
 import os
 import shutil
 import signal
@@ -17,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Test the scripts in this working tree, even when an older copy is pip-installed.
 sys.path.insert(0, str(ROOT))
 
-import iperf_server  # noqa: E402 (needs the path above)
+import iperf_client  # noqa: E402 (needs the path above)
+import iperf_server  # noqa: E402
 SERVER_SCRIPT = ROOT / "iperf_server.py"
 CLIENT_SCRIPT = ROOT / "iperf_client.py"
 
@@ -289,3 +292,82 @@ def assert_one_line_error(done, code, *fragments):
     assert len(lines) == 1, done.stderr
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+# --- Ledgers and results for the client's tests ---
+
+LEDGER_COLUMNS = list(iperf_client.LEDGER_COLUMNS)
+
+
+def row_at(moment, direction, received=None, error="", prefix="", port=5201, run_at=None):
+    """A ledger row (a dict) of a test started at `moment` (Unix seconds), of the run started
+    at `run_at` (default: `moment`)."""
+    run_ts = datetime.datetime.fromtimestamp(moment if run_at is None else run_at).strftime(
+        iperf_client.TIMESTAMP_FORMAT)
+    ok = received is not None
+    return {
+        "timestamp": iperf_client.iso_time(moment), "run": run_ts, "prefix": prefix,
+        "direction": direction, "server": "192.0.2.7", "port": str(port), "streams": "30",
+        "duration": "60", "status": "ok" if ok else "error", "error": error,
+        "sent_bps": repr(received * 1.01) if ok else "", "received_bps": repr(received) if ok
+        else "", "retransmits": "7" if ok else "", "attempts": "1",
+        "file": "%s%s_%s.json" % (prefix, run_ts, "client" if direction == "forward" else "server"),
+    }
+
+
+def row_stamped(timestamp, direction="forward", status="ok", received="", retransmits="",
+                prefix="", error="", run="20240301_100000", file=None):
+    """A ledger row (a dict) with the ISO `timestamp` given as it is."""
+    cells = dict.fromkeys(LEDGER_COLUMNS, "")
+    cells.update(timestamp=timestamp, run=run, prefix=prefix, direction=direction,
+                 server="192.0.2.1", port="5201", streams="30", duration="60", status=status,
+                 error=error, sent_bps=received, received_bps=received, retransmits=retransmits,
+                 attempts="1",
+                 file=file or "%s%s_%s.json" % (prefix, run, "client" if direction == "forward"
+                                                else "server"))
+    return cells
+
+
+def write_ledger(folder, rows):
+    """A ledger of `rows` (dicts by column name, as row_at and row_stamped make them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(str(folder / "results.csv"), "w") as handle:
+        handle.write(iperf_client.csv_line(LEDGER_COLUMNS))
+        for one in rows:
+            handle.write(iperf_client.csv_line([one[c] for c in LEDGER_COLUMNS]))
+
+
+def read_ledger(folder):
+    """The ledger of a results folder as dicts; it must have the standard header."""
+    with open(os.path.join(str(folder), "results.csv"), newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == LEDGER_COLUMNS
+    return [dict(zip(LEDGER_COLUMNS, row)) for row in rows[1:]]
+
+
+# A fake iperf3 printing a small but iperf3-shaped result (reverse when -R is given).
+FAKE_RESULT = """
+reverse = 1 if "-R" in args else 0
+doc = {"start": {"timestamp": {"timesecs": 1700000000 + reverse},
+                 "test_start": {"num_streams": 2, "duration": 1, "omit": 0,
+                                "reverse": reverse}},
+       "intervals": [],
+       "end": {"sum_sent": {"bits_per_second": 1000.5 + reverse, "retransmits": 3},
+               "sum_received": {"bits_per_second": 900.25 + reverse}}}
+"""
+
+
+def pids_with(*needles):
+    """Live processes whose argv contains every one of `needles` (a word each)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                words = handle.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if all(needle in words for needle in needles) and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from conftest import CLIENT_SCRIPT, run_script
-from test_html import row, write_ledger
+from conftest import CLIENT_SCRIPT, row_at, run_script, write_ledger
 
 sys.path.insert(0, str(CLIENT_SCRIPT.parent))
 import iperf_client  # noqa: E402
@@ -22,8 +21,8 @@ def runs(count=6, interval=300, forward=9.4e9, reverse=8.9e9, age=60, prefix="")
     rows = []
     for index in range(count):
         moment = now - age - (count - 1 - index) * interval
-        rows.append(row(moment, "forward", forward, prefix=prefix))
-        rows.append(row(moment + 30, "reverse", reverse, prefix=prefix, run_at=moment))
+        rows.append(row_at(moment, "forward", forward, prefix=prefix))
+        rows.append(row_at(moment + 30, "reverse", reverse, prefix=prefix, run_at=moment))
     return rows
 
 
@@ -46,7 +45,7 @@ def check(capsys, folder, *args):
 THRESHOLDS = ("--warn-below", "5000", "--crit-below", "1000")  # Mbit/s
 
 
-def test_ok_with_perfdata(tmp_path, capsys):
+def test_a_healthy_link_is_ok_with_perfdata_for_both_directions(tmp_path, capsys):
     rows = runs()
     write_ledger(tmp_path, rows)
     code, line, perf = check(capsys, tmp_path, *THRESHOLDS)
@@ -64,7 +63,7 @@ def test_ok_with_perfdata(tmp_path, capsys):
     (4.2e9, 0.5e9, 2, "CRITICAL"),  # the worst state wins
     (5e9, 5e9, 0, "OK"),  # "below" is strict: at the threshold is fine
 ])
-def test_thresholds(tmp_path, capsys, forward, reverse, code, state):
+def test_each_threshold_gives_its_state(tmp_path, capsys, forward, reverse, code, state):
     write_ledger(tmp_path, runs(forward=forward, reverse=reverse))
     found, line, perf = check(capsys, tmp_path, *THRESHOLDS)
     assert (found, line.split(" - ")[0]) == (code, state)
@@ -73,7 +72,7 @@ def test_thresholds(tmp_path, capsys, forward, reverse, code, state):
 
 def test_latest_failed_test_is_critical_even_after_good_ones(tmp_path, capsys):
     rows = runs()
-    rows.append(row(time.time() - 20, "reverse", error="unable to connect | refused"))
+    rows.append(row_at(time.time() - 20, "reverse", error="unable to connect | refused"))
     write_ledger(tmp_path, rows)
     code, line, perf = check(capsys, tmp_path, *THRESHOLDS)
     assert code == 2 and line.startswith("CRITICAL - ")
@@ -204,3 +203,39 @@ def test_check_of_real_runs_as_monitoring_runs_it(iperf3_server, tmp_path):
     huge = run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path, "--check", "--warn-below",
                                       "1e9", "--crit-below", "1e8"])
     assert huge.returncode == 2 and huge.stdout.startswith("CRITICAL - ")
+
+
+# --- "latest" means the latest written ------------------------------------------------------------
+
+def test_a_test_dated_in_the_future_does_not_hide_later_failures(tmp_path, capsys):
+    """One run made while the clock was six days ahead, then failures at the right time."""
+    now = time.time()
+    rows = runs(count=4, age=1200)
+    ahead = now + 6 * 86400
+    rows += [row_at(ahead, "forward", 9.4e9), row_at(ahead + 30, "reverse", 8.9e9, run_at=ahead)]
+    rows += [row_at(now - 120, "forward", error="unable to connect to server: refused"),
+             row_at(now - 90, "reverse", error="unable to connect to server: refused",
+                    run_at=now - 120)]
+    write_ledger(tmp_path, rows)
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 2 and line.startswith("CRITICAL - "), line
+    assert "forward test failed" in line and "reverse test failed" in line
+    assert "dated in the future" in line
+    report = run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path])
+    assert "in the future: a clock was off" in report.stdout
+
+
+def test_check_reads_only_the_end_of_a_large_ledger(tmp_path, capsys):
+    """The latest rows are found from the file's end; a damaged row far back does not matter
+    (the full report would say the ledger needs a rebuild)."""
+    rows = runs(count=3000, interval=300)
+    write_ledger(tmp_path, rows)
+    with open(str(tmp_path / "results.csv")) as handle:
+        lines = handle.readlines()
+    lines[5] = "a,damaged,line\n"
+    (tmp_path / "results.csv").write_text("".join(lines))
+    code, line, _ = check(capsys, tmp_path, *THRESHOLDS)
+    assert code == 0 and line.startswith("OK - "), line
+    tail, whole = iperf_client.read_ledger_tail(str(tmp_path / "results.csv"), 2000)
+    assert len(tail) == 2000 and not whole
+    assert tail == [[one[c] for c in iperf_client.LEDGER_COLUMNS] for one in rows[-2000:]]

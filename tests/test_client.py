@@ -1,7 +1,6 @@
 """Tests of iperf_client.py: real iperf3 on random loopback ports for what a real one can show,
 fake iperf3 executables for hangs, crashes and noise, main([...]) in-process for arguments."""
 
-import csv
 import json
 import os
 import pty
@@ -14,8 +13,8 @@ import time
 import pytest
 
 from conftest import (
-    CANNOT_CONNECT, CLIENT_SCRIPT, SAYS_BUSY, free_port, kill_process, pid_alive, run_script, says,
-    wait_until,
+    CANNOT_CONNECT, CLIENT_SCRIPT, FAKE_RESULT, SAYS_BUSY, assert_one_line_error, free_port,
+    kill_process, pids_with, read_ledger, run_script, says, wait_until,
 )
 
 sys.path.insert(0, str(CLIENT_SCRIPT.parent))
@@ -25,17 +24,6 @@ TS_RE = r"\d{8}_\d{6}"
 COLUMNS = ("timestamp,run,prefix,direction,server,port,streams,duration,status,error,sent_bps,"
            "received_bps,retransmits,attempts,file").split(",")
 
-# A fake iperf3 printing a small but iperf3-shaped result (reverse when -R is given).
-FAKE_RESULT = """
-reverse = 1 if "-R" in args else 0
-doc = {"start": {"timestamp": {"timesecs": 1700000000 + reverse},
-                 "test_start": {"num_streams": 2, "duration": 1, "omit": 0,
-                                "reverse": reverse}},
-       "intervals": [],
-       "end": {"sum_sent": {"bits_per_second": 1000.5 + reverse, "retransmits": 3},
-               "sum_received": {"bits_per_second": 900.25 + reverse}}}
-"""
-
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -44,32 +32,9 @@ def named(row):
     return dict(zip(COLUMNS, row))
 
 
-def read_ledger(folder):
-    with open(os.path.join(str(folder), "results.csv"), newline="") as handle:
-        rows = list(csv.reader(handle))
-    assert rows[0] == COLUMNS
-    return [dict(zip(COLUMNS, row)) for row in rows[1:]]
-
-
 def read_json(path):
     with open(str(path)) as handle:
         return json.load(handle)
-
-
-def pids_with(*needles):
-    """Live processes whose argv contains every one of `needles` (a word each)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                words = handle.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if all(needle in words for needle in needles) and pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
 
 
 def names(folder):
@@ -241,7 +206,7 @@ def test_signal_mid_test_keeps_partial_result(server, tmp_path, signame):
     assert float(rows[0]["sent_bps"]) == doc["end"]["sum_sent"]["bits_per_second"]
 
 
-def test_overlapping_runs(server, tmp_path):
+def test_a_run_that_finds_the_folder_locked_exits_75_and_leaves_no_file(server, tmp_path):
     first = subprocess.Popen(
         [sys.executable, str(CLIENT_SCRIPT), *client_args(server.port, tmp_path),
          "-t", "2"],
@@ -536,7 +501,7 @@ def test_flags_never_rewrite_the_settings(capsys):
             iperf_client.IPERF_PORT) == ("CHANGE_TO_IP", 60, 30, 5201)
 
 
-def test_version(capsys):
+def test_version_prints_the_programs_name_and_version(capsys):
     assert iperf_client.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == "iperf_client.py " + iperf_client.__version__
 
@@ -680,3 +645,19 @@ def test_a_refused_login_is_explained_on_every_version(
 ])
 def test_other_errors_are_not_taken_for_a_refused_login(error):
     assert iperf_client.explain_error(error, "", (3, 21), False) == error
+
+
+@pytest.mark.parametrize("server", ["host\nname", "host\tname", "bad\x1bname"])
+def test_a_server_name_with_control_characters_is_refused(tmp_path, server):
+    done = run_script(CLIENT_SCRIPT, ["--server", server, "-d", tmp_path / "r"])
+    assert_one_line_error(done, 2, "control character")
+    assert not (tmp_path / "r").exists()
+
+
+def test_iperf3s_version_banner_is_never_taken_for_a_refused_login(iperf3_server, tmp_path):
+    """`-- -v` makes iperf3 print its banner ("... authentication ...") instead of a result."""
+    done = run_script(CLIENT_SCRIPT, ["--server", "127.0.0.1", "--port", iperf3_server.port,
+                                      "-t", "1", "-d", tmp_path, "--retries", "0", "--", "-v"])
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "printed no JSON result" in done.stderr
+    assert "login" not in done.stderr and "authentication failed" not in done.stderr

@@ -4,6 +4,7 @@ through iperf3's environment, and a run without one fails fast instead of hangin
 import csv
 import os
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -171,3 +172,17 @@ def test_dry_run_never_shows_the_password(auth_server, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "--username %s" % USER in done.stdout
     assert PASSWORD not in done.stdout + done.stderr
+
+
+def test_password_file_that_is_not_text(tmp_path):
+    password_file = tmp_path / "password"
+    password_file.write_bytes(b"pa\xffss\n")
+    os.chmod(str(password_file), 0o600)
+    key = tmp_path / "public.pem"
+    key.write_text("not checked in a dry run\n")
+    done = subprocess.run([sys.executable, str(CLIENT_SCRIPT), "--server", "127.0.0.1",
+                           "--username", "u", "--rsa-public-key-path", str(key),
+                           "--password-file", str(password_file), "--dry-run"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert_one_line_error(done, 2, "not UTF-8", str(password_file))

@@ -15,7 +15,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from conftest import CANNOT_CONNECT, CLIENT_SCRIPT, free_port, require, run_script, says
+from conftest import (CANNOT_CONNECT, CLIENT_SCRIPT, free_port, require, row_at, run_script, says,
+                      write_ledger)
 
 sys.path.insert(0, str(CLIENT_SCRIPT.parent))
 import iperf_client  # noqa: E402
@@ -58,30 +59,6 @@ class Page(HTMLParser):
         return " ".join(e[2] for e in self.elements)
 
 
-def row(moment, direction, received=None, error="", prefix="", port=5201, run_at=None):
-    """A ledger row (a dict) of a test started at `moment` (Unix seconds), of the run started
-    at `run_at` (default: `moment`)."""
-    run_ts = datetime.datetime.fromtimestamp(moment if run_at is None else run_at).strftime(
-        iperf_client.TIMESTAMP_FORMAT)
-    ok = received is not None
-    return {
-        "timestamp": iperf_client.iso_time(moment), "run": run_ts, "prefix": prefix,
-        "direction": direction, "server": "192.0.2.7", "port": str(port), "streams": "30",
-        "duration": "60", "status": "ok" if ok else "error", "error": error,
-        "sent_bps": repr(received * 1.01) if ok else "", "received_bps": repr(received) if ok
-        else "", "retransmits": "7" if ok else "", "attempts": "1",
-        "file": "%s%s_%s.json" % (prefix, run_ts, "client" if direction == "forward" else "server"),
-    }
-
-
-def write_ledger(folder, rows):
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(str(folder / "results.csv"), "w") as handle:
-        handle.write(iperf_client.csv_line(iperf_client.LEDGER_COLUMNS))
-        for one in rows:
-            handle.write(iperf_client.csv_line([one[c] for c in iperf_client.LEDGER_COLUMNS]))
-
-
 def day_of_runs(start=NOW - 86400, runs=96, interval=900, pause=(40, 52), failed=(10, 70)):
     """A day of runs every 15 minutes: forward near 9.4 Gbit/s, reverse near 8.9 Gbit/s, a pause
     (no run at all) and a run whose two tests failed."""
@@ -91,11 +68,11 @@ def day_of_runs(start=NOW - 86400, runs=96, interval=900, pause=(40, 52), failed
             continue
         moment = start + index * interval
         if index in failed:
-            rows.append(row(moment, "forward", error="unable to connect to server: refused"))
-            rows.append(row(moment + 60, "reverse", error="the server is busy", run_at=moment))
+            rows.append(row_at(moment, "forward", error="unable to connect to server: refused"))
+            rows.append(row_at(moment + 60, "reverse", error="the server is busy", run_at=moment))
             continue
-        rows.append(row(moment, "forward", 9.4e9 + (index % 7) * 1e7))
-        rows.append(row(moment + 60, "reverse", 8.9e9 - (index % 5) * 1e7, run_at=moment))
+        rows.append(row_at(moment, "forward", 9.4e9 + (index % 7) * 1e7))
+        rows.append(row_at(moment + 60, "reverse", 8.9e9 - (index % 5) * 1e7, run_at=moment))
     return rows
 
 
@@ -186,7 +163,7 @@ def test_summary_table_holds_the_report_figures(tmp_path):
 
 def test_nothing_external_and_no_script(tmp_path):
     rows = day_of_runs()
-    rows.append(row(NOW - 30, "forward", error='<script src="http://evil/x.js"></script> & co'))
+    rows.append(row_at(NOW - 30, "forward", error='<script src="http://evil/x.js"></script> & co'))
     write_ledger(tmp_path, rows)
     text = make_report(tmp_path)
     page = Page(text)
@@ -198,7 +175,8 @@ def test_nothing_external_and_no_script(tmp_path):
 
 
 def test_units_follow_the_scale_and_a_single_test_is_a_dot(tmp_path):
-    write_ledger(tmp_path, [row(NOW - 600, "forward", 94.2e6), row(NOW - 540, "reverse", 8e6)])
+    write_ledger(tmp_path, [row_at(NOW - 600, "forward", 94.2e6),
+                            row_at(NOW - 540, "reverse", 8e6)])
     page = Page(make_report(tmp_path))
     chart_text = " ".join(e[2] for e in page.elements if e[0] == "text")
     assert "Mbit/s" in chart_text and "Gbit/s" not in chart_text
@@ -219,7 +197,7 @@ def test_filters_apply_to_the_page(tmp_path):
 
 
 def test_only_failures_is_a_page_of_crosses(tmp_path):
-    rows = [row(NOW - 600 * i, "forward" if i % 2 else "reverse", error="refused %d" % i)
+    rows = [row_at(NOW - 600 * i, "forward" if i % 2 else "reverse", error="refused %d" % i)
             for i in range(6)]
     write_ledger(tmp_path, rows)
     page = Page(make_report(tmp_path))
@@ -239,8 +217,8 @@ def test_a_year_is_thinned_to_a_light_page(tmp_path):
     rows = []
     for index in range(8000):  # 8,000 runs, an hour apart: almost a year
         moment = NOW - (8000 - index) * 3600
-        rows += [row(moment, "forward", 9e8 + index % 11 * 1e6),
-                 row(moment + 60, "reverse", 8e8 + index % 13 * 1e6, run_at=moment)]
+        rows += [row_at(moment, "forward", 9e8 + index % 11 * 1e6),
+                 row_at(moment + 60, "reverse", 8e8 + index % 13 * 1e6, run_at=moment)]
     write_ledger(tmp_path, rows)
     text = make_report(tmp_path)
     page = Page(text)
@@ -285,11 +263,11 @@ def test_time_ticks_fall_on_round_local_times(start, end, step, first):
     (940, [0, 200, 400, 600, 800, 1000]), (0, [0, 0.2, 0.4, 0.6, 0.8, 1.0]),
     (12.5, [0, 2.5, 5, 7.5, 10, 12.5]),
 ])
-def test_nice_ticks(top, expected):
+def test_axis_ticks_are_round_numbers_reaching_the_top(top, expected):
     assert iperf_client.nice_ticks(top) == pytest.approx(expected)
 
 
-def test_split_at_gaps():
+def test_a_line_breaks_where_no_test_ran_or_a_test_failed():
     points = [(t, 1.0, None) for t in (0, 60, 120, 180, 600, 660, 720)]
     assert [len(s) for s in iperf_client.split_at_gaps(points)] == [4, 3]
     points[1] = (60, None, None)  # a failed test breaks the line too

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import time
 
 import pytest
 
-from conftest import CLIENT_SCRIPT, run_script
+from conftest import (CLIENT_SCRIPT, FAKE_RESULT, read_ledger, row_stamped, run_script, wait_until,
+                      write_ledger)
 
 sys.path.insert(0, str(CLIENT_SCRIPT.parent))
 import iperf_client  # noqa: E402
@@ -46,31 +48,6 @@ print(json.dumps(doc, indent="\\t"))
 """
 
 
-def row(timestamp, direction="forward", status="ok", received="", retransmits="", prefix="",
-        error="", run="20240301_100000", file=None):
-    cells = dict.fromkeys(COLUMNS, "")
-    cells.update(timestamp=timestamp, run=run, prefix=prefix, direction=direction,
-                 server="192.0.2.1", port="5201", streams="30", duration="60", status=status,
-                 error=error, sent_bps=received, received_bps=received, retransmits=retransmits,
-                 attempts="1",
-                 file=file or "%s%s_%s.json" % (prefix, run, "client" if direction == "forward"
-                                                else "server"))
-    return cells
-
-
-def write_ledger(folder, rows):
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(str(folder / "results.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_ledger(folder):
-    with open(str(folder / "results.csv"), newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def report(capsys, folder, *args):
     code = iperf_client.main(["report", "-d", str(folder)] + list(args))
     out, err = capsys.readouterr()
@@ -91,9 +68,10 @@ def utc(hour, minute=0, day=1):
 
 def test_statistics_from_known_values(tmp_path, capsys):
     forward = [100.0, 200.0, 300.0, 400.0, 1000.0]
-    rows = [row(utc(10, i), received=repr(v), retransmits=str(i)) for i, v in enumerate(forward)]
-    rows.append(row(utc(11), status="error", error="boom", retransmits="99"))
-    rows.append(row(utc(12), direction="reverse", received="50.5", retransmits="4"))
+    rows = [row_stamped(utc(10, i), received=repr(v), retransmits=str(i))
+            for i, v in enumerate(forward)]
+    rows.append(row_stamped(utc(11), status="error", error="boom", retransmits="99"))
+    rows.append(row_stamped(utc(12), direction="reverse", received="50.5", retransmits="4"))
     write_ledger(tmp_path, rows)
     summary = report_json(capsys, tmp_path)["summary"]
     assert list(summary) == ["forward", "reverse"]
@@ -111,7 +89,8 @@ def test_statistics_from_known_values(tmp_path, capsys):
 def test_percentiles_match_statistics_quantiles_inclusive(tmp_path, capsys):
     rng = random.Random(7)
     values = [rng.uniform(1e8, 1e9) for _ in range(997)]
-    write_ledger(tmp_path, [row("2024-03-01T10:00:00+00:00", received=repr(v)) for v in values])
+    write_ledger(tmp_path, [row_stamped("2024-03-01T10:00:00+00:00", received=repr(v))
+                            for v in values])
     stats = report_json(capsys, tmp_path, "--direction", "forward")["summary"]["forward"]
     cuts = statistics.quantiles(values, n=20, method="inclusive")
     assert stats["p5_bps"] == pytest.approx(cuts[0], rel=1e-12)
@@ -124,9 +103,9 @@ def test_percentiles_match_statistics_quantiles_inclusive(tmp_path, capsys):
 
 
 def test_json_runs_are_the_ledger_rows_with_numbers(tmp_path, capsys):
-    rows = [row(utc(10), received="123.5", retransmits="3"),
-            row(utc(10, 1), direction="reverse", status="error",
-                error='refused: "quoted" \\ and, comma')]
+    rows = [row_stamped(utc(10), received="123.5", retransmits="3"),
+            row_stamped(utc(10, 1), direction="reverse", status="error",
+                        error='refused: "quoted" \\ and, comma')]
     write_ledger(tmp_path, rows)
     runs = report_json(capsys, tmp_path)["runs"]
     assert list(runs[0]) == COLUMNS
@@ -136,8 +115,9 @@ def test_json_runs_are_the_ledger_rows_with_numbers(tmp_path, capsys):
 
 
 def test_csv_format_is_the_selected_rows(tmp_path, capsys):
-    rows = [row(utc(10), received="1.0"), row(utc(10, 1), direction="reverse", received="2.0"),
-            row(utc(11), prefix="other", received="3.0")]
+    rows = [row_stamped(utc(10), received="1.0"),
+            row_stamped(utc(10, 1), direction="reverse", received="2.0"),
+            row_stamped(utc(11), prefix="other", received="3.0")]
     write_ledger(tmp_path, rows)
     code, out, err = report(capsys, tmp_path, "--format", "csv", "--direction", "reverse")
     assert (code, err) == (0, "")
@@ -159,17 +139,17 @@ def test_csv_format_is_the_selected_rows(tmp_path, capsys):
     (["--since", "2024-03-02"], 1),
 ])
 def test_since_until_edges(tmp_path, capsys, args, expected):
-    write_ledger(tmp_path, [row("2024-03-01T09:59:59+00:00", received="1"),
-                            row("2024-03-01T10:00:00+00:00", received="2"),
-                            row("2024-03-01T11:00:00+00:00", received="3"),
-                            row("2024-03-02T12:00:00+00:00", received="4")])
+    write_ledger(tmp_path, [row_stamped("2024-03-01T09:59:59+00:00", received="1"),
+                            row_stamped("2024-03-01T10:00:00+00:00", received="2"),
+                            row_stamped("2024-03-01T11:00:00+00:00", received="3"),
+                            row_stamped("2024-03-02T12:00:00+00:00", received="4")])
     assert report_json(capsys, tmp_path, *args)["summary"]["forward"]["count"] == expected
 
 
 def test_naive_dates_are_local_time(tmp_path, capsys):
     midnight = time.mktime((2024, 3, 5, 0, 0, 0, 0, 0, -1))
-    write_ledger(tmp_path, [row(iperf_client.iso_time(midnight - 1), received="1"),
-                            row(iperf_client.iso_time(midnight), received="2")])
+    write_ledger(tmp_path, [row_stamped(iperf_client.iso_time(midnight - 1), received="1"),
+                            row_stamped(iperf_client.iso_time(midnight), received="2")])
     stats = report_json(capsys, tmp_path, "--since", "2024-03-05")["summary"]["forward"]
     assert (stats["count"], stats["max_bps"]) == (1, 2.0)
     stats = report_json(capsys, tmp_path, "--until", "2024-03-05T00:00")["summary"]["forward"]
@@ -178,7 +158,7 @@ def test_naive_dates_are_local_time(tmp_path, capsys):
 
 def test_spans_back_from_now(tmp_path, capsys):
     now = time.time()
-    write_ledger(tmp_path, [row(iperf_client.iso_time(now - age), received=str(age))
+    write_ledger(tmp_path, [row_stamped(iperf_client.iso_time(now - age), received=str(age))
                             for age in (60, 2 * 3600, 2 * 86400, 30 * 86400)])
     for span, count in (("90m", 1), ("24h", 2), ("7d", 3), ("5w", 4)):
         assert report_json(capsys, tmp_path, "--since", span)["summary"]["forward"][
@@ -187,9 +167,9 @@ def test_spans_back_from_now(tmp_path, capsys):
 
 
 def test_prefix_and_direction_select(tmp_path, capsys):
-    write_ledger(tmp_path, [row(utc(10), received="1", prefix="a"),
-                            row(utc(10), direction="reverse", received="2", prefix="a"),
-                            row(utc(10), received="3", prefix="b")])
+    write_ledger(tmp_path, [row_stamped(utc(10), received="1", prefix="a"),
+                            row_stamped(utc(10), direction="reverse", received="2", prefix="a"),
+                            row_stamped(utc(10), received="3", prefix="b")])
     summary = report_json(capsys, tmp_path, "--prefix", "a", "--direction", "reverse")["summary"]
     assert list(summary) == ["reverse"] and summary["reverse"]["max_bps"] == 2.0
     assert report_json(capsys, tmp_path)["summary"]["forward"]["count"] == 2
@@ -200,7 +180,7 @@ def test_prefix_and_direction_select(tmp_path, capsys):
     ["--direction", "up"], ["--format", "xml"], ["--prefix", "a/b"],
 ])
 def test_report_bad_input_exits_2(tmp_path, capsys, args):
-    write_ledger(tmp_path, [row(utc(10), received="1")])
+    write_ledger(tmp_path, [row_stamped(utc(10), received="1")])
     code, out, err = report(capsys, tmp_path, *args)
     assert code == 2 and out == "" and len(err.splitlines()) == 1
 
@@ -244,8 +224,9 @@ def test_damaged_ledger_says_so_and_rebuild_repairs_it(tmp_path, capsys, fake_ip
 
 
 def test_text_report_with_only_failures(tmp_path, capsys):
-    write_ledger(tmp_path, [row(utc(10), status="error", error="unable to connect"),
-                            row(utc(10), direction="reverse", status="error", error="busy")])
+    write_ledger(tmp_path, [row_stamped(utc(10), status="error", error="unable to connect"),
+                            row_stamped(utc(10), direction="reverse", status="error",
+                                        error="busy")])
     code, out, err = report(capsys, tmp_path)
     assert (code, err) == (0, "")
     assert "forward: 1 tests, 0 ok, 1 failed (100.0%)" in out
@@ -254,9 +235,9 @@ def test_text_report_with_only_failures(tmp_path, capsys):
 
 
 def test_text_report_for_a_person(tmp_path, capsys):
-    rows = [row(utc(h), received=repr(9.5e8 - h * 1e7)) for h in range(24)]
-    rows += [row(utc(3), direction="reverse", received="2.5e9"),
-             row(utc(4), direction="reverse", status="error", error="server busy")]
+    rows = [row_stamped(utc(h), received=repr(9.5e8 - h * 1e7)) for h in range(24)]
+    rows += [row_stamped(utc(3), direction="reverse", received="2.5e9"),
+             row_stamped(utc(4), direction="reverse", status="error", error="server busy")]
     write_ledger(tmp_path, rows)
     code, out, err = report(capsys, tmp_path)
     assert (code, err) == (0, "")
@@ -271,7 +252,7 @@ def test_text_report_for_a_person(tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt", ["text", "csv", "json"])
 def test_report_into_head_does_not_crash(tmp_path, fmt):
-    write_ledger(tmp_path, [row(utc(i % 24, i % 60, 1 + i % 28), received=str(i))
+    write_ledger(tmp_path, [row_stamped(utc(i % 24, i % 60, 1 + i % 28), received=str(i))
                             for i in range(30000)])
     proc = subprocess.run(
         ["bash", "-c", 'set -o pipefail; "$0" "$1" report -d "$2" --format "$3" | head -1',
@@ -286,7 +267,7 @@ def test_report_into_head_does_not_crash(tmp_path, fmt):
 def test_report_into_a_closed_pipe_is_quiet(tmp_path, fmt):
     """The reader is gone before the first byte: every format meets the broken pipe (with
     `| head -1` a short text report may fit the pipe's buffer and never meet it)."""
-    write_ledger(tmp_path, [row(utc(i % 24, 0, 1)) for i in range(50)])
+    write_ledger(tmp_path, [row_stamped(utc(i % 24, 0, 1)) for i in range(50)])
     proc = subprocess.Popen([sys.executable, str(CLIENT_SCRIPT), "report", "-d", str(tmp_path),
                              "--format", fmt], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
@@ -411,8 +392,8 @@ def test_keep_days_deletes_old_raw_files_and_keeps_rows(tmp_path, capsys, fake_i
             "%s_client.json" % old_ts, "p.%s_notes.txt" % old_ts]
     for name in old + kept:
         (tmp_path / name).write_text("{}")
-    old_rows = [row(iperf_client.iso_time(time.time() - 40 * 86400), prefix="p.", run=old_ts,
-                    received="5", file=old[0])]
+    old_rows = [row_stamped(iperf_client.iso_time(time.time() - 40 * 86400), prefix="p.",
+                            run=old_ts, received="5", file=old[0])]
     write_ledger(tmp_path, old_rows)
     proc = run_script(CLIENT_SCRIPT, ["-c", "h", "-d", tmp_path, "--prefix", "p.",
                                       "--keep-days", "30", "--iperf3", fake_iperf3(FAKE % (1, 1))])
@@ -455,7 +436,7 @@ def test_hostile_files_become_rows_not_crashes(tmp_path, capsys, text, status, e
 
 
 def test_rebuild_waits_for_a_run_in_progress(tmp_path):
-    write_ledger(tmp_path, [row(utc(10), received="1")])
+    write_ledger(tmp_path, [row_stamped(utc(10), received="1")])
     (tmp_path / "20240301_100000_client.json").write_text('{"error": "x"}')
     fd = os.open(str(tmp_path / ".lock"), os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # a run in progress
@@ -473,3 +454,189 @@ def test_rebuild_waits_for_a_run_in_progress(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "rebuilt" in err
     assert read_ledger(tmp_path)[0]["status"] == "error"
+
+
+# --- the ledger is read and salvaged by its header, with every row kept ---------------------------
+
+def runs_with_a_fake(tmp_path, fake_iperf3, count=2):
+    """A results folder of `count` real runs (a fake iperf3 printing a fixed result); returns
+    it with its ledger's text."""
+    fake = fake_iperf3(FAKE_RESULT + "\nprint(json.dumps(doc))\n")
+    folder = tmp_path / "r"
+    for _ in range(count):
+        done = run_script(CLIENT_SCRIPT, ["-c", "h.example", "-d", folder, "--iperf3", fake])
+        assert done.returncode == 0, done.stderr
+    return folder
+
+
+def ledger_lines(folder):
+    return (folder / "results.csv").read_text().splitlines()
+
+
+def rebuild(folder):
+    return run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--rebuild", "--format", "csv"])
+
+
+def test_a_last_line_cut_inside_the_file_column_is_no_row_at(tmp_path, fake_iperf3):
+    folder = runs_with_a_fake(tmp_path, fake_iperf3)
+    whole = ledger_lines(folder)
+    (folder / "results.csv").write_text("\n".join(whole)[:-8])  # "..._server.json" cut
+    done = rebuild(folder)
+    assert done.returncode == 0, done.stderr
+    assert ledger_lines(folder) == whole  # each test once: the cut row left, the real one read
+
+
+def test_a_run_after_a_cut_line_removes_it_and_keeps_the_rest(tmp_path, fake_iperf3):
+    folder = runs_with_a_fake(tmp_path, fake_iperf3, count=1)
+    whole = ledger_lines(folder)
+    (folder / "results.csv").write_text("\n".join(whole)[:-8])
+    folder = runs_with_a_fake(tmp_path, fake_iperf3, count=1)
+    lines = ledger_lines(folder)
+    assert lines[:2] == whole[:2] and len(lines) == 4
+    assert all(line.endswith((".json", ".json.gz")) for line in lines[1:])
+    assert any("cut short" in path.read_text() for path in folder.glob("*_iperf_mon.log"))
+    assert rebuild(folder).returncode == 0
+    assert len(ledger_lines(folder)) == 5  # the cut test's row comes back from its file
+
+
+def test_a_file_and_its_gzip_twin_are_one_test(tmp_path, fake_iperf3):
+    folder = runs_with_a_fake(tmp_path, fake_iperf3, count=1)
+    whole = ledger_lines(folder)
+    for path in folder.glob("*.json"):
+        (folder / (path.name + ".gz")).write_bytes(gzip.compress(path.read_bytes()))  # gzip -k
+    assert rebuild(folder).returncode == 0
+    assert ledger_lines(folder) == whole
+
+
+def test_a_reordered_header_puts_the_figures_in_their_columns(tmp_path, fake_iperf3):
+    folder = runs_with_a_fake(tmp_path, fake_iperf3, count=1)
+    with open(str(folder / "results.csv"), newline="") as handle:
+        table = list(csv.reader(handle))
+    sent, received = table[0].index("sent_bps"), table[0].index("received_bps")
+    for row in table:  # swap the two columns, header included: the same ledger, reordered
+        row[sent], row[received] = row[received], row[sent]
+    with open(str(folder / "results.csv"), "w", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(table)
+    done = run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--format", "json"])
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(done.stdout)["runs"]
+    assert [(run["sent_bps"], run["received_bps"]) for run in runs] == [
+        (1000.5, 900.25), (1001.5, 901.25)]
+    # A run continues the ledger in its own order.
+    runs_with_a_fake(tmp_path, fake_iperf3, count=1)
+    with open(str(folder / "results.csv"), newline="") as handle:
+        appended = list(csv.DictReader(handle))[-1]
+    assert (appended["sent_bps"], appended["received_bps"]) == ("1001.5", "901.25")
+
+
+def test_a_newer_versions_extra_column_keeps_every_row_and_its_cells(tmp_path, fake_iperf3):
+    folder = runs_with_a_fake(tmp_path, fake_iperf3, count=2)
+    lines = ledger_lines(folder)
+    (folder / "results.csv").write_text("\n".join(
+        [lines[0] + ",rtt_ms"] + [line + ",%d.5" % n for n, line in enumerate(lines[1:])]) + "\n")
+    runs_with_a_fake(tmp_path, fake_iperf3, count=1)  # a run of ours appends to it
+    done = rebuild(folder)
+    assert done.returncode == 0 and "damaged" not in done.stderr, done.stderr
+    assert not list(folder.glob("results.csv.damaged-*"))
+    with open(str(folder / "results.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6
+    assert [row["rtt_ms"] for row in rows] == ["0.5", "1.5", "2.5", "3.5", "", ""]
+    assert all(row["received_bps"] for row in rows)
+
+
+def test_damaged_copies_never_overwrite_each_other(tmp_path):
+    ledger = tmp_path / "results.csv"
+    ledger.write_text("first")
+    first = iperf_client.keep_damaged_copy(str(ledger))
+    ledger.write_text("second")
+    second = iperf_client.keep_damaged_copy(str(ledger))
+    assert first != second
+    assert (open(first).read(), open(second).read()) == ("first", "second")
+
+
+def test_sigterm_during_a_rebuild_stops_it_in_one_line(tmp_path):
+    """The rebuild reads files in worker processes: none may print a traceback."""
+    # About 150 KB of numbers in each file, which is parsed whole (no metadata of ours first).
+    padding = [{"start": n + 0.25, "bytes": n * 1000, "sender": True} for n in range(3000)]
+    for index in range(600):
+        document = {"start": {"timestamp": {"timesecs": 1700000000 + index}},
+                    "intervals": padding,
+                    "end": {"sum_sent": {"bits_per_second": 1e6},
+                            "sum_received": {"bits_per_second": 9e5}}}
+        name = "20240101_%06d_client.json" % index
+        (tmp_path / name).write_text(json.dumps(document))
+    proc = subprocess.Popen([sys.executable, str(CLIENT_SCRIPT), "report", "-d", str(tmp_path),
+                             "--rebuild"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+
+    def workers():
+        with open("/proc/%d/task/%d/children" % (proc.pid, proc.pid)) as handle:
+            return handle.read().split()
+    assert wait_until(lambda: proc.poll() is not None or len(workers()) >= 2, timeout=30)
+    time.sleep(0.2)  # the workers are reading files now
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, stderr)
+    assert stderr.strip().splitlines() == ["iperf_client.py: stopped by SIGTERM"]
+    assert not [name for name in os.listdir(str(tmp_path)) if name.endswith(".tmp")]
+
+
+# --- rebuilding the ledger -----------------------------------------------------------------
+
+LEDGER_ROW = ["2026-01-01T00:00:00+00:00", "20260101_000000", "", "forward", "h", "5201", "2", "1",
+              "ok", "", "1.5", "1.25", "0", "1", "20260101_000000_client.json"]
+
+
+def write_raw_ledger(path, header, rows, extra_lines=()):
+    """A ledger file as it may be found: any header, rows and stray lines, as given."""
+    lines = [",".join(header)] + [",".join(row) for row in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("damage", ["header", "bad-line"])
+def test_rebuild_salvages_rows_whose_files_are_gone(tmp_path, damage):
+    """After --keep-days the ledger's old rows exist nowhere else: damage must not cost them."""
+    rows = [[cell.replace("000000", "00000%d" % n) for cell in LEDGER_ROW] for n in range(6)]
+    header = list(iperf_client.LEDGER_COLUMNS)
+    if damage == "header":
+        header[0] = "tmestamp"  # misspelled: the header no longer says where "timestamp" is
+    ledger = tmp_path / "results.csv"
+    write_raw_ledger(ledger, header, rows, ["a,half,row"] if damage == "bad-line" else [])
+    before = ledger.read_text()
+    done = rebuild(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    with open(str(ledger), newline="") as handle:
+        kept = list(csv.reader(handle))[1:]
+    assert kept == rows
+    saved = [name for name in os.listdir(str(tmp_path)) if name.startswith("results.csv.damaged-")]
+    assert len(saved) == 1 and (tmp_path / saved[0]).read_text() == before
+    dropped = 1 if damage == "bad-line" else 0
+    assert "damaged (%d line" % dropped in done.stderr
+
+
+def test_rebuild_keeps_the_zone_the_tests_ran_in(tmp_path, fake_iperf3):
+    """cron and a person's shell may have different TZ: the rebuilt ledger must not change."""
+    fake = fake_iperf3("""
+        print(json.dumps({"start": {"timestamp": {"timesecs": 1767225600}},
+                          "end": {"sum_sent": {"bits_per_second": 2.0},
+                                  "sum_received": {"bits_per_second": 1.0}}}))
+    """)
+    env = dict(os.environ, TZ="XST-5:30")  # POSIX zones: no tzdata needed
+    done = subprocess.run([sys.executable, str(CLIENT_SCRIPT), "--server", "127.0.0.1", "-t", "1",
+                           "-P", "1", "-d", str(tmp_path), "--iperf3", str(fake)], env=env,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    ledger = tmp_path / "results.csv"
+    original = ledger.read_text()
+    assert "2026-01-01T05:30:00+05:30" in original
+    env["TZ"] = "YST+5"
+    done = subprocess.run([sys.executable, str(CLIENT_SCRIPT), "report", "-d", str(tmp_path),
+                           "--rebuild", "--format", "csv"], env=env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert ledger.read_text() == original

@@ -158,7 +158,7 @@ def test_live_daemon_pid_in_any_spelling_is_kept(host, spelling):
     (b"1234", 1234), (b"1234\0", 1234), (b"1234\n", 1234), (b" 1234 ", 1234),
     (b"", None), (b"abc", None), (b"0", None), (b"12ab", None), (b"\0\0", None),
 ])
-def test_parse_pidfile(parse_case):
+def test_a_pidfile_holds_a_positive_pid_in_any_spelling_or_none(parse_case):
     content, expected = parse_case
     assert iperf_server.parse_pidfile(content) == expected
 
@@ -464,3 +464,39 @@ def test_arguments_after_the_double_dash_add_to_the_setting(monkeypatch):
     ours, extra = iperf_server.split_extra(["-p", "1", "--", "-V"])
     assert (ours, extra) == (["-p", "1"], ["--forceflush", "-V"])
     assert iperf_server.split_extra(["-p", "1"]) == (["-p", "1"], ["--forceflush"])
+
+
+# --- the server changes settings without losing the server ----------------------------------------
+
+def test_a_new_port_that_is_taken_keeps_the_working_daemon(host):
+    assert_quiet_success(host.run())
+    pid = host.pid()
+    taken = free_port()
+    blocker = socket.socket()
+    blocker.bind(("0.0.0.0", taken))
+    blocker.listen(1)
+    try:
+        done = host.run(port=taken)
+    finally:
+        blocker.close()
+    assert_one_line_error(done, 1, "port %d is in use" % taken, "left as it is")
+    assert host.daemons() == [pid] and host.pid() == pid
+
+
+def test_an_unwritable_state_file_is_a_warning_not_a_failed_run(host):
+    assert_quiet_success(host.run())
+    os.mkdir(host.pidfile + ".state.d")
+    os.unlink(host.pidfile + ".state")
+    os.rename(host.pidfile + ".state.d", host.pidfile + ".state")  # a directory: unwritable
+    done = host.run()
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "untracked" in host.log()
+
+
+def test_the_server_log_never_follows_a_planted_symlink(host, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("precious\n")
+    os.symlink(str(target), host.log_file)
+    done = host.run()
+    assert_one_line_error(done, 1, host.log_file)
+    assert target.read_text() == "precious\n"
