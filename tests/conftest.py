@@ -49,8 +49,8 @@ def iperf3_version(path):
     return iperf_server.parse_version(done.stdout)
 
 
-# How each iperf3 says "server down" and "busy": 3.9 hides both reasons (README, "iperf3
-# versions") and reports only what became of its control connection.
+# How each iperf3 says "server down" and "busy": 3.9 hides both reasons (docs/iperf3-versions.md)
+# and reports only what became of its control connection.
 CANNOT_CONNECT = ("unable to connect", "unable to send control message: Bad file descriptor")
 SAYS_BUSY = ("busy", "unable to send control message: Connection reset by peer",
              "unable to send control message: Broken pipe")
