@@ -58,7 +58,8 @@ import time
 
 __version__ = "2.1.0"  # the project's version: both scripts and the package
 
-# --- Settings an admin may edit (the command-line flags default to these) -----------------------
+# --- Settings an admin may edit (the command-line flags default to these) -------------------------
+
 IPERF_EXECUTABLE = "iperf3"                 # iperf3 executable to run (a name on PATH or a path)
 TEST_DURATION = 60                          # length of each test, whole seconds (iperf3 -t)
 NUMBER_STREAMS = 30                         # parallel streams per test (iperf3 -P)
@@ -78,32 +79,18 @@ USERNAME = None                             # iperf3 user name, when the server 
 RSA_PUBLIC_KEY_PATH = None                  # the server's public key, with USERNAME
 PASSWORD_FILE = None                        # file whose first line is the password (mode 0600);
 #                                             else the IPERF3_PASSWORD environment variable
+
+
+# --- Constants: the run ---------------------------------------------------------------------------
+
+PLACEHOLDER_SERVER = "CHANGE_TO_IP"
 BUSY_DELAY = (5.0, 30.0)                    # random pause between busy retries (min, max) s
 KILL_GRACE = 5.0                            # seconds from SIGTERM to SIGKILL for a late iperf3
 VERSION_TIMEOUT = 5.0                       # seconds `iperf3 --version` may take
-LEDGER_NAME = "results.csv"                 # the ledger's file name in the results folder
-LOCK_NAME = ".lock"                         # the lock file's name in the results folder
-# -------------------------------------------------------------------------------------------------
-
-PLACEHOLDER_SERVER = "CHANGE_TO_IP"
-# What one run reads, explicit: run(), run_tests() and run_test() take it, never the flags'
-# namespace. run_settings() builds it from the flags, whose defaults are the settings above.
-RunSettings = collections.namedtuple("RunSettings", (
-    "iperf3", "server", "port", "duration", "streams", "extra", "iperf3_env", "username",
-    "results_dir", "prefix", "retries", "busy_wait", "jitter", "timeout_margin", "compress",
-    "keep_days", "prometheus_textfile", "quiet"))
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
 LOG_FORMAT = "%(asctime)s %(name)-12s %(levelname)-8s %(message)s"
 LOG_DATE_FORMAT = "%m-%d %H:%M:%S"
-LEDGER_COLUMNS = (
-    "timestamp", "run", "prefix", "direction", "server", "port", "streams", "duration", "status",
-    "error", "sent_bps", "received_bps", "retransmits", "attempts", "file",
-)
-# A ledger row, on the run side as on the report side, is a list of strings in the order of
-# LEDGER_COLUMNS, and Col names each position: row[Col.DIRECTION], row[Col.RECEIVED_BPS]. (The
-# ledger file may order its columns otherwise: it is read by its header, see read_ledger.)
-Col = type("Col", (), {name.upper(): index for index, name in enumerate(LEDGER_COLUMNS)})
-# direction -> (file suffix, extra iperf3 flag); forward runs first, as in the original.
+# direction -> (file suffix, extra iperf3 flag); forward runs first.
 DIRECTIONS = (("forward", "_client.json", []), ("reverse", "_server.json", ["-R"]))
 EX_TEMPFAIL = 75
 PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]*$")
@@ -125,9 +112,118 @@ HIDDEN_BUSY_VERSIONS = ((3, 8), (3, 10))  # the versions seen to hide it (3.9; 3
 # iperf3's short options that take a value (from its getopt string), to tell "-B10.0.0.1" apart
 # from bundled flags such as "-ZR".
 SHORT_WITH_VALUE = "pficbtnklPwBMSLOFATCIX"
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted at a file's name is not followed
+# What one run reads, explicit: run(), run_tests() and run_test() take it, never the flags'
+# namespace. run_settings() builds it from the flags, whose defaults are the settings above.
+RunSettings = collections.namedtuple("RunSettings", (
+    "iperf3", "server", "port", "duration", "streams", "extra", "iperf3_env", "username",
+    "results_dir", "prefix", "retries", "busy_wait", "jitter", "timeout_margin", "compress",
+    "keep_days", "prometheus_textfile", "quiet"))
+
+
+# --- Constants: the ledger and the result files ---------------------------------------------------
+
+LEDGER_NAME = "results.csv"                 # the ledger's file name in the results folder
+LOCK_NAME = ".lock"                         # the lock file's name in the results folder
+LEDGER_COLUMNS = (
+    "timestamp", "run", "prefix", "direction", "server", "port", "streams", "duration", "status",
+    "error", "sent_bps", "received_bps", "retransmits", "attempts", "file",
+)
+# A ledger row, on the run side as on the report side, is a list of strings in the order of
+# LEDGER_COLUMNS, and Col names each position: row[Col.DIRECTION], row[Col.RECEIVED_BPS]. (The
+# ledger file may order its columns otherwise: it is read by its header, see read_ledger.)
+Col = type("Col", (), {name.upper(): index for index, name in enumerate(LEDGER_COLUMNS)})
+NUMBER_COLUMNS = ("port", "streams", "duration", "sent_bps", "received_bps", "retransmits",
+                  "attempts")
+NUMBER_POSITIONS = [LEDGER_COLUMNS.index(column) for column in NUMBER_COLUMNS]
+RESULT_NAME_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9._-]*?)(?P<run>\d{8}_\d{6})"
+                            r"_(?P<side>client|server)\.json(?P<gz>\.gz)?$")
+RUN_FILE_RE = r"^%s(?P<run>\d{8}_\d{6})(?:_client\.json|_server\.json|_iperf_mon\.log)(?:\.gz)?$"
+QUICK_HEAD = 16 * 1024     # our metadata and iperf3's "start" lie in a file's first bytes
+QUICK_TAIL = 128 * 1024    # iperf3's "end" (with every stream's summary) in its last bytes
+_META_RE = re.compile(r'\A\s*\{\s*"continuous_iperf"\s*:\s*(?=\{)')
+_TIMESECS_RE = re.compile(r'"timestamp"\s*:\s*\{[^{}]*?"timesecs"\s*:\s*(\d+)\s*[,}]')
+_END_RE = re.compile(r'"end"\s*:\s*(?=\{)')
+_AFTER_END_RE = re.compile(r'\s*(?:,\s*"error"\s*:\s*("(?:[^"\\]|\\.)*")\s*)?\}\s*\Z')
+
+
+# --- Constants: the reports -----------------------------------------------------------------------
+
+SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
+SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+SUMMARY_KEYS = ("count", "ok", "failed", "min_bps", "p5_bps", "median_bps", "mean_bps", "p95_bps",
+                "max_bps", "retransmits")
+# A row whose cells, joined by \x1f, match this needs no escaping: its number cells are JSON
+# numbers or empty, its string cells hold no quote, backslash or control character.
+_ROW_OK_RE = re.compile("\x1f".join(
+    r"(?:-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?)?" if c in NUMBER_COLUMNS
+    else r'[^"\\\x00-\x1f]*' for c in LEDGER_COLUMNS) + r"\Z")
+# One ledger row as a JSON object, string cells known to need no escaping, number cells valid.
+_RUN_TEMPLATE = "{" + ",".join(
+    '"%s":%s' % (c, "%s" if c in NUMBER_COLUMNS else '"%s"') for c in LEDGER_COLUMNS) + "}"
+FUTURE_SLACK = 300          # seconds a test may seem to lie ahead (clocks of two hosts differ)
+# Names of a file this process already has open: streamed into, never replaced (a rename over
+# /dev/stdout would replace the link, or clobber a file the shell opened for appending).
+_OPEN_FILE_ALIAS_RE = re.compile(r"^/(?:dev/std(?:out|err)$|dev/fd/|proc/(?:self|\d+)/fd/)")
+
+
+# --- Constants: the HTML report -------------------------------------------------------------------
+
+# direction -> (line colour, dash pattern, bar fill): told apart by lightness and dashes as well as
+# by hue (dark blue and vermillion from the Okabe-Ito palette), so grey-scale prints and
+# colour-blind readers keep them apart; labels name them too.
+DIRECTION_STYLE = {"forward": ("#08306b", "", "#08306b"),
+                   "reverse": ("#d55e00", "7 4", "#f6c3a0")}
+DIRECTION_LABEL = {"forward": "forward (this host sends)", "reverse": "reverse (server sends)"}
+GAP_FACTOR = 3       # a pause over 3 usual intervals between tests breaks the line: no test ran
+MAX_POINTS = 1500    # more tests per direction are drawn as medians of equal time slots
+SVG_WIDTH = 760
+TIME_STEPS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 2 * 86400,
+              7 * 86400, 14 * 86400, 28 * 86400)
+HTML_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#111;
+background:#fff;margin:0 auto;max-width:1200px;padding:0 12px 24px;line-height:1.4}
+h1{font-size:1.4em;margin:16px 0 4px}h2{font-size:1.15em;margin:24px 0 6px}
+p.meta{margin:2px 0;color:#333}.wide{overflow-x:auto}
+svg{display:block;width:100%;height:auto;min-width:480px}
+svg text{font-size:12px;fill:#222}svg .small{font-size:10.5px}
+svg .grid{stroke:#ddd;stroke-width:1}svg .axis{stroke:#555;stroke-width:1}
+svg .series{fill:none;stroke-width:1.8;stroke-linejoin:round}
+svg .median{stroke-width:1.2;stroke-dasharray:2 3}svg .failure{stroke-width:2}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:4px 0}
+th,td{padding:3px 8px;border-bottom:1px solid #ccc;text-align:right;vertical-align:top;
+white-space:nowrap}th:first-child,td:first-child,.text{text-align:left}
+td.wrap{white-space:normal;min-width:16em}
+"""
+
+
+# --- Constants: the Prometheus textfile and the monitoring check ----------------------------------
+
+# (metric, ledger column or None, help): the node_exporter textfile-collector format.
+PROMETHEUS_METRICS = (
+    ("iperf_received_bits_per_second", "received_bps",
+     "Receiver's goodput of the latest test (iperf3 end.sum_received), bits/s."),
+    ("iperf_sent_bits_per_second", "sent_bps",
+     "Sender's throughput of the latest test (iperf3 end.sum_sent), bits/s."),
+    ("iperf_retransmits", "retransmits",
+     "TCP retransmits of the latest test (iperf3 end.sum_sent.retransmits)."),
+    ("iperf_success", "status", "1 when the latest test succeeded, 0 when it failed."),
+    ("iperf_last_run_timestamp_seconds", "timestamp",
+     "Start of the latest run (its first test), Unix seconds."),
+)
+_PROM_SAMPLE_RE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)\s*$")
+_PROM_LABEL_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
+CHECK_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
+CHECK_RANK = ("OK", "UNKNOWN", "WARNING", "CRITICAL")  # the worst state wins
+MAX_AGE_RUNS = 3            # default --max-age: this many usual intervals between runs
+MAX_AGE_FALLBACK = 15.0     # minutes, when the ledger holds too few runs to tell the interval
+INTERVAL_ROWS = 2000        # the usual interval is read from the ledger's latest rows
 
 log = logging.getLogger("iperf_client")
 
+
+# --- Errors ---------------------------------------------------------------------------------------
 
 class IperfError(Exception):
     """An expected failure, with a message fit for a person; `status` is the exit code."""
@@ -137,7 +233,15 @@ class IperfError(Exception):
         self.status = status
 
 
-# --- Pure helpers ---------------------------------------------------------------------------------
+class LedgerError(IperfError):
+    """The ledger is missing or damaged: `report --rebuild` is the remedy."""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived during a report: unwinds it like Ctrl-C does (see report_main)."""
+
+
+# --- Pure helpers: the run ------------------------------------------------------------------------
 
 def owned_option(args):
     """The first argument in `args` that sets an option this script owns, and that option's
@@ -201,6 +305,12 @@ def command_line(argv):
     return " ".join(shlex.quote(str(arg)) for arg in argv)
 
 
+def auth_argv(username, public_key):
+    """iperf3's client authentication options; the password never goes into argv (every user
+    sees argv in `ps`), only into iperf3's environment."""
+    return ["--username", username, "--rsa-public-key-path", public_key] if username else []
+
+
 def parse_json_output(text):
     """Return the first JSON object in iperf3's output, or None.
 
@@ -229,6 +339,11 @@ def one_line(text, limit=500):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def format_seconds(value):
+    """`60` rather than `60.0`, `2.5` stays `2.5`."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 def parse_version(text):
     """The version tuple in `iperf3 --version` output ("iperf 3.12 (cJSON ...)" -> (3, 12)),
     or None when the text holds none."""
@@ -238,46 +353,8 @@ def parse_version(text):
     return tuple(int(part) for part in match.groups() if part is not None)
 
 
-def explain_error(error, stderr="", version=None, logged_in=False):
-    """A failed test's error as one line for a person; a refused login says what to check.
-
-    Versions refuse a login in different words: "test authorization failed" (3.7-3.18, 3.9 on
-    stderr only), or a closed control connection (3.21 servers). `version` is this host's
-    iperf3, `logged_in` whether the test carried credentials, `stderr` what iperf3 printed there.
-    """
-    text = one_line(error)
-    said = "%s %s" % (text, stderr or "")
-    if logged_in and "output buffer too small" in said:
-        return ("iperf3 %s cannot log in at all: with this OpenSSL its client sends an empty "
-                "login (a bug of iperf3 3.16-3.20, esnet/iperf issue 1951, fixed in 3.21): use "
-                "another iperf3 on this host (3.21+, or 3.12 and older with a server older than "
-                "3.17): %s" % (_version_text(version), text))
-    refused = "authorization failed" in said or (logged_in and CONTROL_CLOSED_MARK in said)
-    if not refused:
-        return text
-    if not logged_in:
-        return ("the server requires a login: give --username, --rsa-public-key-path and a "
-                "password: %s" % text)
-    if version is not None and version >= PKCS1_PADDING_SINCE:
-        padding = ("a server older than iperf3 3.17 cannot read the OAEP padding of this "
-                   "iperf3 %s, and no flag changes it: use iperf3 3.17+ on the server or an "
-                   "iperf3 older than 3.16 here" % _version_text(version))
-    else:
-        padding = ("an iperf3 3.17+ server refuses clients older than 3.17 unless it runs "
-                   "with --use-pkcs1-padding (iperf_server.py --legacy-clients)")
-    return ("login refused by the server (wrong user name or password, the wrong public key, "
-            "this host's clock more than the server's --time-skew-threshold (10 s) off, or %s): "
-            "%s" % (padding, text))
-
-
 def _version_text(version):
     return ".".join(map(str, version)) if version else "(version unknown)"
-
-
-def auth_argv(username, public_key):
-    """iperf3's client authentication options; the password never goes into argv (every user
-    sees argv in `ps`), only into iperf3's environment."""
-    return ["--username", username, "--rsa-public-key-path", public_key] if username else []
 
 
 def result_document(stdout, stderr, returncode, timed_out=None, stopped_by=None, failure=None):
@@ -365,11 +442,6 @@ def missing_result_error(document, returncode, stderr=""):
         "?" if returncode is None else returncode)
 
 
-def format_seconds(value):
-    """`60` rather than `60.0`, `2.5` stays `2.5`."""
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
 def is_busy(document, version=None):
     """True when the server answered that it is busy with another client's test; with an
     iperf3 that hides it (HIDDEN_BUSY_VERSIONS), also when the connection was reset or broken
@@ -380,6 +452,57 @@ def is_busy(document, version=None):
     low, high = HIDDEN_BUSY_VERSIONS
     return (version is not None and low <= version[:2] < high
             and any(mark in error for mark in HIDDEN_BUSY_MARKS))
+
+
+def explain_error(error, stderr="", version=None, logged_in=False):
+    """A failed test's error as one line for a person; a refused login says what to check.
+
+    Versions refuse a login in different words: "test authorization failed" (3.7-3.18, 3.9 on
+    stderr only), or a closed control connection (3.21 servers). `version` is this host's
+    iperf3, `logged_in` whether the test carried credentials, `stderr` what iperf3 printed there.
+    """
+    text = one_line(error)
+    said = "%s %s" % (text, stderr or "")
+    if logged_in and "output buffer too small" in said:
+        return ("iperf3 %s cannot log in at all: with this OpenSSL its client sends an empty "
+                "login (a bug of iperf3 3.16-3.20, esnet/iperf issue 1951, fixed in 3.21): use "
+                "another iperf3 on this host (3.21+, or 3.12 and older with a server older than "
+                "3.17): %s" % (_version_text(version), text))
+    refused = "authorization failed" in said or (logged_in and CONTROL_CLOSED_MARK in said)
+    if not refused:
+        return text
+    if not logged_in:
+        return ("the server requires a login: give --username, --rsa-public-key-path and a "
+                "password: %s" % text)
+    if version is not None and version >= PKCS1_PADDING_SINCE:
+        padding = ("a server older than iperf3 3.17 cannot read the OAEP padding of this "
+                   "iperf3 %s, and no flag changes it: use iperf3 3.17+ on the server or an "
+                   "iperf3 older than 3.16 here" % _version_text(version))
+    else:
+        padding = ("an iperf3 3.17+ server refuses clients older than 3.17 unless it runs "
+                   "with --use-pkcs1-padding (iperf_server.py --legacy-clients)")
+    return ("login refused by the server (wrong user name or password, the wrong public key, "
+            "this host's clock more than the server's --time-skew-threshold (10 s) off, or %s): "
+            "%s" % (padding, text))
+
+
+def with_metadata(document, meta):
+    """The result document as its file holds it: our metadata first and iperf3's "error" (when
+    there is one) last, right after its "end", as iperf3 writes it: the ledger's rebuild reads
+    a file's head and tail only."""
+    items = [("continuous_iperf", meta)] + [i for i in document.items() if i[0] != "error"]
+    if "error" in document:
+        items.append(("error", document["error"]))
+    return dict(items)
+
+
+def encode_result(document):
+    """A result document as the bytes of its file: compact JSON (a year of files is large)."""
+    return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def result_name(prefix, run_ts, suffix, compress):
+    return prefix + run_ts + suffix + (".gz" if compress else "")
 
 
 def _dig(document, *keys):
@@ -415,6 +538,8 @@ def local_utc_offset(seconds):
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).astimezone()
     return int(moment.utcoffset().total_seconds())
 
+
+# --- Pure helpers: the ledger ---------------------------------------------------------------------
 
 def ledger_row(document, file_name):
     """The ledger row (a list, see Col) for one result document.
@@ -454,9 +579,37 @@ def ledger_row(document, file_name):
     return [str(row[column]) if row[column] is not None else "" for column in LEDGER_COLUMNS]
 
 
-def encode_result(document):
-    """A result document as the bytes of its file: compact JSON (a year of files is large)."""
-    return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
+def complete_row(row, document, file_name):
+    """Fill what a file without our metadata leaves empty, from iperf3's keys, then the name."""
+    named = RESULT_NAME_RE.match(file_name)
+    start = document.get("start") if isinstance(document.get("start"), dict) else {}
+    test_start = start.get("test_start") if isinstance(start.get("test_start"), dict) else {}
+    connecting = start.get("connecting_to") if isinstance(start.get("connecting_to"), dict) else {}
+    if not row[Col.DIRECTION]:
+        if test_start.get("reverse") in (0, 1):
+            row[Col.DIRECTION] = "reverse" if test_start["reverse"] else "forward"
+        elif named:
+            row[Col.DIRECTION] = "reverse" if named.group("side") == "server" else "forward"
+    fill = {Col.SERVER: connecting.get("host"), Col.PORT: connecting.get("port"),
+            Col.STREAMS: test_start.get("num_streams"),
+            Col.DURATION: test_start.get("duration")}
+    if named:
+        fill[Col.RUN] = named.group("run")
+        fill[Col.PREFIX] = named.group("prefix")
+        moment = run_time(named.group("run"))
+        fill[Col.TIMESTAMP] = iso_time(moment) if moment is not None else None
+    for position, value in fill.items():
+        if not row[position] and value is not None:
+            row[position] = str(value)
+    return row
+
+
+def unreadable_row(file_name, reason):
+    """The ledger row of a result file that cannot be read."""
+    row = [""] * len(LEDGER_COLUMNS)
+    row[Col.FILE], row[Col.STATUS] = file_name, "error"
+    row[Col.ERROR] = one_line("unreadable result: %s" % reason)
+    return complete_row(row, {}, file_name)
 
 
 def csv_line(values):
@@ -466,28 +619,6 @@ def csv_line(values):
     return buffer.getvalue()
 
 
-# --- Pure helpers of the report and of the ledger's rebuild -------------------------------------
-
-RESULT_NAME_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9._-]*?)(?P<run>\d{8}_\d{6})"
-                            r"_(?P<side>client|server)\.json(?P<gz>\.gz)?$")
-RUN_FILE_RE = r"^%s(?P<run>\d{8}_\d{6})(?:_client\.json|_server\.json|_iperf_mon\.log)(?:\.gz)?$"
-SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
-SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-SUMMARY_KEYS = ("count", "ok", "failed", "min_bps", "p5_bps", "median_bps", "mean_bps", "p95_bps",
-                "max_bps", "retransmits")
-NUMBER_COLUMNS = ("port", "streams", "duration", "sent_bps", "received_bps", "retransmits",
-                  "attempts")
-NUMBER_POSITIONS = [LEDGER_COLUMNS.index(column) for column in NUMBER_COLUMNS]
-# A row whose cells, joined by \x1f, match this needs no escaping: its number cells are JSON
-# numbers or empty, its string cells hold no quote, backslash or control character.
-_ROW_OK_RE = re.compile("\x1f".join(
-    r"(?:-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?)?" if c in NUMBER_COLUMNS
-    else r'[^"\\\x00-\x1f]*' for c in LEDGER_COLUMNS) + r"\Z")
-# One ledger row as a JSON object, string cells known to need no escaping, number cells valid.
-_RUN_TEMPLATE = "{" + ",".join(
-    '"%s":%s' % (c, "%s" if c in NUMBER_COLUMNS else '"%s"') for c in LEDGER_COLUMNS) + "}"
-
-
 def run_time(run_ts):
     """A run's `<ts>` (local time) -> Unix seconds, or None when it is not one."""
     try:
@@ -495,6 +626,147 @@ def run_time(run_ts):
     except (ValueError, OverflowError):
         return None
 
+
+def row_time(timestamp):
+    """A ledger timestamp -> Unix seconds, or None."""
+    try:
+        return datetime.datetime.fromisoformat(timestamp).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def header_layout(header):
+    """Where each of LEDGER_COLUMNS stands in a ledger's `header` (a list of cells), and the
+    names of the header's other columns (a newer version's, kept and carried along): (positions,
+    extra). None when the header lacks one of our columns or repeats one (a damaged header)."""
+    names = [cell.strip() for cell in header]
+    where = {name: index for index, name in enumerate(names)}
+    if len(where) != len(names) or any(name not in where for name in LEDGER_COLUMNS):
+        return None
+    return ([where[name] for name in LEDGER_COLUMNS],
+            [name for name in names if name not in LEDGER_COLUMNS])
+
+
+def _mapper(header):
+    """A function turning a line's cells into our row (LEDGER_COLUMNS order, then the extra
+    columns), and the header's extra names; None for the standard header (rows as they are)."""
+    layout = header_layout(header)
+    if layout is None:
+        return None
+    positions, extra = layout
+    order = positions + [index for index, name in enumerate(header) if name.strip() in extra]
+    if order == list(range(len(header))):
+        return None, extra
+    return operator.itemgetter(*order), extra
+
+
+def well_formed(row):
+    """True when a row (LEDGER_COLUMNS order) could have been written by a run or a rebuild:
+    a result file's name, a known status, numbers where numbers go, a readable timestamp. A
+    line cut short by a crash while it was appended is not (it may even have the right number
+    of cells, when the cut fell inside the last one)."""
+    if not RESULT_NAME_RE.match(row[Col.FILE]) or row[Col.STATUS] not in ("ok", "error"):
+        return False
+    for position in NUMBER_POSITIONS:
+        cell = row[position]
+        if cell:
+            try:
+                float(cell)
+            except ValueError:
+                return False
+    return not row[Col.TIMESTAMP] or row_time(row[Col.TIMESTAMP]) is not None
+
+
+def _parse_lines(lines):
+    """CSV cells of ledger lines (text, newline kept or not): a plain split where no cell is
+    quoted (no error text held a comma or a quote: the common case, half again as fast)."""
+    cells = [line.rstrip("\n").split(",") if '"' not in line and "\r" not in line else None
+             for line in lines]
+    if None in cells:
+        cells = list(csv.reader(lines))
+    return cells
+
+
+def _ledger_from_lines(path, lines, extra=None):
+    """Rows of a ledger from its lines, the header first; see read_ledger."""
+    remedy = "run 'iperf_client.py report --rebuild' to regenerate it from the result files"
+    try:
+        rows = _parse_lines(lines)
+    except csv.Error as exc:
+        raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, remedy))
+    if not rows:
+        return []
+    header = rows.pop(0)
+    mapper = (None, []) if tuple(header) == LEDGER_COLUMNS else _mapper(header)
+    if mapper is None:
+        raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, remedy))
+    bad = [index for index, row in enumerate(rows) if len(row) != len(header)]
+    if bad:
+        raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
+            path, bad[0] + 2, len(rows[bad[0]]), len(header), remedy))
+    getter, names = mapper
+    if getter is not None:
+        rows = [list(getter(row)) for row in rows]
+    if rows and not lines[-1].endswith("\n") and not well_formed(rows[-1]):
+        raise LedgerError("ledger %s is damaged (its last line is cut short): %s"
+                          % (path, remedy))
+    if extra is not None:
+        extra[:] = names
+    elif names:
+        rows = [row[:len(LEDGER_COLUMNS)] for row in rows]
+    return rows
+
+
+def quick_document(head, tail):
+    """The parts of a large result file the ledger needs, without parsing its intervals.
+
+    Given the file's first and last bytes (the same bytes when the file is small), returns a
+    document with "continuous_iperf", "start.timestamp.timesecs", "end" and "error", or None when
+    unsure (then the caller parses the whole file). Relies on our layout: the metadata first,
+    iperf3's "end" object last but for an "error" string.
+    """
+    while tail[:1] and 0x80 <= tail[0] < 0xC0:  # cut inside a UTF-8 character
+        tail = tail[1:]
+    try:
+        head, tail = head.decode("utf-8"), tail.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    decoder = json.JSONDecoder()
+    meta = _META_RE.match(head)
+    ends = list(_END_RE.finditer(tail))
+    if not meta or not ends:
+        return None
+    try:
+        metadata, after_meta = decoder.raw_decode(head, meta.end())
+        secs = _TIMESECS_RE.search(head, after_meta)
+        if not secs:
+            return None
+        end, position = decoder.raw_decode(tail, ends[-1].end())
+        after = _AFTER_END_RE.match(tail, position)
+        if not after or not isinstance(end, dict) or not isinstance(metadata, dict):
+            return None
+        document = {"continuous_iperf": metadata,
+                    "start": {"timestamp": {"timesecs": int(secs.group(1))}}, "end": end}
+        if after.group(1):
+            document["error"] = json.loads(after.group(1))
+    except ValueError:
+        return None
+    return document
+
+
+def _ledger_order(item):
+    """Sort key of (start, row) in the rebuild: the order the rows were appended in. Runs never
+    overlap (the lock), a run's forward test comes first; the run's <ts> (local time, with DST
+    repeats) and the ledger's whole seconds only stand in when the precise start is unknown."""
+    start, row = item
+    if start is None:
+        start = row_time(row[Col.TIMESTAMP])
+    if start is None:
+        start = run_time(row[Col.RUN]) or 0.0
+    return (start, row[Col.DIRECTION] != "forward", row[Col.FILE])
+
+
+# --- Pure helpers: the report ---------------------------------------------------------------------
 
 def parse_when(text, now):
     """A --since/--until value -> Unix seconds.
@@ -513,14 +785,6 @@ def parse_when(text, now):
     except (ValueError, OverflowError, OSError):
         raise ValueError("%r is neither an ISO date/date-time nor a span like 90m, 24h, 7d"
                          % text)
-
-
-def row_time(timestamp):
-    """A ledger timestamp -> Unix seconds, or None."""
-    try:
-        return datetime.datetime.fromisoformat(timestamp).timestamp()
-    except (ValueError, OverflowError, OSError):
-        return None
 
 
 def select_rows(rows, prefix=None, since=None, until=None, direction="both"):
@@ -772,111 +1036,7 @@ def _failure_lines(failed):
     return lines
 
 
-def complete_row(row, document, file_name):
-    """Fill what a file without our metadata leaves empty, from iperf3's keys, then the name."""
-    named = RESULT_NAME_RE.match(file_name)
-    start = document.get("start") if isinstance(document.get("start"), dict) else {}
-    test_start = start.get("test_start") if isinstance(start.get("test_start"), dict) else {}
-    connecting = start.get("connecting_to") if isinstance(start.get("connecting_to"), dict) else {}
-    if not row[Col.DIRECTION]:
-        if test_start.get("reverse") in (0, 1):
-            row[Col.DIRECTION] = "reverse" if test_start["reverse"] else "forward"
-        elif named:
-            row[Col.DIRECTION] = "reverse" if named.group("side") == "server" else "forward"
-    fill = {Col.SERVER: connecting.get("host"), Col.PORT: connecting.get("port"),
-            Col.STREAMS: test_start.get("num_streams"),
-            Col.DURATION: test_start.get("duration")}
-    if named:
-        fill[Col.RUN] = named.group("run")
-        fill[Col.PREFIX] = named.group("prefix")
-        moment = run_time(named.group("run"))
-        fill[Col.TIMESTAMP] = iso_time(moment) if moment is not None else None
-    for position, value in fill.items():
-        if not row[position] and value is not None:
-            row[position] = str(value)
-    return row
-
-
-def unreadable_row(file_name, reason):
-    """The ledger row of a result file that cannot be read."""
-    row = [""] * len(LEDGER_COLUMNS)
-    row[Col.FILE], row[Col.STATUS] = file_name, "error"
-    row[Col.ERROR] = one_line("unreadable result: %s" % reason)
-    return complete_row(row, {}, file_name)
-
-
-_META_RE = re.compile(r'\A\s*\{\s*"continuous_iperf"\s*:\s*(?=\{)')
-_TIMESECS_RE = re.compile(r'"timestamp"\s*:\s*\{[^{}]*?"timesecs"\s*:\s*(\d+)\s*[,}]')
-_END_RE = re.compile(r'"end"\s*:\s*(?=\{)')
-_AFTER_END_RE = re.compile(r'\s*(?:,\s*"error"\s*:\s*("(?:[^"\\]|\\.)*")\s*)?\}\s*\Z')
-
-
-def quick_document(head, tail):
-    """The parts of a large result file the ledger needs, without parsing its intervals.
-
-    Given the file's first and last bytes (the same bytes when the file is small), returns a
-    document with "continuous_iperf", "start.timestamp.timesecs", "end" and "error", or None when
-    unsure (then the caller parses the whole file). Relies on our layout: the metadata first,
-    iperf3's "end" object last but for an "error" string.
-    """
-    while tail[:1] and 0x80 <= tail[0] < 0xC0:  # cut inside a UTF-8 character
-        tail = tail[1:]
-    try:
-        head, tail = head.decode("utf-8"), tail.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    decoder = json.JSONDecoder()
-    meta = _META_RE.match(head)
-    ends = list(_END_RE.finditer(tail))
-    if not meta or not ends:
-        return None
-    try:
-        metadata, after_meta = decoder.raw_decode(head, meta.end())
-        secs = _TIMESECS_RE.search(head, after_meta)
-        if not secs:
-            return None
-        end, position = decoder.raw_decode(tail, ends[-1].end())
-        after = _AFTER_END_RE.match(tail, position)
-        if not after or not isinstance(end, dict) or not isinstance(metadata, dict):
-            return None
-        document = {"continuous_iperf": metadata,
-                    "start": {"timestamp": {"timesecs": int(secs.group(1))}}, "end": end}
-        if after.group(1):
-            document["error"] = json.loads(after.group(1))
-    except ValueError:
-        return None
-    return document
-
-
-# --- Pure helpers of the HTML report: drawing only (the figures come from the report's helpers) -
-
-# direction -> (line colour, dash pattern, bar fill): told apart by lightness and dashes as well as
-# by hue (dark blue and vermillion from the Okabe-Ito palette), so grey-scale prints and
-# colour-blind readers keep them apart; labels name them too.
-DIRECTION_STYLE = {"forward": ("#08306b", "", "#08306b"),
-                   "reverse": ("#d55e00", "7 4", "#f6c3a0")}
-DIRECTION_LABEL = {"forward": "forward (this host sends)", "reverse": "reverse (server sends)"}
-GAP_FACTOR = 3       # a pause over 3 usual intervals between tests breaks the line: no test ran
-MAX_POINTS = 1500    # more tests per direction are drawn as medians of equal time slots
-SVG_WIDTH = 760
-TIME_STEPS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 2 * 86400,
-              7 * 86400, 14 * 86400, 28 * 86400)
-HTML_STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#111;
-background:#fff;margin:0 auto;max-width:1200px;padding:0 12px 24px;line-height:1.4}
-h1{font-size:1.4em;margin:16px 0 4px}h2{font-size:1.15em;margin:24px 0 6px}
-p.meta{margin:2px 0;color:#333}.wide{overflow-x:auto}
-svg{display:block;width:100%;height:auto;min-width:480px}
-svg text{font-size:12px;fill:#222}svg .small{font-size:10.5px}
-svg .grid{stroke:#ddd;stroke-width:1}svg .axis{stroke:#555;stroke-width:1}
-svg .series{fill:none;stroke-width:1.8;stroke-linejoin:round}
-svg .median{stroke-width:1.2;stroke-dasharray:2 3}svg .failure{stroke-width:2}
-table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:4px 0}
-th,td{padding:3px 8px;border-bottom:1px solid #ccc;text-align:right;vertical-align:top;
-white-space:nowrap}th:first-child,td:first-child,.text{text-align:left}
-td.wrap{white-space:normal;min-width:16em}
-"""
-
+# --- Pure helpers: the HTML report (drawing only: the figures come from the report's helpers) -----
 
 def chart_unit(top):
     """(divisor, unit) of an axis that reaches `top` bits/s: Gbit/s from 1 Gbit/s, else Mbit/s."""
@@ -1242,23 +1402,7 @@ def _html_failed(failed, limit):
              row[Col.ERROR], row[Col.FILE]] for row in shown], "failed", (0, 1, 3), 2)]
 
 
-# --- Pure helpers of the Prometheus textfile ----------------------------------------------------
-
-# (metric, ledger column or None, help): the node_exporter textfile-collector format.
-PROMETHEUS_METRICS = (
-    ("iperf_received_bits_per_second", "received_bps",
-     "Receiver's goodput of the latest test (iperf3 end.sum_received), bits/s."),
-    ("iperf_sent_bits_per_second", "sent_bps",
-     "Sender's throughput of the latest test (iperf3 end.sum_sent), bits/s."),
-    ("iperf_retransmits", "retransmits",
-     "TCP retransmits of the latest test (iperf3 end.sum_sent.retransmits)."),
-    ("iperf_success", "status", "1 when the latest test succeeded, 0 when it failed."),
-    ("iperf_last_run_timestamp_seconds", "timestamp",
-     "Start of the latest run (its first test), Unix seconds."),
-)
-_PROM_SAMPLE_RE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)\s*$")
-_PROM_LABEL_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
-
+# --- Pure helpers: the Prometheus textfile --------------------------------------------------------
 
 def _prom_escape(value):
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -1341,15 +1485,7 @@ def prometheus_text(existing, rows, server, port):
     return "\n".join(lines) + "\n"
 
 
-# --- Pure helpers of the monitoring check (Nagios/Icinga plugin conventions) --------------------
-
-CHECK_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
-CHECK_RANK = ("OK", "UNKNOWN", "WARNING", "CRITICAL")  # the worst state wins
-MAX_AGE_RUNS = 3            # default --max-age: this many usual intervals between runs
-MAX_AGE_FALLBACK = 15.0     # minutes, when the ledger holds too few runs to tell the interval
-INTERVAL_ROWS = 2000        # the usual interval is read from the ledger's latest rows
-FUTURE_SLACK = 300          # seconds a test may seem to lie ahead (clocks of two hosts differ)
-
+# --- Pure helpers: the monitoring check (Nagios/Icinga plugin conventions) ------------------------
 
 def usual_interval(rows):
     """The usual interval between runs, in seconds: the median gap between the starts of
@@ -1452,7 +1588,7 @@ def _judge_latest(name, row, warn_bps, crit_bps):
     return figure, ("OK", "%s %s" % (name, human_bps(figure)))
 
 
-# --- Effects ------------------------------------------------------------------------------------
+# --- Effects: running iperf3 ----------------------------------------------------------------------
 
 class Stopper:
     """Remembers the first SIGTERM/SIGINT/SIGHUP so the run can stop iperf3 and clean up.
@@ -1512,9 +1648,6 @@ def _signal_group(proc, signum):
         os.killpg(proc.pid, signum)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 
 
 def _die_with_parent():
@@ -1616,6 +1749,8 @@ def iperf3_version(executable):
     return _versions[executable]
 
 
+# --- Effects: files -------------------------------------------------------------------------------
+
 def _file_mode():
     """Mode for results, ledger and logs: the user's umask, but never writable by others."""
     umask = os.umask(0o022)
@@ -1624,7 +1759,6 @@ def _file_mode():
 
 
 FILE_MODE = _file_mode()
-O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted at a file's name is not followed
 
 
 def write_atomic(path, data):
@@ -1655,11 +1789,6 @@ def write_atomic(path, data):
             pass
         raise
     _fsync_dir(folder)
-
-
-# Names of a file this process already has open: streamed into, never replaced (a rename over
-# /dev/stdout would replace the link, or clobber a file the shell opened for appending).
-_OPEN_FILE_ALIAS_RE = re.compile(r"^/(?:dev/std(?:out|err)$|dev/fd/|proc/(?:self|\d+)/fd/)")
 
 
 def output_target(path):
@@ -1862,6 +1991,164 @@ def take_lock(folder, wait=False):
     return fd
 
 
+def read_password(password_file, environ):
+    """The password: the first line of `password_file` (which only its owner may read, as ssh
+    wants of keys), else $IPERF3_PASSWORD. Raises IperfError when there is none: iperf3 would
+    prompt for one, and under cron there is no terminal to answer."""
+    if password_file:
+        path = os.path.abspath(os.path.expanduser(password_file))
+        try:
+            with open(path, "rb") as handle:
+                if os.fstat(handle.fileno()).st_mode & 0o077:
+                    raise IperfError("password file %s is readable by others: chmod 600 %s"
+                                     % (path, path))
+                password = handle.readline().rstrip(b"\r\n").decode("utf-8")
+        except UnicodeError:
+            raise IperfError("the password in %s is not UTF-8 text" % path)
+        except OSError as exc:
+            raise IperfError("cannot read password file %s: %s" % (path, exc.strerror))
+        source = "the first line of %s" % path
+    else:
+        password = environ.get(PASSWORD_VARIABLE)
+        if password is None:
+            raise IperfError("--username needs a password: set %s in the environment or give "
+                             "--password-file FILE" % PASSWORD_VARIABLE)
+        source = PASSWORD_VARIABLE
+    if not password:
+        raise IperfError("the password in %s is empty" % source)
+    if any(c.isspace() for c in password):
+        raise IperfError("the password in %s contains whitespace, which iperf3 cannot carry"
+                         % source)
+    return password
+
+
+def run_timestamp(folder, prefix):
+    """This run's local timestamp; waits for the next second if that one's files exist already
+    (a run that failed fast in the same second must not be overwritten)."""
+    while True:
+        stamp = time.strftime(TIMESTAMP_FORMAT)
+        names = [prefix + stamp + suffix + gz for _, suffix, _ in DIRECTIONS
+                 for gz in ("", ".gz")]
+        if not any(os.path.exists(os.path.join(folder, name)) for name in names):
+            return stamp
+        time.sleep(1.05 - (time.time() % 1))
+
+
+def delete_old_files(folder, prefix, keep_days, now=None):
+    """Delete this prefix's result and log files whose run (the `<ts>` in the name) is older than
+    `keep_days` days; the ledger keeps their rows. Returns the names deleted."""
+    limit = (time.time() if now is None else now) - keep_days * 86400
+    pattern = re.compile(RUN_FILE_RE % re.escape(prefix))
+    deleted, failed = [], []
+    for name in sorted(os.listdir(folder)):
+        match = pattern.match(name)
+        moment = run_time(match.group("run")) if match else None
+        if moment is not None and moment < limit:
+            try:
+                os.unlink(os.path.join(folder, name))
+                deleted.append(name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                failed.append("%s: %s" % (name, exc.strerror))
+    if failed:  # the run itself succeeded: say it once, not once per file
+        log.error("could not delete %d old files (%s%s)", len(failed), failed[0],
+                  ", ..." if len(failed) > 1 else "")
+    return deleted
+
+
+# --- Effects: a run -------------------------------------------------------------------------------
+
+def run(settings, stopper):
+    """One run: lock, timestamp, log file, forward then reverse test, ledger rows.
+
+    Returns the exit code; raises IperfError for what stops a run before any test.
+    """
+    try:
+        os.makedirs(settings.results_dir, mode=0o775, exist_ok=True)  # never world-writable
+    except OSError as exc:
+        raise IperfError("cannot create results folder %s: %s"
+                         % (settings.results_dir, exc.strerror))
+    lock_fd = take_lock(settings.results_dir)
+    handler = None
+    try:
+        run_ts = run_timestamp(settings.results_dir, settings.prefix)
+        log_path = os.path.join(settings.results_dir, settings.prefix + run_ts + "_iperf_mon.log")
+        handler = RunLogHandler(log_path)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+        handler.setLevel(logging.DEBUG)
+        log.addHandler(handler)
+        log.info("run %s: server %s port %s, %s s x %s streams, iperf3 %s, version %s", run_ts,
+                 settings.server, settings.port, settings.duration, settings.streams,
+                 settings.iperf3, __version__)
+        if settings.jitter > 0:
+            delay = random.uniform(0, settings.jitter)
+            log.info("jitter: sleeping %.1f s", delay)
+            stopper.sleep(delay)
+        rows, status = run_tests(settings, run_ts, stopper)
+        return finish_run(settings, run_ts, rows, status, stopper)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        os.close(lock_fd)
+
+
+def run_tests(settings, run_ts, stopper):
+    """The run's tests, forward then reverse, each recorded in its file and the ledger as soon
+    as it ends; returns (their ledger rows, 0 or 1 when one failed or was not saved)."""
+    progress = None
+    if sys.stderr.isatty() and settings.quiet == 0:
+        progress = Progress(sys.stderr, settings.duration)
+    status = 0
+    rows = []
+    ledger = os.path.join(settings.results_dir, LEDGER_NAME)
+    for direction, suffix, flags in DIRECTIONS:
+        if stopper.signum is not None:
+            break
+        file_name = result_name(settings.prefix, run_ts, suffix, settings.compress)
+        document = run_test(settings, direction, bool(flags),
+                            os.path.join(settings.results_dir, file_name), run_ts, stopper,
+                            progress(direction) if progress else None)
+        if progress:
+            progress.clear()
+        rows.append(ledger_row(document, file_name))
+        try:
+            append_ledger(ledger, rows[-1])
+        except OSError as exc:
+            raise IperfError("cannot append to the ledger %s: %s (the result files keep the "
+                             "tests: 'report --rebuild')" % (ledger, exc.strerror or exc))
+        if "unsaved" in document["continuous_iperf"]:
+            status = 1
+        if "error" in document:
+            status = 1
+            logged_in = settings.username is not None
+            log.error("%s test failed: %s", direction, explain_error(
+                document["error"], document["continuous_iperf"]["stderr"],
+                iperf3_version(settings.iperf3) if logged_in else None, logged_in))
+    return rows, status
+
+
+def finish_run(settings, run_ts, rows, status, stopper):
+    """After the tests: the Prometheus textfile, old files deleted; returns the exit code."""
+    if settings.prometheus_textfile and rows:
+        try:
+            write_textfile(settings.prometheus_textfile, rows, settings.server, settings.port)
+        except OSError as exc:
+            status = status or 1
+            log.error("cannot write the Prometheus textfile %s: %s",
+                      settings.prometheus_textfile, exc.strerror or exc)
+    if stopper.signum is not None:
+        log.warning("stopped by %s", stopper.name)
+        return 128 + stopper.signum
+    if settings.keep_days:
+        deleted = delete_old_files(settings.results_dir, settings.prefix, settings.keep_days)
+        log.info("deleted %d files older than %d days (their ledger rows stay)",
+                 len(deleted), settings.keep_days)
+    log.info("run %s finished: %s", run_ts, "ok" if status == 0 else "a test failed")
+    return status
+
+
 class Progress:
     """A single updating line on a terminal: direction and seconds elapsed of the total."""
 
@@ -1981,140 +2268,7 @@ def _pause_for_busy_server(deadline, busy_wait, stopper, rng):
     return True
 
 
-def with_metadata(document, meta):
-    """The result document as its file holds it: our metadata first and iperf3's "error" (when
-    there is one) last, right after its "end", as iperf3 writes it: the ledger's rebuild reads
-    a file's head and tail only."""
-    items = [("continuous_iperf", meta)] + [i for i in document.items() if i[0] != "error"]
-    if "error" in document:
-        items.append(("error", document["error"]))
-    return dict(items)
-
-
-def run_timestamp(folder, prefix):
-    """This run's local timestamp; waits for the next second if that one's files exist already
-    (a run that failed fast in the same second must not be overwritten)."""
-    while True:
-        stamp = time.strftime(TIMESTAMP_FORMAT)
-        names = [prefix + stamp + suffix + gz for _, suffix, _ in DIRECTIONS
-                 for gz in ("", ".gz")]
-        if not any(os.path.exists(os.path.join(folder, name)) for name in names):
-            return stamp
-        time.sleep(1.05 - (time.time() % 1))
-
-
-def result_name(prefix, run_ts, suffix, compress):
-    return prefix + run_ts + suffix + (".gz" if compress else "")
-
-
-def delete_old_files(folder, prefix, keep_days, now=None):
-    """Delete this prefix's result and log files whose run (the `<ts>` in the name) is older than
-    `keep_days` days; the ledger keeps their rows. Returns the names deleted."""
-    limit = (time.time() if now is None else now) - keep_days * 86400
-    pattern = re.compile(RUN_FILE_RE % re.escape(prefix))
-    deleted, failed = [], []
-    for name in sorted(os.listdir(folder)):
-        match = pattern.match(name)
-        moment = run_time(match.group("run")) if match else None
-        if moment is not None and moment < limit:
-            try:
-                os.unlink(os.path.join(folder, name))
-                deleted.append(name)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                failed.append("%s: %s" % (name, exc.strerror))
-    if failed:  # the run itself succeeded: say it once, not once per file
-        log.error("could not delete %d old files (%s%s)", len(failed), failed[0],
-                  ", ..." if len(failed) > 1 else "")
-    return deleted
-
-
-class LedgerError(IperfError):
-    """The ledger is missing or damaged: `report --rebuild` is the remedy."""
-
-
-def header_layout(header):
-    """Where each of LEDGER_COLUMNS stands in a ledger's `header` (a list of cells), and the
-    names of the header's other columns (a newer version's, kept and carried along): (positions,
-    extra). None when the header lacks one of our columns or repeats one (a damaged header)."""
-    names = [cell.strip() for cell in header]
-    where = {name: index for index, name in enumerate(names)}
-    if len(where) != len(names) or any(name not in where for name in LEDGER_COLUMNS):
-        return None
-    return ([where[name] for name in LEDGER_COLUMNS],
-            [name for name in names if name not in LEDGER_COLUMNS])
-
-
-def _mapper(header):
-    """A function turning a line's cells into our row (LEDGER_COLUMNS order, then the extra
-    columns), and the header's extra names; None for the standard header (rows as they are)."""
-    layout = header_layout(header)
-    if layout is None:
-        return None
-    positions, extra = layout
-    order = positions + [index for index, name in enumerate(header) if name.strip() in extra]
-    if order == list(range(len(header))):
-        return None, extra
-    return operator.itemgetter(*order), extra
-
-
-def well_formed(row):
-    """True when a row (LEDGER_COLUMNS order) could have been written by a run or a rebuild:
-    a result file's name, a known status, numbers where numbers go, a readable timestamp. A
-    line cut short by a crash while it was appended is not (it may even have the right number
-    of cells, when the cut fell inside the last one)."""
-    if not RESULT_NAME_RE.match(row[Col.FILE]) or row[Col.STATUS] not in ("ok", "error"):
-        return False
-    for position in NUMBER_POSITIONS:
-        cell = row[position]
-        if cell:
-            try:
-                float(cell)
-            except ValueError:
-                return False
-    return not row[Col.TIMESTAMP] or row_time(row[Col.TIMESTAMP]) is not None
-
-
-def _parse_lines(lines):
-    """CSV cells of ledger lines (text, newline kept or not): a plain split where no cell is
-    quoted (no error text held a comma or a quote: the common case, half again as fast)."""
-    cells = [line.rstrip("\n").split(",") if '"' not in line and "\r" not in line else None
-             for line in lines]
-    if None in cells:
-        cells = list(csv.reader(lines))
-    return cells
-
-
-def _ledger_from_lines(path, lines, extra=None):
-    """Rows of a ledger from its lines, the header first; see read_ledger."""
-    remedy = "run 'iperf_client.py report --rebuild' to regenerate it from the result files"
-    try:
-        rows = _parse_lines(lines)
-    except csv.Error as exc:
-        raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, remedy))
-    if not rows:
-        return []
-    header = rows.pop(0)
-    mapper = (None, []) if tuple(header) == LEDGER_COLUMNS else _mapper(header)
-    if mapper is None:
-        raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, remedy))
-    bad = [index for index, row in enumerate(rows) if len(row) != len(header)]
-    if bad:
-        raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
-            path, bad[0] + 2, len(rows[bad[0]]), len(header), remedy))
-    getter, names = mapper
-    if getter is not None:
-        rows = [list(getter(row)) for row in rows]
-    if rows and not lines[-1].endswith("\n") and not well_formed(rows[-1]):
-        raise LedgerError("ledger %s is damaged (its last line is cut short): %s"
-                          % (path, remedy))
-    if extra is not None:
-        extra[:] = names
-    elif names:
-        rows = [row[:len(LEDGER_COLUMNS)] for row in rows]
-    return rows
-
+# --- Effects: reading the ledger and rebuilding it ------------------------------------------------
 
 def read_ledger(path, extra=None):
     """The ledger's rows as lists of strings in LEDGER_COLUMNS order, read by its header (any
@@ -2197,10 +2351,6 @@ def salvage_ledger(path, extra=None):
     return rows, dropped
 
 
-QUICK_HEAD = 16 * 1024     # our metadata and iperf3's "start" lie in a file's first bytes
-QUICK_TAIL = 128 * 1024    # iperf3's "end" (with every stream's summary) in its last bytes
-
-
 def read_result_file(path, with_start=False):
     """The ledger row (a list) of one result file, plain or gzipped; never raises.
 
@@ -2248,18 +2398,6 @@ def read_result_file(path, with_start=False):
 
 def _rebuild_item(path):
     return read_result_file(path, with_start=True)
-
-
-def _ledger_order(item):
-    """Sort key of (start, row) in the rebuild: the order the rows were appended in. Runs never
-    overlap (the lock), a run's forward test comes first; the run's <ts> (local time, with DST
-    repeats) and the ledger's whole seconds only stand in when the precise start is unknown."""
-    start, row = item
-    if start is None:
-        start = row_time(row[Col.TIMESTAMP])
-    if start is None:
-        start = run_time(row[Col.RUN]) or 0.0
-    return (start, row[Col.DIRECTION] != "forward", row[Col.FILE])
 
 
 def rebuild_ledger(folder, jobs=None):
@@ -2347,7 +2485,7 @@ def _quiet_worker():
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-# --- Command line -------------------------------------------------------------------------------
+# --- Command line: a run --------------------------------------------------------------------------
 
 def say(message):
     """One line on stderr, after the program's name (see program_name)."""
@@ -2389,7 +2527,11 @@ def _whole_number(low, high, meaning):
 
 
 _streams = _whole_number(1, 128, "a number of streams from 1 to 128")
+
+
 _port = _whole_number(1, 65535, "a port number (1-65535)")
+
+
 _count = _whole_number(0, None, "a whole number >= 0")
 
 
@@ -2407,9 +2549,15 @@ def _real_number(least, meaning, above=False):
 
 
 _seconds = _real_number(0, "a number of seconds >= 0")
+
+
 # iperf3 needs a moment after -t to exchange the results; 0 would fail every test.
 _margin = _real_number(1, "a number of seconds >= 1")
+
+
 _mbps = _real_number(0, "a number of Mbit/s >= 0")
+
+
 _minutes = _real_number(0, "a number of minutes > 0", above=True)
 
 
@@ -2531,6 +2679,20 @@ def check_options(parser, options):
         parser.error(str(exc))
 
 
+def check_username(username):
+    if not username or any(c == "," or c.isspace() for c in username):
+        raise IperfError("argument --username: %r is not a user name (no commas or "
+                         "whitespace)" % username)
+
+
+def check_readable(path, what):
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise IperfError("cannot read %s %s: %s" % (what, path, exc.strerror))
+
+
 def run_settings(options, environ):
     """The RunSettings of checked flags (see check_options): paths made absolute, and with a
     user name, the login's iperf3 arguments and the environment that carries its password
@@ -2555,51 +2717,6 @@ def _absolute(path):
     return os.path.abspath(os.path.expanduser(path))
 
 
-def check_username(username):
-    if not username or any(c == "," or c.isspace() for c in username):
-        raise IperfError("argument --username: %r is not a user name (no commas or "
-                         "whitespace)" % username)
-
-
-def check_readable(path, what):
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise IperfError("cannot read %s %s: %s" % (what, path, exc.strerror))
-
-
-def read_password(password_file, environ):
-    """The password: the first line of `password_file` (which only its owner may read, as ssh
-    wants of keys), else $IPERF3_PASSWORD. Raises IperfError when there is none: iperf3 would
-    prompt for one, and under cron there is no terminal to answer."""
-    if password_file:
-        path = os.path.abspath(os.path.expanduser(password_file))
-        try:
-            with open(path, "rb") as handle:
-                if os.fstat(handle.fileno()).st_mode & 0o077:
-                    raise IperfError("password file %s is readable by others: chmod 600 %s"
-                                     % (path, path))
-                password = handle.readline().rstrip(b"\r\n").decode("utf-8")
-        except UnicodeError:
-            raise IperfError("the password in %s is not UTF-8 text" % path)
-        except OSError as exc:
-            raise IperfError("cannot read password file %s: %s" % (path, exc.strerror))
-        source = "the first line of %s" % path
-    else:
-        password = environ.get(PASSWORD_VARIABLE)
-        if password is None:
-            raise IperfError("--username needs a password: set %s in the environment or give "
-                             "--password-file FILE" % PASSWORD_VARIABLE)
-        source = PASSWORD_VARIABLE
-    if not password:
-        raise IperfError("the password in %s is empty" % source)
-    if any(c.isspace() for c in password):
-        raise IperfError("the password in %s contains whitespace, which iperf3 cannot carry"
-                         % source)
-    return password
-
-
 def _setup_logging(options):
     """stderr gets only what a person must act on (a failed test, a skipped run) by default, so
     cron mails nothing for a good run; -v adds progress of the run, -vv every command, -q silences
@@ -2617,95 +2734,7 @@ def _setup_logging(options):
     return handler
 
 
-def run(settings, stopper):
-    """One run: lock, timestamp, log file, forward then reverse test, ledger rows.
-
-    Returns the exit code; raises IperfError for what stops a run before any test.
-    """
-    try:
-        os.makedirs(settings.results_dir, mode=0o775, exist_ok=True)  # never world-writable
-    except OSError as exc:
-        raise IperfError("cannot create results folder %s: %s"
-                         % (settings.results_dir, exc.strerror))
-    lock_fd = take_lock(settings.results_dir)
-    handler = None
-    try:
-        run_ts = run_timestamp(settings.results_dir, settings.prefix)
-        log_path = os.path.join(settings.results_dir, settings.prefix + run_ts + "_iperf_mon.log")
-        handler = RunLogHandler(log_path)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
-        handler.setLevel(logging.DEBUG)
-        log.addHandler(handler)
-        log.info("run %s: server %s port %s, %s s x %s streams, iperf3 %s, version %s", run_ts,
-                 settings.server, settings.port, settings.duration, settings.streams,
-                 settings.iperf3, __version__)
-        if settings.jitter > 0:
-            delay = random.uniform(0, settings.jitter)
-            log.info("jitter: sleeping %.1f s", delay)
-            stopper.sleep(delay)
-        rows, status = run_tests(settings, run_ts, stopper)
-        return finish_run(settings, run_ts, rows, status, stopper)
-    finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-        os.close(lock_fd)
-
-
-def run_tests(settings, run_ts, stopper):
-    """The run's tests, forward then reverse, each recorded in its file and the ledger as soon
-    as it ends; returns (their ledger rows, 0 or 1 when one failed or was not saved)."""
-    progress = None
-    if sys.stderr.isatty() and settings.quiet == 0:
-        progress = Progress(sys.stderr, settings.duration)
-    status = 0
-    rows = []
-    ledger = os.path.join(settings.results_dir, LEDGER_NAME)
-    for direction, suffix, flags in DIRECTIONS:
-        if stopper.signum is not None:
-            break
-        file_name = result_name(settings.prefix, run_ts, suffix, settings.compress)
-        document = run_test(settings, direction, bool(flags),
-                            os.path.join(settings.results_dir, file_name), run_ts, stopper,
-                            progress(direction) if progress else None)
-        if progress:
-            progress.clear()
-        rows.append(ledger_row(document, file_name))
-        try:
-            append_ledger(ledger, rows[-1])
-        except OSError as exc:
-            raise IperfError("cannot append to the ledger %s: %s (the result files keep the "
-                             "tests: 'report --rebuild')" % (ledger, exc.strerror or exc))
-        if "unsaved" in document["continuous_iperf"]:
-            status = 1
-        if "error" in document:
-            status = 1
-            logged_in = settings.username is not None
-            log.error("%s test failed: %s", direction, explain_error(
-                document["error"], document["continuous_iperf"]["stderr"],
-                iperf3_version(settings.iperf3) if logged_in else None, logged_in))
-    return rows, status
-
-
-def finish_run(settings, run_ts, rows, status, stopper):
-    """After the tests: the Prometheus textfile, old files deleted; returns the exit code."""
-    if settings.prometheus_textfile and rows:
-        try:
-            write_textfile(settings.prometheus_textfile, rows, settings.server, settings.port)
-        except OSError as exc:
-            status = status or 1
-            log.error("cannot write the Prometheus textfile %s: %s",
-                      settings.prometheus_textfile, exc.strerror or exc)
-    if stopper.signum is not None:
-        log.warning("stopped by %s", stopper.name)
-        return 128 + stopper.signum
-    if settings.keep_days:
-        deleted = delete_old_files(settings.results_dir, settings.prefix, settings.keep_days)
-        log.info("deleted %d files older than %d days (their ledger rows stay)",
-                 len(deleted), settings.keep_days)
-    log.info("run %s finished: %s", run_ts, "ok" if status == 0 else "a test failed")
-    return status
-
+# --- Command line: report -------------------------------------------------------------------------
 
 class _CheckParser(_Parser):
     """The report's parser under --check: wrong arguments are the plugin state UNKNOWN (exit 3),
@@ -2778,85 +2807,6 @@ def _check_report_options(parser, options):
         parser.error("--warn-below, --crit-below and --max-age go with --check")
 
 
-def _write_report(out, options, rows, folder, since, until):
-    received = _received(rows)
-    summary = summary_of(rows, options.direction, received)
-    if options.format == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(LEDGER_COLUMNS)
-        writer.writerows(rows)
-    elif options.format == "json":
-        out.write('{"summary": %s,\n"runs": [' % json.dumps(summary))
-        for start in range(0, len(rows), 2000):
-            out.write(("\n" if start == 0 else ",\n") + ",\n".join(
-                run_json(row) for row in rows[start:start + 2000]))
-        out.write("\n]}\n")
-    else:
-        lines = text_report(rows, summary, folder, options.prefix, since, until, received,
-                            time.time())
-        out.write("\n".join(lines) + "\n")
-    out.flush()
-
-
-def _write_html(path, options, rows, folder, since, until, now):
-    received = _received(rows)
-    page = html_report(rows, summary_of(rows, options.direction, received), folder,
-                       options.prefix, since, until, now, received)
-    path = os.path.abspath(os.path.expanduser(path))
-    try:
-        write_atomic(path, page.encode("utf-8"))
-    except OSError as exc:
-        raise IperfError("cannot write %s: %s" % (path, exc.strerror or exc))
-
-
-def _ledger_rows(folder):
-    """The ledger's rows; none for a folder where no test ran yet. Raises IperfError."""
-    if not os.path.isdir(folder):
-        raise IperfError("cannot read results folder %s: no such folder" % folder)
-    ledger = os.path.join(folder, LEDGER_NAME)
-    if not os.path.exists(ledger) and not any(map(RESULT_NAME_RE.match, os.listdir(folder))):
-        return []  # a folder where no test ran yet: a report that says so
-    return read_ledger(ledger)
-
-
-def _latest_rows(folder, options, since, until):
-    """The selected rows among the ledger's latest: enough for each direction's latest test and
-    the usual interval (INTERVAL_ROWS), read from the ledger's end only, reading further back
-    only when the selection finds too little there. Raises IperfError, OSError."""
-    ledger = os.path.join(folder, LEDGER_NAME)
-    if not os.path.exists(ledger):
-        return _ledger_rows(folder)  # none yet, or a missing ledger said as report says it
-    wanted = INTERVAL_ROWS
-    while True:
-        tail, whole = read_ledger_tail(ledger, wanted)
-        rows = select_rows(tail, options.prefix, since, until, options.direction)
-        found = {row[Col.DIRECTION] for row in rows}
-        if whole or (len(rows) >= INTERVAL_ROWS and found >= set(
-                directions_of(options.direction))):
-            return rows
-        wanted *= 4
-
-
-def check_main(options, folder, since, until, now):
-    """`report --check`: print the status line, return the plugin's exit code."""
-    try:
-        rows = _latest_rows(folder, options, since, until)
-    except (IperfError, OSError) as exc:
-        state, line = "UNKNOWN", "UNKNOWN - %s" % one_line(exc)
-    else:
-        if not rows:
-            state, line = "UNKNOWN", "UNKNOWN - no results in %s%s" % (
-                folder, " for prefix %r" % options.prefix if options.prefix is not None else "")
-        else:
-            max_age = options.max_age if options.max_age else default_max_age(rows)
-            state, line = check_result(rows, directions_of(options.direction),
-                                       options.warn_below * 1e6, options.crit_below * 1e6,
-                                       max_age, now)
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-    return CHECK_EXIT[state]
-
-
 def report_main(argv):
     """`iperf_client.py report ...`: returns 0 (a report), 1 (unreadable folder or ledger), 2."""
     # argparse also takes an abbreviation such as --che; only --check starts with --ch.
@@ -2923,6 +2873,85 @@ def _report(options, folder, since, until, now):
     return 0
 
 
+def _write_report(out, options, rows, folder, since, until):
+    received = _received(rows)
+    summary = summary_of(rows, options.direction, received)
+    if options.format == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(LEDGER_COLUMNS)
+        writer.writerows(rows)
+    elif options.format == "json":
+        out.write('{"summary": %s,\n"runs": [' % json.dumps(summary))
+        for start in range(0, len(rows), 2000):
+            out.write(("\n" if start == 0 else ",\n") + ",\n".join(
+                run_json(row) for row in rows[start:start + 2000]))
+        out.write("\n]}\n")
+    else:
+        lines = text_report(rows, summary, folder, options.prefix, since, until, received,
+                            time.time())
+        out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
+def _write_html(path, options, rows, folder, since, until, now):
+    received = _received(rows)
+    page = html_report(rows, summary_of(rows, options.direction, received), folder,
+                       options.prefix, since, until, now, received)
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        write_atomic(path, page.encode("utf-8"))
+    except OSError as exc:
+        raise IperfError("cannot write %s: %s" % (path, exc.strerror or exc))
+
+
+def _ledger_rows(folder):
+    """The ledger's rows; none for a folder where no test ran yet. Raises IperfError."""
+    if not os.path.isdir(folder):
+        raise IperfError("cannot read results folder %s: no such folder" % folder)
+    ledger = os.path.join(folder, LEDGER_NAME)
+    if not os.path.exists(ledger) and not any(map(RESULT_NAME_RE.match, os.listdir(folder))):
+        return []  # a folder where no test ran yet: a report that says so
+    return read_ledger(ledger)
+
+
+def check_main(options, folder, since, until, now):
+    """`report --check`: print the status line, return the plugin's exit code."""
+    try:
+        rows = _latest_rows(folder, options, since, until)
+    except (IperfError, OSError) as exc:
+        state, line = "UNKNOWN", "UNKNOWN - %s" % one_line(exc)
+    else:
+        if not rows:
+            state, line = "UNKNOWN", "UNKNOWN - no results in %s%s" % (
+                folder, " for prefix %r" % options.prefix if options.prefix is not None else "")
+        else:
+            max_age = options.max_age if options.max_age else default_max_age(rows)
+            state, line = check_result(rows, directions_of(options.direction),
+                                       options.warn_below * 1e6, options.crit_below * 1e6,
+                                       max_age, now)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    return CHECK_EXIT[state]
+
+
+def _latest_rows(folder, options, since, until):
+    """The selected rows among the ledger's latest: enough for each direction's latest test and
+    the usual interval (INTERVAL_ROWS), read from the ledger's end only, reading further back
+    only when the selection finds too little there. Raises IperfError, OSError."""
+    ledger = os.path.join(folder, LEDGER_NAME)
+    if not os.path.exists(ledger):
+        return _ledger_rows(folder)  # none yet, or a missing ledger said as report says it
+    wanted = INTERVAL_ROWS
+    while True:
+        tail, whole = read_ledger_tail(ledger, wanted)
+        rows = select_rows(tail, options.prefix, since, until, options.direction)
+        found = {row[Col.DIRECTION] for row in rows}
+        if whole or (len(rows) >= INTERVAL_ROWS and found >= set(
+                directions_of(options.direction))):
+            return rows
+        wanted *= 4
+
+
 def _silence_stdout():
     """Point stdout at /dev/null, so that Python's final flush into a closed pipe does not
     complain either."""
@@ -2933,13 +2962,11 @@ def _silence_stdout():
         pass
 
 
-class Terminated(Exception):
-    """SIGTERM arrived during a report: unwinds it like Ctrl-C does (see report_main)."""
-
-
 def _raise_terminated(signum, frame):
     raise Terminated()
 
+
+# --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
     """Entry point: parse `argv` (default sys.argv[1:]), run, return the exit code."""
