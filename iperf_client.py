@@ -104,6 +104,7 @@ OWNED_LONG = ("client", "port", "time", "parallel", "reverse", "json", "json-str
               "bytes", "blockcount", "bidir")
 PASSWORD_VARIABLE = "IPERF3_PASSWORD"  # the only way iperf3 takes a password without a prompt
 CONTROL_CLOSED_MARK = "control socket has closed unexpectedly"
+CREDENTIAL_LIMIT, CREDENTIAL_LIMIT_UNTIL = 20, (3, 8)  # characters, in iperf3 before 3.8
 PKCS1_PADDING_SINCE = (3, 17)  # iperf3 pads logins with OAEP from 3.17 (older sides: PKCS#1)
 # iperf3 3.9 never says "busy": its connection to a busy server is reset or broken instead.
 HIDDEN_BUSY_MARKS = ("unable to send control message: Connection reset by peer",
@@ -2693,6 +2694,21 @@ def check_readable(path, what):
         raise IperfError("cannot read %s %s: %s" % (what, path, exc.strerror))
 
 
+def check_credential_lengths(executable, username, password):
+    """Raise IperfError where this iperf3 refuses the credentials' length: 3.7 and older take at
+    most 20 characters of each (a parameter error at every test). Asks for the version only
+    when a credential is that long."""
+    longest = max(len(username), len(password))
+    if longest <= CREDENTIAL_LIMIT:
+        return
+    version = iperf3_version(executable)
+    if version is not None and version < CREDENTIAL_LIMIT_UNTIL:
+        raise IperfError("iperf3 %s takes user names and passwords of at most %d characters; "
+                         "this %s has %d" % (_version_text(version), CREDENTIAL_LIMIT,
+                                             "user name" if len(username) == longest
+                                             else "password", longest))
+
+
 def run_settings(options, environ):
     """The RunSettings of checked flags (see check_options): paths made absolute, and with a
     user name, the login's iperf3 arguments and the environment that carries its password
@@ -2700,6 +2716,7 @@ def run_settings(options, environ):
     extra, env = list(options.extra), None
     if options.username is not None:
         password = read_password(options.password_file, environ)
+        check_credential_lengths(options.iperf3, options.username, password)
         extra = auth_argv(options.username, _absolute(options.rsa_public_key_path)) + extra
         env = dict(environ, **{PASSWORD_VARIABLE: password})
     return RunSettings(

@@ -12,7 +12,7 @@ import pytest
 from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, SERVER_SCRIPT, assert_one_line_error,
                       client_login_broken, run_script)
 
-PASSWORD = "Corr3ct-Horse_battery"
+PASSWORD = "Corr3ct-Horse_batter"  # 20 characters: the most iperf3 3.7 takes
 USER = "tester"
 
 
@@ -186,3 +186,19 @@ def test_password_file_that_is_not_text(tmp_path):
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
     assert_one_line_error(done, 2, "not UTF-8", str(password_file))
+
+
+@pytest.mark.parametrize("banner,code", [("iperf 3.7 (cJSON 1.5.2)", 2),
+                                         ("iperf 3.9 (cJSON 1.7.13)", 0)])
+def test_credentials_too_long_for_iperf3_3_7_are_refused_at_once(tmp_path, fake_iperf3, banner,
+                                                                 code):
+    """3.7 refuses more than 20 characters of user name or password at every test."""
+    fake = fake_iperf3("print(%r)" % banner)
+    key = tmp_path / "public.pem"
+    key.write_text("not read in a dry run\n")
+    done = run_script(CLIENT_SCRIPT, ["--server", "h", "--username", USER, "--iperf3", fake,
+                                      "--rsa-public-key-path", key, "--dry-run"],
+                      env={"IPERF3_PASSWORD": "x" * 21})
+    assert done.returncode == code, done.stderr
+    if code:
+        assert_one_line_error(done, 2, "at most 20 characters", "password has 21")
