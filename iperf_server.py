@@ -51,8 +51,10 @@ IPERF_EXTRA_ARGS = []  # more iperf3 server arguments, e.g. ["--rcv-timeout", "3
 RSA_PRIVATE_KEY_PATH = None  # with AUTHORIZED_USERS_PATH: only authorised clients get tests
 AUTHORIZED_USERS_PATH = None  # "username,sha256hex" lines; made by --add-user
 LEGACY_CLIENTS = False  # iperf3 3.17+ server: accept the logins of clients older than 3.17
-OPENSSL_EXECUTABLE = "openssl"  # used by --make-keys only
 MAX_BUSY_MINUTES = 10.0  # restart a server that has answered "busy" for longer than this
+
+# --- Constants ------------------------------------------------------------------------------------
+OPENSSL_EXECUTABLE = "openssl"  # used by --make-keys only
 START_TIMEOUT = 5.0  # seconds to wait for a spawned daemon to write its pidfile and listen
 PROBE_TIMEOUT = 5.0  # seconds a health probe may take before the server counts as hung
 STOP_TIMEOUT = 3.0  # seconds between SIGTERM and SIGKILL when stopping the daemon
@@ -77,9 +79,14 @@ BUSY_MARK = "server is busy"  # the same words in every iperf3 from 3.1 to 3.21
 CONTROL_CLOSED_MARK = "control socket has closed unexpectedly"
 SND_TIMEOUT_MS = 30000  # --snd-timeout guard: a reverse test's client gone this long is dropped
 PKCS1_PADDING_SINCE = (3, 17)  # iperf3 pads logins with OAEP from 3.17; --use-pkcs1-padding
+GUARD_OPTIONS = ("--snd-timeout",)  # what guard_args may add
+TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"  # socket states in /proc/net/tcp
+WILDCARDS = {"0.0.0.0", "::"}  # bind addresses that mean "every address"
 
 log = logging.getLogger("iperf_server")
 
+
+# --- Errors ---------------------------------------------------------------------------------------
 
 class IperfError(Exception):
     """An expected failure, with a message fit for a person (one line)."""
@@ -303,7 +310,7 @@ def format_duration(seconds):
     return "%ds" % seconds
 
 
-# --- Processes ------------------------------------------------------------------------------------
+# --- Effects: processes ---------------------------------------------------------------------------
 
 def run_command(argv, timeout):
     """Run one command and return its subprocess.CompletedProcess: an argv list (never a
@@ -395,9 +402,6 @@ def option_value(argv, short, long_):
         if arg.startswith(short) and len(arg) > len(short) and not arg.startswith("--"):
             return arg[len(short):]
     return None
-
-
-GUARD_OPTIONS = ("--snd-timeout",)  # what guard_args may add
 
 
 def same_command(running, wanted):
@@ -502,9 +506,6 @@ def decode_proc_address(hex_address):
     return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
 
 
-TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"  # socket states in /proc/net/tcp
-
-
 def tcp_sockets(port):
     """The TCP sockets whose local port is `port`, as (state, local address, remote
     "address:port", inode) read from /proc/net/tcp and tcp6; None where those do not exist."""
@@ -558,9 +559,6 @@ def listener_owner(port):
     return None
 
 
-WILDCARDS = {"0.0.0.0", "::"}
-
-
 def resolve_bind(bind):
     """The numeric addresses a --bind value stands for (it may be a host name, or carry a
     "%dev" suffix); raises IperfError when it does not resolve."""
@@ -589,7 +587,7 @@ def port_listening(address, port, bind):
     return bool(listeners & (resolve_bind(bind) | WILDCARDS))
 
 
-# --- Files ----------------------------------------------------------------------------------------
+# --- Effects: files -------------------------------------------------------------------------------
 
 def read_pidfile(path):
     try:
@@ -807,7 +805,7 @@ def make_keys(folder, openssl=OPENSSL_EXECUTABLE):
     return private, public
 
 
-# --- The watchdog ---------------------------------------------------------------------------------
+# --- Effects: the watchdog ------------------------------------------------------------------------
 
 class Watchdog:
     """Everything one run needs: the settings, the daemon's argv, its files."""
@@ -1227,6 +1225,8 @@ def add_user_command(parser, args):
                                     users_file))
     return run_reporting_errors(add)
 
+
+# --- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
     """Entry point: parse `argv` (default sys.argv[1:]), act, return the exit code (argparse's
