@@ -171,17 +171,28 @@ def iperf3_server(iperf3):
 
 @pytest.fixture
 def start_iperf3_server(iperf3):
-    """Factory for extra real iperf3 servers (extra arguments allowed); all killed afterwards."""
+    """Factory for extra real iperf3 servers (extra arguments, another executable allowed); all
+    killed afterwards."""
     servers = []
 
-    def start(extra=(), port=None):
-        server = IperfServer(iperf3, port or free_port(), extra)
+    def start(extra=(), port=None, executable=None):
+        server = IperfServer(executable or iperf3, port or free_port(), extra)
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         server.stop()
+
+
+def add_user(users_file, username, password):
+    """Add a user to an iperf3 authorized users file with the server script, as an admin would
+    (the password on stdin)."""
+    added = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--add-user", username,
+                            "--authorized-users-path", str(users_file)], input=password + "\n",
+                           universal_newlines=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=30)
+    assert added.returncode == 0, added.stderr
 
 
 @pytest.fixture

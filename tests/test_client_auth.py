@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, SERVER_SCRIPT, assert_one_line_error,
-                      client_login_broken, run_script)
+from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, SERVER_SCRIPT, add_user,
+                      assert_one_line_error, client_login_broken, run_script)
 
 PASSWORD = "Corr3ct-Horse_batter"  # 20 characters: the most iperf3 3.7 takes
 USER = "tester"
@@ -49,11 +49,7 @@ def keys(request, tmp_path):
 @pytest.fixture
 def auth_server(keys, tmp_path, start_iperf3_server):
     users = tmp_path / "users.csv"
-    added = subprocess.run(["python3", str(SERVER_SCRIPT), "--add-user", USER,
-                            "--authorized-users-path", str(users)], input=PASSWORD + "\n",
-                           universal_newlines=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, timeout=30)
-    assert added.returncode == 0, added.stderr
+    add_user(users, USER, PASSWORD)
     server = start_iperf3_server(["--rsa-private-key-path", str(keys[0]),
                                   "--authorized-users-path", str(users)])
     server.public_key = keys[1]

@@ -21,9 +21,9 @@ import pytest
 
 import iperf_server
 from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, SERVER_SCRIPT, IperfServer, ServerHost,
-                      assert_quiet_success, client_login_broken, free_port, hold_server,
-                      iperf3_path, iperf3_version, kill_pid, kill_process, require, run_script,
-                      wait_until)
+                      add_user, assert_quiet_success, client_login_broken, free_port,
+                      hold_server, iperf3_path, iperf3_version, kill_pid, kill_process, require,
+                      run_script, wait_until)
 
 MATRIX = ("3.7", "3.9", "3.16", "3.18", "3.21")
 BUILDS = Path(os.environ.get("IPERF3_BUILDS", "/var/cache/continuous-iperf/iperf3"))
@@ -72,18 +72,9 @@ def watched(tmp_path, iperf3_of):
 
 
 @pytest.fixture
-def servers(iperf3_of):
+def servers(iperf3_of, start_iperf3_server):
     """Factory for foreground servers of this version (extra arguments allowed)."""
-    started = []
-
-    def start(extra=(), executable=None):
-        server = IperfServer(executable or iperf3_of, free_port(), extra)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    return lambda extra=(): start_iperf3_server(extra, executable=iperf3_of)
 
 
 @pytest.fixture
@@ -92,11 +83,7 @@ def credentials(tmp_path):
     folder = tmp_path / "keys"
     assert run_script(SERVER_SCRIPT, ["--make-keys", folder]).returncode == 0
     users = tmp_path / "users.csv"
-    added = subprocess.run(["python3", str(SERVER_SCRIPT), "--add-user", USER,
-                            "--authorized-users-path", str(users)], input=PASSWORD + "\n",
-                           universal_newlines=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, timeout=30)
-    assert added.returncode == 0, added.stderr
+    add_user(users, USER, PASSWORD)
     return folder / "private.pem", folder / "public.pem", users
 
 
