@@ -131,12 +131,15 @@ def kill_pid(pid):
 
 
 def pid_alive(pid):
-    """True while `pid` exists and is not a zombie."""
+    """True while `pid` exists and is not a zombie, or is one whose threads still run (iperf3
+    3.16+ runs its streams in threads)."""
     try:
         with open("/proc/%d/stat" % pid) as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+            if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+    return iperf_server.live_threads(pid)
 
 
 class IperfServer:
@@ -288,6 +291,28 @@ def host(tmp_path, iperf3):
     finally:
         for pid in server_host.daemons():
             kill_pid(pid)
+        # Then anything else whose command line names this test's folder (a daemon caught in
+        # the middle of forking by the scan above), twice, a moment apart.
+        for _ in range(2):
+            for pid in pids_naming(str(tmp_path)):
+                kill_pid(pid)
+            time.sleep(0.1)
+
+
+def pids_naming(text):
+    """Live processes (not this one) with `text` anywhere in their command line."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                words = handle.read().decode(errors="replace")
+        except OSError:
+            continue
+        if text in words and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
 
 
 def assert_quiet_success(done):
