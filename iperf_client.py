@@ -2456,7 +2456,8 @@ def _old_ledger_rows(ledger, extra):
         rows, dropped = salvage_ledger(ledger, extra)
         dropped = dropped or -1  # damaged: the original is kept even if every row was
     kept = [row for row in rows if well_formed(row)]
-    dropped = max(dropped, 0) + len(rows) - len(kept) if len(kept) < len(rows) else dropped
+    if len(kept) < len(rows):  # rows that parse but are no rows (a line cut short)
+        dropped = max(dropped, 0) + len(rows) - len(kept)
     if dropped:
         copy = keep_damaged_copy(ledger)
         say("the old ledger was damaged (%d line%s not kept); it is saved as %s"

@@ -299,20 +299,23 @@ def host(tmp_path, iperf3):
             time.sleep(0.1)
 
 
-def pids_naming(text):
-    """Live processes (not this one) with `text` anywhere in their command line."""
-    found = []
+def live_argvs():
+    """(pid, argv as a list of words) of every live process but this one, read from /proc."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                words = handle.read().decode(errors="replace")
+                argv = handle.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if text in words and pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
+        if pid_alive(int(entry)):
+            yield int(entry), argv
+
+
+def pids_naming(text):
+    """Live processes (not this one) with `text` anywhere in their command line."""
+    return [pid for pid, argv in live_argvs() if any(text in word for word in argv)]
 
 
 def assert_quiet_success(done):
@@ -395,15 +398,4 @@ doc = {"start": {"timestamp": {"timesecs": 1700000000 + reverse},
 
 def pids_with(*needles):
     """Live processes whose argv contains every one of `needles` (a word each)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                words = handle.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if all(needle in words for needle in needles) and pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
+    return [pid for pid, argv in live_argvs() if all(needle in argv for needle in needles)]
