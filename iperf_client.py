@@ -29,6 +29,7 @@ input, 75 another run holds the results folder's lock, 128+N stopped by signal N
 
 import argparse
 import collections
+import contextlib
 import csv
 import ctypes
 import datetime
@@ -50,6 +51,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -63,8 +65,15 @@ __version__ = "2.1.0"  # the project's version: both scripts and the package
 IPERF_EXECUTABLE = "iperf3"                 # iperf3 executable to run (a name on PATH or a path)
 TEST_DURATION = 60                          # length of each test, whole seconds (iperf3 -t)
 NUMBER_STREAMS = 30                         # parallel streams per test (iperf3 -P)
-IPERF_SERVER = "CHANGE_TO_IP"               # server's address or DNS name (placeholder: refused)
-IPERF_PORT = 5201                           # server's port (iperf3 -p)
+IPERF_SERVER = "CHANGE_TO_IP"               # server's address or DNS name (placeholder: refused);
+#                                             several, space-separated: HOST, HOST:PORT, [IPv6]:PORT
+IPERF_PORT = 5201                           # server's port (iperf3 -p), where a target names none
+TARGETS_FILE = None                         # file of targets, one a line: HOST[:PORT] [LABEL]
+CLIENT_NAME = ""                            # this host's name in results ("": its host name)
+RUN_INTERVAL = 300                          # seconds between runs (the crontab's */5 minutes)
+LOCK_WAIT = None                            # seconds to wait for a run holding the folder
+#                                             (None: what this run's interval leaves over)
+UDP_RATE = None                             # UDP tests at this rate, e.g. "50M" (None: TCP)
 RESULTS_DIR = os.path.abspath(os.path.expanduser("~/iperf_results"))  # where results go
 FILES_PREFIX = ""                           # prefix of every file a run writes
 IPERF_EXTRA_ARGS = []                       # more iperf3 arguments, e.g. ["-Z", "-O", "2"]
@@ -84,6 +93,7 @@ PASSWORD_FILE = None                        # file whose first line is the passw
 # --- Constants: the run ---------------------------------------------------------------------------
 
 PLACEHOLDER_SERVER = "CHANGE_TO_IP"
+TEST_SETUP = 2.0                            # seconds a test takes beyond -t (connect, results)
 BUSY_DELAY = (5.0, 30.0)                    # random pause between busy retries (min, max) s
 KILL_GRACE = 5.0                            # seconds from SIGTERM to SIGKILL for a late iperf3
 VERSION_TIMEOUT = 5.0                       # seconds `iperf3 --version` may take
@@ -118,29 +128,45 @@ O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted at a file's name 
 # What one run reads, explicit: run(), run_tests() and run_test() take it, never the flags'
 # namespace. run_settings() builds it from the flags, whose defaults are the settings above.
 RunSettings = collections.namedtuple("RunSettings", (
-    "iperf3", "server", "port", "duration", "streams", "extra", "iperf3_env", "username",
-    "results_dir", "prefix", "retries", "busy_wait", "jitter", "timeout_margin", "compress",
-    "keep_days", "prometheus_textfile", "quiet"))
+    "iperf3", "targets", "client", "protocol", "interval", "lock_wait", "duration", "streams",
+    "extra", "iperf3_env", "username", "results_dir", "prefix", "retries", "busy_wait", "jitter",
+    "timeout_margin", "compress", "keep_days", "prometheus_textfile", "quiet"))
 
 
 # --- Constants: the ledger and the result files ---------------------------------------------------
 
 LEDGER_NAME = "results.csv"                 # the ledger's file name in the results folder
 LOCK_NAME = ".lock"                         # the lock file's name in the results folder
-LEDGER_COLUMNS = (
+LEDGER_LOCK_NAME = ".ledger.lock"           # held while the ledger is appended to or replaced
+LEDGER_LOCK_WAIT = 60.0                     # seconds an append waits for it (a --rebuild holds it)
+# The columns of version 2.1, which every ledger has, and those added since, at the end; a
+# ledger written before them is read with those cells empty, and a run gives it the new columns.
+BASE_COLUMNS = (
     "timestamp", "run", "prefix", "direction", "server", "port", "streams", "duration", "status",
     "error", "sent_bps", "received_bps", "retransmits", "attempts", "file",
 )
+ADDED_COLUMNS = (
+    "client", "label",                                  # 2.2: many links (client -> server)
+    "protocol", "min_rtt_ms", "mean_rtt_ms",            # 2.2: latency under load
+    "jitter_ms", "lost_percent", "lost_packets", "packets",  # 2.2: UDP tests
+)
+LEDGER_COLUMNS = BASE_COLUMNS + ADDED_COLUMNS
+STATUSES = ("ok", "error", "skipped")  # skipped: the run never started (the folder was busy)
 # A ledger row, on the run side as on the report side, is a list of strings in the order of
 # LEDGER_COLUMNS, and Col names each position: row[Col.DIRECTION], row[Col.RECEIVED_BPS]. (The
 # ledger file may order its columns otherwise: it is read by its header, see read_ledger.)
 Col = type("Col", (), {name.upper(): index for index, name in enumerate(LEDGER_COLUMNS)})
 NUMBER_COLUMNS = ("port", "streams", "duration", "sent_bps", "received_bps", "retransmits",
-                  "attempts")
+                  "attempts", "min_rtt_ms", "mean_rtt_ms", "jitter_ms", "lost_percent",
+                  "lost_packets", "packets")
 NUMBER_POSITIONS = [LEDGER_COLUMNS.index(column) for column in NUMBER_COLUMNS]
+# <prefix><ts>[_<label>]_client.json[.gz]: a run of several targets names each in its files.
 RESULT_NAME_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9._-]*?)(?P<run>\d{8}_\d{6})"
+                            r"(?:_(?P<label>[A-Za-z0-9][A-Za-z0-9._-]*?))?"
                             r"_(?P<side>client|server)\.json(?P<gz>\.gz)?$")
-RUN_FILE_RE = r"^%s(?P<run>\d{8}_\d{6})(?:_client\.json|_server\.json|_iperf_mon\.log)(?:\.gz)?$"
+RUN_FILE_RE = (r"^%s(?P<run>\d{8}_\d{6})(?:_[A-Za-z0-9][A-Za-z0-9._-]*?)?"
+               r"(?:_client\.json|_server\.json|_iperf_mon\.log)(?:\.gz)?$")
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 QUICK_HEAD = 16 * 1024     # our metadata and iperf3's "start" lie in a file's first bytes
 QUICK_TAIL = 128 * 1024    # iperf3's "end" (with every stream's summary) in its last bytes
 _META_RE = re.compile(r'\A\s*\{\s*"continuous_iperf"\s*:\s*(?=\{)')
@@ -163,6 +189,7 @@ _ROW_OK_RE = re.compile("\x1f".join(
 # One ledger row as a JSON object, string cells known to need no escaping, number cells valid.
 _RUN_TEMPLATE = "{" + ",".join(
     '"%s":%s' % (c, "%s" if c in NUMBER_COLUMNS else '"%s"') for c in LEDGER_COLUMNS) + "}"
+_IS_NUMBER = [column in NUMBER_COLUMNS for column in LEDGER_COLUMNS]
 FUTURE_SLACK = 300          # seconds a test may seem to lie ahead (clocks of two hosts differ)
 # Names of a file this process already has open: streamed into, never replaced (a rename over
 # /dev/stdout would replace the link, or clobber a file the shell opened for appending).
@@ -299,6 +326,89 @@ def iperf3_argv(executable, server, port, duration, streams, reverse=False, extr
     if reverse:
         argv.append("-R")
     return argv + list(extra)
+
+
+Target = collections.namedtuple("Target", ("host", "port", "label"))
+_HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._%:-]*$")  # a name, IPv4, IPv6 (with %zone)
+
+
+def parse_target(text, default_port):
+    """One target, `[LABEL=]HOST`, `HOST:PORT`, `[IPv6]:PORT`, `[IPv6]` or a bare IPv6 address,
+    -> Target (label "" when none is given). Raises ValueError saying what is wrong."""
+    label, _, address = text.strip().rpartition("=")
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or ":" not in host or (rest and not rest.startswith(":")):
+            raise ValueError("%r is not [IPv6] or [IPv6]:PORT" % text)
+        port = rest[1:] if rest else None
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    else:
+        host, port = address, None  # a name, IPv4, or a bare IPv6 address (two or more ':')
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        # It would go into the ledger's cells and the reports' lines as it is.
+        raise ValueError("%r holds a control character" % text)
+    if not _HOST_RE.match(host) or host == PLACEHOLDER_SERVER:
+        raise ValueError("%r is not a host name or address" % text if host != PLACEHOLDER_SERVER
+                         else "no server configured (%s is the placeholder)" % host)
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError("%r: %r is not a port number (1-65535)" % (text, port))
+    if label and not LABEL_RE.match(label):
+        raise ValueError("%r: label %r may only hold letters, digits, '.', '_' and '-' (at most "
+                         "64, starting with a letter or digit)" % (text, label))
+    return Target(host, int(port) if port else default_port, label)
+
+
+def default_label(target, default_port):
+    """A target's label in file names when none is given: its host (an IPv6 address's ':' and
+    '%' made '-'), and its port when that is not the default one."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", target.host).strip("-._") or "target"
+    return name + ("_%d" % target.port if target.port != default_port else "")
+
+
+def parse_targets_file(lines, default_port, source):
+    """Targets of a targets file's lines: `HOST[:PORT] [LABEL]`, `#` starts a comment, blank
+    lines are skipped. Raises ValueError naming `source` and the line."""
+    targets = []
+    for number, line in enumerate(lines, start=1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        try:
+            if len(words) > 2 or "=" in words[0]:
+                raise ValueError("expected HOST[:PORT] [LABEL], found %r" % line.strip())
+            target = parse_target(words[0], default_port)
+            if len(words) == 2:
+                target = parse_target("%s=%s" % (words[1], words[0]), default_port)
+        except ValueError as exc:
+            raise ValueError("%s line %d: %s" % (source, number, exc))
+        targets.append(target)
+    if not targets:
+        raise ValueError("%s names no target" % source)
+    return targets
+
+
+def labelled_targets(targets, default_port):
+    """The targets with every label set (see default_label); raises ValueError when two are the
+    same server and port, or share a label (their files would collide)."""
+    labelled, addresses, labels = [], set(), {}
+    for target in targets:
+        target = target._replace(label=target.label or default_label(target, default_port))
+        name = target_name(target.host, target.port)
+        if (target.host, target.port) in addresses:
+            raise ValueError("target %s is given twice" % name)
+        if target.label in labels:
+            raise ValueError("targets %s and %s share the label %r: give each its own" % (
+                labels[target.label], name, target.label))
+        addresses.add((target.host, target.port))
+        labels[target.label] = name
+        labelled.append(target)
+    return labelled
+
+
+def target_name(host, port):
+    """HOST:PORT as people write it ([IPv6]:PORT)."""
+    return ("[%s]:%s" if ":" in host else "%s:%s") % (host, port)
 
 
 def command_line(argv):
@@ -502,8 +612,9 @@ def encode_result(document):
     return json.dumps(document, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-def result_name(prefix, run_ts, suffix, compress):
-    return prefix + run_ts + suffix + (".gz" if compress else "")
+def result_name(prefix, run_ts, suffix, compress, label=""):
+    """<prefix><ts>[_<label>]<suffix>[.gz]: the label only when a run tests several targets."""
+    return prefix + run_ts + ("_" + label if label else "") + suffix + (".gz" if compress else "")
 
 
 def _dig(document, *keys):
@@ -512,6 +623,13 @@ def _dig(document, *keys):
             return None
         document = document[key]
     return document
+
+
+def _finite(value):
+    """A JSON number as a finite float, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _number(value):
@@ -576,8 +694,35 @@ def ledger_row(document, file_name):
         "retransmits": _number(sent.get("retransmits")),
         "attempts": meta.get("attempts", ""),
         "file": file_name,
+        "client": meta.get("client", ""),
+        "label": meta.get("label", ""),
     }
+    row.update(test_figures(document, meta))
     return [str(row[column]) if row[column] is not None else "" for column in LEDGER_COLUMNS]
+
+
+def test_figures(document, meta):
+    """The protocol, and the latency and UDP figures of a test, for the ledger: RTT (ms) from
+    the streams this host sent (iperf3 reports the kernel's RTT of its own sockets only; in a
+    reverse test the client's copies of the server's are zeros), UDP's from `end.sum`."""
+    protocol = _dig(document, "start", "test_start", "protocol")
+    protocol = protocol.lower() if isinstance(protocol, str) else meta.get("protocol", "")
+    figures = dict.fromkeys(ADDED_COLUMNS[3:])
+    figures["protocol"] = protocol
+    streams = _dig(document, "end", "streams")
+    if protocol == "tcp" and isinstance(streams, list):
+        senders = [stream.get("sender") for stream in streams if isinstance(stream, dict)]
+        rtts = [(_finite(sender.get("min_rtt")), _finite(sender.get("mean_rtt")))
+                for sender in senders if isinstance(sender, dict) and sender.get("sender") is True]
+        rtts = [(low, mean) for low, mean in rtts if low and mean]
+        if rtts:
+            figures["min_rtt_ms"] = repr(min(low for low, _ in rtts) / 1000.0)
+            figures["mean_rtt_ms"] = repr(math.fsum(mean for _, mean in rtts) / len(rtts) / 1000.0)
+    udp = _dig(document, "end", "sum")
+    if protocol == "udp" and isinstance(udp, dict):
+        for key in ("jitter_ms", "lost_percent", "lost_packets", "packets"):
+            figures[key] = _number(udp.get(key))
+    return figures
 
 
 def complete_row(row, document, file_name):
@@ -597,6 +742,7 @@ def complete_row(row, document, file_name):
     if named:
         fill[Col.RUN] = named.group("run")
         fill[Col.PREFIX] = named.group("prefix")
+        fill[Col.LABEL] = named.group("label")
         moment = run_time(named.group("run"))
         fill[Col.TIMESTAMP] = iso_time(moment) if moment is not None else None
     for position, value in fill.items():
@@ -637,36 +783,45 @@ def row_time(timestamp):
 
 
 def header_layout(header):
-    """Where each of LEDGER_COLUMNS stands in a ledger's `header` (a list of cells), and the
-    names of the header's other columns (a newer version's, kept and carried along): (positions,
-    extra). None when the header lacks one of our columns or repeats one (a damaged header)."""
+    """Where each of LEDGER_COLUMNS stands in a ledger's `header` (a list of cells; None for a
+    column added after the ledger was written), and the names of the header's other columns (a
+    newer version's, kept and carried along): (positions, extra). None when the header lacks
+    one of BASE_COLUMNS or repeats a name (a damaged header)."""
     names = [cell.strip() for cell in header]
     where = {name: index for index, name in enumerate(names)}
-    if len(where) != len(names) or any(name not in where for name in LEDGER_COLUMNS):
+    if len(where) != len(names) or any(name not in where for name in BASE_COLUMNS):
         return None
-    return ([where[name] for name in LEDGER_COLUMNS],
+    return ([where.get(name) for name in LEDGER_COLUMNS],
             [name for name in names if name not in LEDGER_COLUMNS])
 
 
 def _mapper(header):
-    """A function turning a line's cells into our row (LEDGER_COLUMNS order, then the extra
-    columns), and the header's extra names; None for the standard header (rows as they are)."""
+    """(a function turning a line's cells into our row (LEDGER_COLUMNS order, then the extra
+    columns), the header's extra names), or None for a damaged header. The function is None
+    when rows need no change (the header is ours)."""
     layout = header_layout(header)
     if layout is None:
         return None
     positions, extra = layout
-    order = positions + [index for index, name in enumerate(header) if name.strip() in extra]
-    if order == list(range(len(header))):
+    width = len(header)
+    order = [width if index is None else index for index in positions]  # width: an empty cell
+    order += [index for index, name in enumerate(header) if name.strip() in extra]
+    if order == list(range(width)):
         return None, extra
-    return operator.itemgetter(*order), extra
+    getter = operator.itemgetter(*order)
+    if width not in order:
+        return getter, extra
+    return (lambda cells: getter(cells + [""])), extra
 
 
 def well_formed(row):
     """True when a row (LEDGER_COLUMNS order) could have been written by a run or a rebuild:
-    a result file's name, a known status, numbers where numbers go, a readable timestamp. A
-    line cut short by a crash while it was appended is not (it may even have the right number
-    of cells, when the cut fell inside the last one)."""
-    if not RESULT_NAME_RE.match(row[Col.FILE]) or row[Col.STATUS] not in ("ok", "error"):
+    a result file's name (none for a skipped run's), a known status, numbers where numbers go,
+    a readable timestamp. A line cut short by a crash while it was appended is not (it may even
+    have the right number of cells, when the cut fell inside the last one)."""
+    status = row[Col.STATUS]
+    if status not in STATUSES or not (RESULT_NAME_RE.match(row[Col.FILE]) or (
+            status == "skipped" and not row[Col.FILE] and run_time(row[Col.RUN]) is not None)):
         return False
     for position in NUMBER_POSITIONS:
         cell = row[position]
@@ -904,12 +1059,8 @@ def _number_json(cell):
 def run_json(row):
     """One ledger row as a JSON object (text), its number columns as numbers."""
     if _ROW_OK_RE.match("\x1f".join(row)):  # the common case, made fast: 200,000 rows a year
-        (timestamp, run, prefix, direction, server, port, streams, duration, status, error, sent,
-         received, retransmits, attempts, name) = row
-        return _RUN_TEMPLATE % (
-            timestamp, run, prefix, direction, server, port or "null", streams or "null",
-            duration or "null", status, error, sent or "null", received or "null",
-            retransmits or "null", attempts or "null", name)
+        return _RUN_TEMPLATE % tuple(
+            cell or "null" if number else cell for cell, number in zip(row, _IS_NUMBER))
     return "{" + ",".join(
         "%s:%s" % (json.dumps(name), _number_json(cell) if name in NUMBER_COLUMNS
                    else json.dumps(cell, ensure_ascii=False))
@@ -1437,42 +1588,45 @@ def _prom_number(cell):
         return repr(values[0]) if values else None
 
 
-def run_samples(rows, server, port):
-    """The samples of one run: `rows` are its ledger rows, one per test that ran.
+def run_samples(rows):
+    """The samples of one run: `rows` are its ledger rows, one per test that ran, labelled by
+    each row's own server and port (a run of several targets gives each its series).
 
     A failed test gives success 0 and no throughput or retransmit series (0 bits/s would be a
     lie that drags averages down).
     """
-    samples = []
-    starts = [row_time(row[Col.TIMESTAMP]) for row in rows]
-    starts = [moment for moment in starts if moment is not None]
-    if starts:
-        samples.append(("iperf_last_run_timestamp_seconds",
-                        {"server": server, "port": str(port)}, _prom_number(str(min(starts)))))
+    samples, starts = [], {}
     for row in rows:
-        labels = {"server": server, "port": str(port), "direction": row[Col.DIRECTION]}
+        target = {"server": row[Col.SERVER], "port": row[Col.PORT]}
+        moment = row_time(row[Col.TIMESTAMP])
+        key = (row[Col.SERVER], row[Col.PORT])
+        if moment is not None and moment < starts.get(key, (float("inf"),))[0]:
+            starts[key] = (moment, target)
+        labels = dict(target, direction=row[Col.DIRECTION])
         ok = row[Col.STATUS] == "ok"
         samples.append(("iperf_success", labels, "1" if ok else "0"))
         for metric, column, _ in PROMETHEUS_METRICS[:3]:
             value = _prom_number(row[LEDGER_COLUMNS.index(column)]) if ok else None
             if value is not None:
                 samples.append((metric, labels, value))
-    return samples
+    return [("iperf_last_run_timestamp_seconds", target, _prom_number(str(moment)))
+            for moment, target in starts.values()] + samples
 
 
-def prometheus_text(existing, rows, server, port):
-    """The new textfile: `existing` (the file's text, "" when new) with this client's
-    server/port series replaced by the samples of this run's `rows`; other clients' series
-    are kept. A direction this run did not test (stopped by a signal) keeps its last series."""
-    tested = {row[Col.DIRECTION] for row in rows}
-    port = str(port)
+def prometheus_text(existing, rows):
+    """The new textfile: `existing` (the file's text, "" when new) with the series of the
+    servers and ports of this run's `rows` replaced by their samples; other clients' series are
+    kept. A direction this run did not test (stopped by a signal) keeps its last series."""
+    tested = {(row[Col.SERVER], row[Col.PORT], row[Col.DIRECTION]) for row in rows}
+    targets = {(server, port) for server, port, _ in tested}
     kept = []
     for metric, labels, value in parse_textfile(existing):
-        mine = labels.get("server") == server and labels.get("port") == port
-        if mine and ("direction" not in labels or labels["direction"] in tested):
+        target = (labels.get("server"), labels.get("port"))
+        if target in targets and ("direction" not in labels
+                                  or target + (labels["direction"],) in tested):
             continue
         kept.append((metric, labels, value))
-    samples = kept + run_samples(rows, server, port)
+    samples = kept + run_samples(rows)
     lines = []
     for metric, _, help_text in PROMETHEUS_METRICS:
         lines += ["# HELP %s %s" % (metric, help_text), "# TYPE %s gauge" % metric]
@@ -1851,28 +2005,76 @@ def _fsync_dir(folder):
 def append_ledger(path, row):
     """Append one row (see Col) to the ledger, with the header first when the file is new or
     empty, its cells in the order of the file's own header (a newer version's extra columns
-    stay empty).
+    stay empty). A ledger of an older version first gets the columns added since (see
+    upgrade_ledger). Holds the ledger's lock: a skipped run may append while a run goes on.
 
     The row is written whole or not at all: a short write (a full disk) is cut back off and
     raises. A last line without its newline gets one first, so the new row is never glued onto
     it; when that line is no row at all (a crash cut it short), it is cut off instead and said:
     its result file still holds it, for `report --rebuild`.
     """
+    with ledger_lock(os.path.dirname(path)):
+        header = ledger_header(path)
+        missing = [name for name in ADDED_COLUMNS if name not in (header or LEDGER_COLUMNS)]
+        if missing:
+            upgrade_ledger(path, header, missing)
+            header = header + missing
+        _append_row(path, row, header or LEDGER_COLUMNS)
+
+
+def ledger_header(path):
+    """The ledger's header cells, or None when it is new, empty or its header is damaged
+    (rows then go in the standard order)."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.read(64 * 1024).split(b"\n", 1)[0].decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    cells = [cell.strip() for cell in next(csv.reader([first]), [])]
+    return cells if header_layout(cells) is not None else None
+
+
+def upgrade_ledger(path, header, missing):
+    """Give a ledger written by an older version the `missing` columns, empty, at the end of
+    every line (atomically: a crash leaves the old file). Runs once per ledger."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        lines = handle.readlines()
+    if len(lines) > 1 and not lines[-1].endswith("\n"):
+        if not _intact_line(lines[-1], header):
+            log.warning("the ledger %s ended in a line cut short (%s): removed; 'report "
+                        "--rebuild' restores its row from its result file", path,
+                        one_line(lines[-1], 120))
+            lines.pop()
+    pad = "," * len(missing)
+    text = csv_line(header + missing) + "".join(
+        line.rstrip("\r\n") + pad + "\n" for line in lines[1:] if line.strip())
+    write_atomic(path, text.encode("utf-8", "surrogateescape"))
+    log.info("the ledger %s was given the columns %s (it was written by an older version)",
+             path, ", ".join(missing))
+
+
+def _intact_line(line, header):
+    """True when a ledger line (by the file's `header`) is a well-formed row."""
+    try:
+        cells = next(csv.reader([line]), [])
+    except csv.Error:
+        return False
+    mapper = _mapper(header)
+    if mapper is None or len(cells) != len(header):
+        return False
+    return well_formed(list(mapper[0](cells)) if mapper[0] else cells)
+
+
+def _append_row(path, row, header):
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, FILE_MODE)
     try:
         size = os.fstat(fd).st_size
-        header = LEDGER_COLUMNS
-        if size:
-            first = os.pread(fd, 64 * 1024, 0).split(b"\n", 1)[0].decode("utf-8", "replace")
-            cells = next(csv.reader([first]), [])
-            if header_layout(cells) is not None:
-                header = [cell.strip() for cell in cells]
         cells = dict(zip(LEDGER_COLUMNS, row))
         text = csv_line([cells.get(column, "") for column in header])
         if size == 0:
             text = csv_line(LEDGER_COLUMNS) + text
         elif os.pread(fd, 1, size - 1) != b"\n":
-            size = _end_cut_line(fd, size, path)
+            size = _end_cut_line(fd, size, path, header)
             if os.pread(fd, 1, size - 1) != b"\n":
                 text = "\n" + text
         data = text.encode("utf-8")
@@ -1888,7 +2090,7 @@ def append_ledger(path, row):
         os.close(fd)
 
 
-def _end_cut_line(fd, size, path):
+def _end_cut_line(fd, size, path, header):
     """The ledger's size once a last line that is no well-formed row is cut off (a crash while
     appending left it); an intact last line that only lost its newline stays. Logs the cut."""
     tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
@@ -1896,8 +2098,7 @@ def _end_cut_line(fd, size, path):
     if start == 0:
         return size  # the header itself: leave it be
     line = os.pread(fd, size - start, start).decode("utf-8", errors="replace")
-    cells = next(csv.reader([line]), [])
-    if len(cells) == len(LEDGER_COLUMNS) and well_formed(cells):
+    if _intact_line(line, list(header)):
         return size
     os.ftruncate(fd, start)
     log.warning("the ledger %s ended in a line cut short (%s): removed; 'report --rebuild' "
@@ -1905,7 +2106,40 @@ def _end_cut_line(fd, size, path):
     return start
 
 
-def write_textfile(path, rows, server, port, wait=10.0):
+@contextlib.contextmanager
+def ledger_lock(folder, wait=LEDGER_LOCK_WAIT):
+    """Hold the ledger's lock (a lock file of its own in `folder`) for the `with` block; waits
+    up to `wait` seconds for it. Raises IperfError when it stays held."""
+    path = os.path.join(folder, LEDGER_LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o600)
+    try:
+        if not flock_within(fd, wait):
+            raise IperfError("the ledger's lock %s stayed held for %s s" % (path, wait))
+        yield
+    finally:
+        os.close(fd)
+
+
+def flock_within(fd, seconds, stopper=None):
+    """Take an exclusive flock on `fd`, trying for up to `seconds`; True when taken. A stopper
+    that has seen a signal ends the wait."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline or (stopper is not None and stopper.signum is not None):
+            return False
+        if stopper is not None:
+            stopper.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        else:
+            time.sleep(0.05)
+
+
+def write_textfile(path, rows, wait=10.0):
     """Merge this run's `rows` into the Prometheus textfile at `path`, atomically.
 
     Clients sharing the file take turns on a flock of its folder (a lock file would be left in
@@ -1915,17 +2149,8 @@ def write_textfile(path, rows, server, port, wait=10.0):
     folder = os.path.dirname(path) or "."
     fd = os.open(folder, os.O_RDONLY)
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise OSError(exc.errno, "its folder stayed locked for %s s" % wait)
-                time.sleep(0.05)
+        if not flock_within(fd, wait):
+            raise OSError(errno.EWOULDBLOCK, "its folder stayed locked for %s s" % wait)
         existing = ""
         if output_target(path)[0] == "replace":  # a FIFO is not read: it would wait for ever
             try:
@@ -1933,7 +2158,7 @@ def write_textfile(path, rows, server, port, wait=10.0):
                     existing = handle.read()
             except FileNotFoundError:
                 pass
-        write_atomic(path, prometheus_text(existing, rows, server, port).encode("utf-8"))
+        write_atomic(path, prometheus_text(existing, rows).encode("utf-8"))
     finally:
         os.close(fd)
 
@@ -1967,23 +2192,13 @@ class RunLogHandler(logging.StreamHandler):
             pass
 
 
-def take_lock(folder, wait=False):
-    """Take the exclusive lock of a results folder; return its open fd (keep it open).
-
-    Raises IperfError with status 75 when another run holds it, or, with `wait`, says so on
-    stderr and waits for it.
-    """
+def take_lock(folder):
+    """Take the exclusive lock of a results folder, waiting for a run in progress (said on
+    stderr); return its open fd (keep it open). For --rebuild."""
     path = os.path.join(folder, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            if not wait:
-                raise IperfError("another run is in progress in %s (lock %s held): skipping "
-                                 "this run" % (folder, path), EX_TEMPFAIL)
+        if not flock_within(fd, 0):
             say("waiting for the run in progress in %s" % folder)
             fcntl.flock(fd, fcntl.LOCK_EX)
     except BaseException:
@@ -2023,13 +2238,14 @@ def read_password(password_file, environ):
     return password
 
 
-def run_timestamp(folder, prefix):
+def run_timestamp(folder, prefix, labels=("",)):
     """This run's local timestamp; waits for the next second if that one's files exist already
     (a run that failed fast in the same second must not be overwritten)."""
     while True:
         stamp = time.strftime(TIMESTAMP_FORMAT)
-        names = [prefix + stamp + suffix + gz for _, suffix, _ in DIRECTIONS
-                 for gz in ("", ".gz")]
+        names = [result_name(prefix, stamp, suffix, compress, label)
+                 for _, suffix, _ in DIRECTIONS for compress in (False, True) for label in labels]
+        names.append(prefix + stamp + "_iperf_mon.log")
         if not any(os.path.exists(os.path.join(folder, name)) for name in names):
             return stamp
         time.sleep(1.05 - (time.time() % 1))
@@ -2061,7 +2277,7 @@ def delete_old_files(folder, prefix, keep_days, now=None):
 # --- Effects: a run -------------------------------------------------------------------------------
 
 def run(settings, stopper):
-    """One run: lock, timestamp, log file, forward then reverse test, ledger rows.
+    """One run: lock, timestamp, log file, each target's forward then reverse test, ledger rows.
 
     Returns the exit code; raises IperfError for what stops a run before any test.
     """
@@ -2070,18 +2286,22 @@ def run(settings, stopper):
     except OSError as exc:
         raise IperfError("cannot create results folder %s: %s"
                          % (settings.results_dir, exc.strerror))
-    lock_fd = take_lock(settings.results_dir)
+    started = time.monotonic()
+    lock_fd = take_run_lock(settings, stopper)
     handler = None
     try:
-        run_ts = run_timestamp(settings.results_dir, settings.prefix)
+        labels = [target.label for target in settings.targets] if several(settings) else [""]
+        run_ts = run_timestamp(settings.results_dir, settings.prefix, labels)
         log_path = os.path.join(settings.results_dir, settings.prefix + run_ts + "_iperf_mon.log")
         handler = RunLogHandler(log_path)
         handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
         handler.setLevel(logging.DEBUG)
         log.addHandler(handler)
-        log.info("run %s: server %s port %s, %s s x %s streams, iperf3 %s, version %s", run_ts,
-                 settings.server, settings.port, settings.duration, settings.streams,
+        log.info("run %s: %s, %s s x %s streams, iperf3 %s, version %s", run_ts,
+                 ", ".join("%s (%s)" % (target_name(target.host, target.port), target.label)
+                           for target in settings.targets), settings.duration, settings.streams,
                  settings.iperf3, __version__)
+        say_when_too_long(settings, time.monotonic() - started)
         if settings.jitter > 0:
             delay = random.uniform(0, settings.jitter)
             log.info("jitter: sleeping %.1f s", delay)
@@ -2095,46 +2315,131 @@ def run(settings, stopper):
         os.close(lock_fd)
 
 
+def several(settings):
+    """True when the run tests several targets (their files then carry their labels)."""
+    return len(settings.targets) > 1
+
+
+def run_seconds(settings):
+    """About how long a run's tests take: targets x 2 x (duration + omit + set-up)."""
+    return len(settings.targets) * len(DIRECTIONS) * (
+        settings.duration + omit_seconds(settings.extra) + TEST_SETUP)
+
+
+def lock_wait(settings):
+    """How long a run waits for another holding the folder: --lock-wait, else what its interval
+    leaves over after its own tests and jitter (so it still ends before the next run starts)."""
+    if settings.lock_wait is not None:
+        return settings.lock_wait
+    return max(0.0, settings.interval - run_seconds(settings) - settings.jitter)
+
+
+def take_run_lock(settings, stopper):
+    """The results folder's lock (an open fd), waited for up to lock_wait(settings). A run that
+    still cannot have it is recorded as skipped rows (one per target and direction, so the
+    report counts it) and raises IperfError with status 75."""
+    wait = lock_wait(settings)
+    path = os.path.join(settings.results_dir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o600)
+    try:
+        if flock_within(fd, 0):
+            return fd
+        log.info("another run holds %s: waiting up to %s s", settings.results_dir,
+                 format_seconds(wait))
+        if flock_within(fd, wait, stopper):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    if stopper.signum is not None:
+        raise IperfError("stopped by %s while waiting for the run in progress in %s"
+                         % (stopper.name, settings.results_dir), 128 + stopper.signum)
+    reason = ("another run held the results folder for the %s s this run could wait (lock %s; "
+              "see --lock-wait, --interval)" % (format_seconds(wait), path))
+    record_skipped(settings, reason)
+    raise IperfError("%s: this run was skipped; its tests are in the ledger as skipped" % reason,
+                     EX_TEMPFAIL)
+
+
+def record_skipped(settings, reason):
+    """Ledger rows for a run that could not start: status "skipped", no result file."""
+    run_ts = time.strftime(TIMESTAMP_FORMAT)
+    for target in settings.targets:
+        for direction, _, _ in DIRECTIONS:
+            cells = dict(timestamp=iso_time(time.time()), run=run_ts, prefix=settings.prefix,
+                         direction=direction, server=target.host, port=target.port,
+                         streams=settings.streams, duration=settings.duration, status="skipped",
+                         error=reason, attempts=0, client=settings.client, label=target.label,
+                         protocol=settings.protocol)
+            append_ledger(os.path.join(settings.results_dir, LEDGER_NAME),
+                          [str(cells.get(column, "")) for column in LEDGER_COLUMNS])
+
+
+def say_when_too_long(settings, waited):
+    """One line (stderr and the log) when this run's tests cannot end before the next run is
+    due: that one would then wait for the lock, and a fleet's schedule slips."""
+    needed = run_seconds(settings) + settings.jitter
+    left = settings.interval - waited
+    if needed > left:
+        log.error("this run needs about %s s (%d target%s x %d tests x (%s s + %s s set-up)%s) "
+                  "but has %s s left of its %s s interval (--interval): it will overrun",
+                  format_seconds(needed), len(settings.targets),
+                  "" if len(settings.targets) == 1 else "s", len(DIRECTIONS),
+                  format_seconds(settings.duration + omit_seconds(settings.extra)),
+                  format_seconds(TEST_SETUP), " + jitter %s s" % format_seconds(settings.jitter)
+                  if settings.jitter else "", format_seconds(max(0.0, left)),
+                  format_seconds(settings.interval))
+
+
 def run_tests(settings, run_ts, stopper):
-    """The run's tests, forward then reverse, each recorded in its file and the ledger as soon
-    as it ends; returns (their ledger rows, 0 or 1 when one failed or was not saved)."""
+    """The run's tests, each target's forward then reverse, targets in a new random order each
+    run (none always first or last); each test is recorded in its file and the ledger as soon as
+    it ends. Returns (their ledger rows, 0 or 1 when one failed or was not saved)."""
     progress = None
     if sys.stderr.isatty() and settings.quiet == 0:
         progress = Progress(sys.stderr, settings.duration)
     status = 0
     rows = []
     ledger = os.path.join(settings.results_dir, LEDGER_NAME)
-    for direction, suffix, flags in DIRECTIONS:
-        if stopper.signum is not None:
-            break
-        file_name = result_name(settings.prefix, run_ts, suffix, settings.compress)
-        document = run_test(settings, direction, bool(flags),
-                            os.path.join(settings.results_dir, file_name), run_ts, stopper,
-                            progress(direction) if progress else None)
-        if progress:
-            progress.clear()
-        rows.append(ledger_row(document, file_name))
-        try:
-            append_ledger(ledger, rows[-1])
-        except OSError as exc:
-            raise IperfError("cannot append to the ledger %s: %s (the result files keep the "
-                             "tests: 'report --rebuild')" % (ledger, exc.strerror or exc))
-        if "unsaved" in document["continuous_iperf"]:
-            status = 1
-        if "error" in document:
-            status = 1
-            logged_in = settings.username is not None
-            log.error("%s test failed: %s", direction, explain_error(
-                document["error"], document["continuous_iperf"]["stderr"],
-                iperf3_version(settings.iperf3) if logged_in else None, logged_in))
+    for target in random.sample(settings.targets, len(settings.targets)):
+        for direction, suffix, flags in DIRECTIONS:
+            if stopper.signum is not None:
+                return rows, status
+            file_name = result_name(settings.prefix, run_ts, suffix, settings.compress,
+                                    target.label if several(settings) else "")
+            document = run_test(settings, target, direction, bool(flags),
+                                os.path.join(settings.results_dir, file_name), run_ts, stopper,
+                                progress(direction) if progress else None)
+            if progress:
+                progress.clear()
+            rows.append(ledger_row(document, file_name))
+            try:
+                append_ledger(ledger, rows[-1])
+            except OSError as exc:
+                raise IperfError("cannot append to the ledger %s: %s (the result files keep the "
+                                 "tests: 'report --rebuild')" % (ledger, exc.strerror or exc))
+            status = max(status, _test_status(settings, target, direction, document))
     return rows, status
+
+
+def _test_status(settings, target, direction, document):
+    """0, or 1 (said) when the test failed or its file could not be saved."""
+    if "error" not in document:
+        return 1 if "unsaved" in document["continuous_iperf"] else 0
+    logged_in = settings.username is not None
+    log.error("%s test%s failed: %s", direction, " of %s (%s)" % (
+        target.label, target_name(target.host, target.port)) if several(settings) else "",
+        explain_error(document["error"], document["continuous_iperf"]["stderr"],
+                      iperf3_version(settings.iperf3) if logged_in else None, logged_in))
+    return 1
 
 
 def finish_run(settings, run_ts, rows, status, stopper):
     """After the tests: the Prometheus textfile, old files deleted; returns the exit code."""
     if settings.prometheus_textfile and rows:
         try:
-            write_textfile(settings.prometheus_textfile, rows, settings.server, settings.port)
+            write_textfile(settings.prometheus_textfile, rows)
         except OSError as exc:
             status = status or 1
             log.error("cannot write the Prometheus textfile %s: %s",
@@ -2172,12 +2477,12 @@ class Progress:
             self.shown = False
 
 
-def run_test(settings, direction, reverse, file_path, run_ts, stopper, progress=None,
+def run_test(settings, target, direction, reverse, file_path, run_ts, stopper, progress=None,
              rng=random):
-    """Run one direction's test with its retries (see attempt_test); write its result file;
-    return the document. The file holds the last attempt, with the "continuous_iperf"
-    metadata; the log holds every attempt."""
-    argv = iperf3_argv(settings.iperf3, settings.server, settings.port, settings.duration,
+    """Run one direction's test of a target with its retries (see attempt_test); write its
+    result file; return the document. The file holds the last attempt, with the
+    "continuous_iperf" metadata; the log holds every attempt."""
+    argv = iperf3_argv(settings.iperf3, target.host, target.port, settings.duration,
                        settings.streams, reverse, settings.extra)
     document, outcome, attempts, started = attempt_test(settings, argv, direction, stopper,
                                                         progress, rng)
@@ -2186,8 +2491,11 @@ def run_test(settings, direction, reverse, file_path, run_ts, stopper, progress=
         "run": run_ts,
         "prefix": settings.prefix,
         "direction": direction,
-        "server": settings.server,
-        "port": settings.port,
+        "server": target.host,
+        "port": target.port,
+        "label": target.label,
+        "client": settings.client,
+        "protocol": settings.protocol,
         "streams": settings.streams,
         "duration": settings.duration,
         "attempts": attempts,
@@ -2340,9 +2648,14 @@ def salvage_ledger(path, extra=None):
             if mapper is not None:
                 (getter, names), width = mapper, len(cells)
                 continue
-            if sum(cell.strip() in LEDGER_COLUMNS for cell in cells) >= len(LEDGER_COLUMNS) // 2:
+            if sum(cell.strip() in BASE_COLUMNS for cell in cells) >= len(BASE_COLUMNS) // 2:
                 continue  # a damaged header: the standard order is the best guess
-        row = list(getter(cells)) if getter and len(cells) == width else cells
+        if getter and len(cells) == width:
+            row = list(getter(cells))
+        elif len(cells) == len(BASE_COLUMNS) and width == len(LEDGER_COLUMNS) and not getter:
+            row = cells = cells + [""] * len(ADDED_COLUMNS)  # a 2.1 ledger's header was lost
+        else:
+            row = cells
         if len(cells) == width and well_formed(row):
             rows.append(row if extra is not None else row[:len(LEDGER_COLUMNS)])
         else:
@@ -2560,6 +2873,13 @@ _margin = _real_number(1, "a number of seconds >= 1")
 _mbps = _real_number(0, "a number of Mbit/s >= 0")
 
 
+def _rate(text):
+    """--udp's RATE: bits/s as iperf3 reads -b (a number with an optional K, M or G)."""
+    if not re.match(r"^\d+(?:\.\d+)?[KMGkmg]?$", text) or float(re.sub("[KMGkmg]", "", text)) <= 0:
+        raise argparse.ArgumentTypeError("%r is not a rate such as 500K, 50M or 1G" % text)
+    return text
+
+
 _minutes = _real_number(0, "a number of minutes > 0", above=True)
 
 
@@ -2581,10 +2901,21 @@ def build_parser():
                "report. Exit status: 0 ok, 1 a test failed, 2 usage, 75 another run in "
                "progress, 128+N stopped by signal N.",
     )
-    parser.add_argument("-c", "--server", default=IPERF_SERVER, metavar="HOST",
-                        help="iperf3 server to test against (default: %(default)s)")
+    parser.add_argument("-c", "--server", action="append", metavar="[LABEL=]HOST[:PORT]",
+                        help="iperf3 server to test against; give it again for several (HOST, "
+                             "HOST:PORT, [IPv6]:PORT or a bare IPv6 address; default: %s)"
+                             % (" ".join(IPERF_SERVER) if isinstance(IPERF_SERVER, (list, tuple))
+                                else IPERF_SERVER))
+    parser.add_argument("--targets", default=TARGETS_FILE, metavar="FILE",
+                        help="read targets from FILE, one a line: HOST[:PORT] [LABEL]; '#' "
+                             "starts a comment (default: %(default)s)")
     parser.add_argument("-p", "--port", type=_port, default=IPERF_PORT, metavar="N",
-                        help="server's port (default: %(default)s)")
+                        help="port of a target that names none (default: %(default)s)")
+    parser.add_argument("--udp", type=_rate, default=UDP_RATE, metavar="RATE",
+                        help="UDP tests at RATE bits/s (iperf3 -u -b RATE; K, M, G allowed, "
+                             "e.g. 50M) instead of TCP (default: %(default)s)")
+    parser.add_argument("--client-name", default=CLIENT_NAME, metavar="NAME",
+                        help="this host's name in results and reports (default: its host name)")
     parser.add_argument("-t", "--duration", type=_whole_seconds, default=TEST_DURATION,
                         metavar="S", help="seconds per test, whole (default: %(default)s)")
     parser.add_argument("-P", "--streams", type=_streams, default=NUMBER_STREAMS, metavar="N",
@@ -2603,6 +2934,13 @@ def build_parser():
     parser.add_argument("--jitter", type=_seconds, default=JITTER, metavar="S",
                         help="sleep a random 0..S seconds before the first test "
                              "(default: %(default)s)")
+    parser.add_argument("--interval", type=_margin, default=RUN_INTERVAL, metavar="S",
+                        help="seconds between two runs, as cron starts them; a run that cannot "
+                             "end within it says so (default: %(default)s)")
+    parser.add_argument("--lock-wait", type=_seconds, default=LOCK_WAIT, metavar="S",
+                        help="wait up to S seconds for a run holding the results folder, then "
+                             "record this run as skipped and exit 75 (default: what --interval "
+                             "leaves after this run's own tests and jitter)")
     parser.add_argument("--timeout-margin", type=_margin, default=TIMEOUT_MARGIN, metavar="S",
                         help="an attempt is stopped after duration + omit + S seconds "
                              "(default: %(default)s)")
@@ -2655,16 +2993,15 @@ def split_extra(argv):
 
 
 def check_options(parser, options):
-    """Refuse what argparse's types cannot see; exits 2 with one line. Changes nothing."""
-    server = options.server.strip()
-    if not server or server == PLACEHOLDER_SERVER:
-        parser.error("no server configured: give --server HOST "
-                     "(or set IPERF_SERVER in the script)")
-    if server.startswith("-"):
-        parser.error("argument -c/--server: %r is not a host name" % options.server)
-    if any(ord(char) < 32 or ord(char) == 127 for char in server):
-        # It would go into the ledger's cells and the reports' lines as it is.
-        parser.error("argument -c/--server: %r holds a control character" % options.server)
+    """Refuse what argparse's types cannot see; exits 2 with one line. Changes nothing (but
+    sets options.target_list, the targets read and labelled)."""
+    try:
+        options.target_list = resolve_targets(options)
+    except ValueError as exc:
+        parser.error(str(exc))
+    name = options.client_name
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        parser.error("argument --client-name: %r holds a control character" % name)
     owned = owned_option(options.extra)
     if owned is not None:
         parser.error("iperf3 argument %r is set or ruled out by this script: use its own flags "
@@ -2679,6 +3016,32 @@ def check_options(parser, options):
         check_readable(_absolute(options.rsa_public_key_path), "public key")
     except IperfError as exc:
         parser.error(str(exc))
+
+
+def resolve_targets(options):
+    """The run's targets, labelled: --server (each time it is given) and --targets FILE; with
+    neither on the command line, TARGETS_FILE, else IPERF_SERVER. Raises ValueError."""
+    texts, files = options.server or [], [options.targets] if options.targets else []
+    if not texts and not files:
+        texts = IPERF_SERVER.split() if isinstance(IPERF_SERVER, str) else list(IPERF_SERVER)
+    targets = []
+    for text in texts:
+        try:
+            targets.append(parse_target(text, options.port))
+        except ValueError as exc:
+            raise ValueError("argument -c/--server: %s" % exc)
+    for path in files:
+        try:
+            with open(_absolute(path), encoding="utf-8") as handle:
+                lines = handle.readlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError("cannot read the targets file %s: %s" % (
+                path, getattr(exc, "strerror", None) or exc))
+        targets += parse_targets_file(lines, options.port, path)
+    if not targets or any(target.host == PLACEHOLDER_SERVER for target in targets):
+        raise ValueError("no server configured: give --server HOST or --targets FILE (or set "
+                         "IPERF_SERVER in the script)")
+    return labelled_targets(targets, options.port)
 
 
 def check_username(username):
@@ -2720,14 +3083,18 @@ def run_settings(options, environ):
         check_credential_lengths(options.iperf3, options.username, password)
         extra = auth_argv(options.username, _absolute(options.rsa_public_key_path)) + extra
         env = dict(environ, **{PASSWORD_VARIABLE: password})
+    if options.udp:
+        extra = ["-u", "-b", options.udp] + extra
     return RunSettings(
-        iperf3=options.iperf3, server=options.server.strip(), port=options.port,
-        duration=options.duration, streams=options.streams, extra=extra, iperf3_env=env,
-        username=options.username, results_dir=_absolute(options.results_dir),
-        prefix=options.prefix, retries=options.retries, busy_wait=options.busy_wait,
-        jitter=options.jitter, timeout_margin=options.timeout_margin,
-        compress=options.compress, keep_days=options.keep_days,
-        prometheus_textfile=_absolute(options.prometheus_textfile)
+        iperf3=options.iperf3, targets=options.target_list,
+        client=options.client_name or socket.gethostname(),
+        protocol="udp" if options.udp else "tcp", interval=options.interval,
+        lock_wait=options.lock_wait, duration=options.duration, streams=options.streams,
+        extra=extra, iperf3_env=env, username=options.username,
+        results_dir=_absolute(options.results_dir), prefix=options.prefix,
+        retries=options.retries, busy_wait=options.busy_wait, jitter=options.jitter,
+        timeout_margin=options.timeout_margin, compress=options.compress,
+        keep_days=options.keep_days, prometheus_textfile=_absolute(options.prometheus_textfile)
         if options.prometheus_textfile else "", quiet=options.quiet)
 
 
@@ -2877,7 +3244,7 @@ def _report(options, folder, since, until, now):
     if not os.path.isdir(folder):
         raise IperfError("cannot read results folder %s: no such folder" % folder)
     if options.rebuild:
-        lock_fd = take_lock(folder, wait=True)
+        lock_fd = take_lock(folder)
         try:
             count = rebuild_ledger(folder)
         finally:
@@ -3007,10 +3374,11 @@ def main(argv=None):
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     if options.dry_run:
-        for _, _, flags in DIRECTIONS:
-            print(command_line(iperf3_argv(settings.iperf3, settings.server, settings.port,
-                                           settings.duration, settings.streams, bool(flags),
-                                           settings.extra)))
+        for target in settings.targets:
+            for _, _, flags in DIRECTIONS:
+                print(command_line(iperf3_argv(settings.iperf3, target.host, target.port,
+                                               settings.duration, settings.streams, bool(flags),
+                                               settings.extra)))
         return 0
     handler = _setup_logging(options)
     stopper = Stopper()

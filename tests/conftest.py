@@ -373,7 +373,7 @@ def write_ledger(folder, rows):
     with open(str(folder / "results.csv"), "w") as handle:
         handle.write(iperf_client.csv_line(LEDGER_COLUMNS))
         for one in rows:
-            handle.write(iperf_client.csv_line([one[c] for c in LEDGER_COLUMNS]))
+            handle.write(iperf_client.csv_line([one.get(c, "") for c in LEDGER_COLUMNS]))
 
 
 def read_ledger(folder):

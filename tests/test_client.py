@@ -22,7 +22,8 @@ import iperf_client  # noqa: E402
 
 TS_RE = r"\d{8}_\d{6}"
 COLUMNS = ("timestamp,run,prefix,direction,server,port,streams,duration,status,error,sent_bps,"
-           "received_bps,retransmits,attempts,file").split(",")
+           "received_bps,retransmits,attempts,file,client,label,protocol,min_rtt_ms,mean_rtt_ms,"
+           "jitter_ms,lost_percent,lost_packets,packets").split(",")
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def test_good_run_writes_both_results_and_prints_nothing(server, tmp_path):
     folder = tmp_path / "results"
     proc = run_script(CLIENT_SCRIPT, client_args(server.port, folder, "--prefix", "lab-1."))
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
-    files = [n for n in names(folder) if n not in ("results.csv", ".lock")]
+    files = [n for n in names(folder) if n not in ("results.csv", ".lock", ".ledger.lock")]
     assert len(files) == 3
     ts = re.match(r"lab-1\.(%s)_client\.json$" % TS_RE, files[0]).group(1)
     assert files == ["lab-1.%s%s" % (ts, s) for s in
@@ -206,7 +207,7 @@ def test_signal_mid_test_keeps_partial_result(server, tmp_path, signame):
     assert float(rows[0]["sent_bps"]) == doc["end"]["sum_sent"]["bits_per_second"]
 
 
-def test_a_run_that_finds_the_folder_locked_exits_75_and_leaves_no_file(server, tmp_path):
+def test_a_run_that_cannot_have_the_folder_is_recorded_as_skipped_and_exits_75(server, tmp_path):
     first = subprocess.Popen(
         [sys.executable, str(CLIENT_SCRIPT), *client_args(server.port, tmp_path),
          "-t", "2"],
@@ -215,7 +216,8 @@ def test_a_run_that_finds_the_folder_locked_exits_75_and_leaves_no_file(server, 
     try:
         assert wait_until(lambda: list(tmp_path.glob("*_iperf_mon.log")), timeout=10)
         before = names(tmp_path)
-        second = run_script(CLIENT_SCRIPT, client_args(server.port, tmp_path))
+        second = run_script(CLIENT_SCRIPT, client_args(server.port, tmp_path) + [
+            "--lock-wait", "0.5"])
         after = names(tmp_path)
         out, err = first.communicate(timeout=30)
     finally:
@@ -223,9 +225,14 @@ def test_a_run_that_finds_the_folder_locked_exits_75_and_leaves_no_file(server, 
     assert_clean(second)
     assert second.returncode == 75
     assert len(second.stderr.splitlines()) == 1 and "another run" in second.stderr
-    assert not [n for n in after if n not in before and n.endswith((".log", ".tmp"))]
+    assert "skipped" in second.stderr
+    assert not [n for n in after if n not in before and n.endswith((".log", ".tmp", ".json"))]
     assert (first.returncode, out, err) == (0, "", "")
-    assert [r["status"] for r in read_ledger(tmp_path)] == ["ok", "ok"]
+    rows = read_ledger(tmp_path)
+    assert sorted(r["status"] for r in rows) == ["ok", "ok", "skipped", "skipped"]
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert {r["direction"] for r in skipped} == {"forward", "reverse"}
+    assert all(r["file"] == "" and "another run" in r["error"] for r in skipped)
     assert len(list(tmp_path.glob("*_iperf_mon.log"))) == 1
 
 
@@ -486,8 +493,10 @@ def test_defaults_come_from_the_settings(capsys):
     assert capsys.readouterr().out.splitlines()[0] == "iperf3 -c h -p 5201 -t 60 -P 30 -J"
     parser = iperf_client.build_parser()
     options = parser.parse_args([])
-    assert (options.server, options.duration, options.streams, options.retries) == (
-        "CHANGE_TO_IP", 60, 30, 1)
+    assert (options.server, options.targets, options.duration, options.streams,
+            options.retries) == (None, None, 60, 30, 1)
+    with pytest.raises(ValueError, match="no server configured"):
+        iperf_client.resolve_targets(options)  # IPERF_SERVER, the placeholder
     assert (options.busy_wait, options.jitter, options.timeout_margin, options.prefix) == (
         120, 0, 30, "")
     assert options.results_dir == os.path.join(os.path.expanduser("~"), "iperf_results")
@@ -545,7 +554,9 @@ def test_ledger_row_from_a_known_document():
         "prefix": "p", "direction": "reverse", "server": "s", "port": "5201", "streams": "4",
         "duration": "10", "status": "error", "error": "a multi-line, error",
         "sent_bps": "1250000000.0", "received_bps": "123456789.123", "retransmits": "0",
-        "attempts": "3", "file": "p20240101_000000_server.json"}
+        "attempts": "3", "file": "p20240101_000000_server.json", "client": "", "label": "",
+        "protocol": "", "min_rtt_ms": "", "mean_rtt_ms": "", "jitter_ms": "", "lost_percent": "",
+        "lost_packets": "", "packets": ""}
 
 
 def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):

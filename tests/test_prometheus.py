@@ -133,19 +133,18 @@ def ledger_rows(server_port, direction_status):
             "error": "" if status == "ok" else "boom", "sent_bps": "1000.5",
             "received_bps": "999.25", "retransmits": "" if direction == "reverse" else "4",
             "attempts": "1", "file": "f"}
-        rows.append([cells[column] for column in iperf_client.LEDGER_COLUMNS])
+        rows.append([cells.get(column, "") for column in iperf_client.LEDGER_COLUMNS])
     return rows
 
 
 def test_label_values_are_escaped(tmp_path):
     server = 'odd"host\\name'
-    text = iperf_client.prometheus_text("", ledger_rows((server, 5201), [("forward", "ok")]),
-                                        server, 5201)
+    text = iperf_client.prometheus_text("", ledger_rows((server, 5201), [("forward", "ok")]))
     prom = tmp_path / "x.prom"
     prom.write_text(text)
     metrics = read_textfile(prom)
     assert metrics["iperf_received_bits_per_second"] == {(server, "5201", "forward"): 999.25}
-    again = iperf_client.prometheus_text(text, ledger_rows(("h", 1), [("forward", "ok")]), "h", 1)
+    again = iperf_client.prometheus_text(text, ledger_rows(("h", 1), [("forward", "ok")]))
     prom.write_text(again)
     assert set(read_textfile(prom)["iperf_success"]) == {(server, "5201", "forward"),
                                                          ("h", "1", "forward")}
@@ -153,9 +152,9 @@ def test_label_values_are_escaped(tmp_path):
 
 def test_a_direction_not_tested_keeps_its_last_series():
     both = ledger_rows(("h", 1), [("forward", "ok"), ("reverse", "ok")])
-    text = iperf_client.prometheus_text("", both, "h", 1)
+    text = iperf_client.prometheus_text("", both)
     stopped = ledger_rows(("h", 1), [("forward", "error")])  # a run stopped by a signal
-    text = iperf_client.prometheus_text(text, stopped, "h", 1)
+    text = iperf_client.prometheus_text(text, stopped)
     assert 'iperf_success{server="h",port="1",direction="forward"} 0' in text
     assert 'iperf_success{server="h",port="1",direction="reverse"} 1' in text
     assert 'iperf_received_bits_per_second{server="h",port="1",direction="reverse"} 999.25' \
@@ -172,8 +171,8 @@ def test_writers_take_turns_on_the_folder_lock(tmp_path):
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(OSError, match="locked"):
-            iperf_client.write_textfile(prom, rows, "h", 1, wait=0.2)
-        writer = threading.Thread(target=iperf_client.write_textfile, args=(prom, rows, "h", 1))
+            iperf_client.write_textfile(prom, rows, wait=0.2)
+        writer = threading.Thread(target=iperf_client.write_textfile, args=(prom, rows))
         writer.start()
         time.sleep(0.5)
         assert not os.path.exists(prom)  # still waiting for its turn
