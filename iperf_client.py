@@ -179,8 +179,8 @@ _AFTER_END_RE = re.compile(r'\s*(?:,\s*"error"\s*:\s*("(?:[^"\\]|\\.)*")\s*)?\}\
 
 SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
 SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-SUMMARY_KEYS = ("count", "ok", "failed", "min_bps", "p5_bps", "median_bps", "mean_bps", "p95_bps",
-                "max_bps", "retransmits")
+SUMMARY_KEYS = ("count", "ok", "failed", "skipped", "min_bps", "p5_bps", "median_bps", "mean_bps",
+                "p95_bps", "max_bps", "retransmits")
 # A row whose cells, joined by \x1f, match this needs no escaping: its number cells are JSON
 # numbers or empty, its string cells hold no quote, backslash or control character.
 _ROW_OK_RE = re.compile("\x1f".join(
@@ -222,7 +222,9 @@ svg .median{stroke-width:1.2;stroke-dasharray:2 3}svg .failure{stroke-width:2}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:4px 0}
 th,td{padding:3px 8px;border-bottom:1px solid #ccc;text-align:right;vertical-align:top;
 white-space:nowrap}th:first-child,td:first-child,.text{text-align:left}
-td.wrap{white-space:normal;min-width:16em}
+td.wrap{white-space:normal;min-width:16em}td.bad{color:#b00}
+h2.link{border-top:2px solid #08306b;padding-top:10px;margin-top:32px}h3{font-size:1.05em}
+th.server{text-align:center}
 """
 
 
@@ -961,6 +963,60 @@ def select_rows(rows, prefix=None, since=None, until=None, direction="both"):
     return rows
 
 
+_LINK_KEY = operator.itemgetter(Col.CLIENT, Col.SERVER, Col.PORT)
+
+
+def group_links(rows):
+    """{(client, server, port): that link's rows in ledger order}, links sorted by client,
+    server and port: two targets are never mixed in one figure."""
+    groups = {}
+    for row in rows:
+        key = _LINK_KEY(row)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = group = []
+        group.append(row)
+    return dict(sorted(groups.items(), key=lambda item: (
+        item[0][0], item[0][1], int(item[0][2]) if item[0][2].isdigit() else 0, item[0][2])))
+
+
+def link_names(links):
+    """{link: its name for people}: the target's label and address, and the client's host name
+    when the links come from more than one client: "client -> label (host:port)"."""
+    clients = {client for client, _, _ in links}
+    names = {}
+    for key, rows in links.items():
+        client, server, port = key
+        label = next((row[Col.LABEL] for row in reversed(rows) if row[Col.LABEL]), "")
+        name = target_name(server, port)
+        if label and label != re.sub(r"[^A-Za-z0-9._-]", "-", server).strip("-._"):
+            name = "%s (%s)" % (label, name)
+        names[key] = "%s -> %s" % (client or "?", name) if len(clients) > 1 else name
+    return names
+
+
+def fill_clients(rows, fallback=""):
+    """Give rows without a client (written before version 2.2) their folder's client: the
+    latest row that names one, else `fallback`. A folder is one client's."""
+    client = next((row[Col.CLIENT] for row in reversed(rows) if row[Col.CLIENT]), fallback)
+    if client:
+        for row in rows:
+            if not row[Col.CLIENT]:
+                row[Col.CLIENT] = client
+    return rows
+
+
+def select_link(rows, client=None, target=None):
+    """The rows of one client (host name) and one target (a Target; port None: any port)."""
+    if client is not None:
+        rows = [row for row in rows if row[Col.CLIENT] == client]
+    if target is not None:
+        port = str(target.port) if target.port is not None else None
+        rows = [row for row in rows if row[Col.SERVER] == target.host
+                and (port is None or row[Col.PORT] == port)]
+    return rows
+
+
 def percentile(ordered, fraction):
     """Linear interpolation between closest ranks of a sorted list (numpy's default, and
     statistics.quantiles(method="inclusive")); None for an empty list."""
@@ -1013,10 +1069,13 @@ def summarize(rows, received=None):
         retransmits = sum(map(int, cells))
     except ValueError:  # "12.0" or worse from a hand-edited ledger: the slow way
         retransmits = sum(int(value) for value in _floats(cells))
+    skipped = sum(1 for row in rows if row[Col.STATUS] == "skipped") if len(ok_rows) < len(
+        rows) else 0
     return {
         "count": len(rows),
         "ok": len(ok_rows),
-        "failed": len(rows) - len(ok_rows),
+        "failed": len(rows) - len(ok_rows) - skipped,
+        "skipped": skipped,
         "min_bps": values[0] if values else None,
         "p5_bps": percentile(values, 0.05),
         "median_bps": percentile(values, 0.5),
@@ -1094,8 +1153,65 @@ def failed_rows(rows):
 
 
 def text_report(rows, summary, folder, prefix, since, until, received=None, now=None):
-    """The report for a person, as a list of lines (`received` as in summary_of)."""
+    """The report of one link for a person, as a list of lines (`received` as in summary_of)."""
     received = _received(rows) if received is None else received
+    lines = _report_heading(rows, folder, prefix, since, until, now)
+    return lines + _report_body(rows, summary, received) if rows else lines
+
+
+def links_text_report(links, names, direction, folder, prefix, since, until, now):
+    """The report of several links: the overview, then each link's own report."""
+    rows = [row for group in links.values() for row in group]
+    lines = _report_heading(rows, folder, prefix, since, until, now)
+    lines += ["", "links (median received, failed tests, latest test):"]
+    overview = link_overview(links, names, direction, now)
+    width = max(len(item["name"]) for item in overview)
+    lines += ["  %-*s %s  %5.1f%% failed  latest %s (%s)" % (
+        width, item["name"], "  ".join("%s %11s" % (name, human_bps(item["median_bps"][name]))
+                                       for name in directions_of(direction)),
+        item["failed_percent"], item["latest"], _age_text(item["age_s"]))
+        for item in overview]
+    for key, group in links.items():
+        received = _received(group)
+        lines += ["", "== %s ==" % names[key], ""]
+        lines += _report_body(group, summary_of(group, direction, received), received)[1:]
+    return lines
+
+
+def link_overview(links, names, direction, now):
+    """One dict per link: its name, client, server, port, label, the median received per
+    direction (bits/s or None), failed % and its latest test (timestamp, age in seconds)."""
+    overview = []
+    for key, rows in links.items():
+        summary = summary_of(rows, direction)
+        count = sum(stats["count"] for stats in summary.values())
+        failed = sum(stats["failed"] for stats in summary.values())
+        latest = max((row for row in rows if row[Col.STATUS] != "skipped"),
+                     key=lambda row: row_time(row[Col.TIMESTAMP]) or 0.0, default=rows[-1])
+        moment = row_time(latest[Col.TIMESTAMP])
+        item = {"name": names[key], "client": key[0], "server": key[1],
+                "port": int(key[2]) if key[2].isdigit() else None,
+                "label": next((row[Col.LABEL] for row in reversed(rows) if row[Col.LABEL]), ""),
+                "failed_percent": 100.0 * failed / count if count else 0.0,
+                "latest": latest[Col.TIMESTAMP], "latest_status": latest[Col.STATUS],
+                "age_s": now - moment if moment is not None and now is not None else None}
+        item["median_bps"] = {name: stats["median_bps"] for name, stats in summary.items()}
+        item["summary"] = summary
+        overview.append(item)
+    return overview
+
+
+def _age_text(seconds):
+    if seconds is None:
+        return "age unknown"
+    if seconds < -FUTURE_SLACK:
+        return "%s in the future" % _in_minutes(-seconds)
+    return "%s ago" % (_in_minutes(max(0.0, seconds)) if seconds < 5400
+                       else "%.1f h" % (seconds / 3600.0) if seconds < 2 * 86400
+                       else "%.1f days" % (seconds / 86400.0))
+
+
+def _report_heading(rows, folder, prefix, since, until, now):
     lines = ["continuous-iperf report: %s, %s" % (
         folder, "prefix %r" % prefix if prefix is not None else "all prefixes")]
     if not rows:
@@ -1103,13 +1219,17 @@ def text_report(rows, summary, folder, prefix, since, until, received=None, now=
         return lines
     moments = period_of(rows)
     if moments:
-        runs = len(set(map(operator.itemgetter(Col.PREFIX, Col.RUN), rows)))
+        runs = len(set(map(operator.itemgetter(Col.CLIENT, Col.PREFIX, Col.RUN), rows)))
         lines.append("period: %s to %s, %d run%s" % (
             iso_time(moments[0]), iso_time(moments[1]), runs, "" if runs == 1 else "s"))
         if now is not None and moments[1] > now + FUTURE_SLACK:
             lines.append("warning: tests are dated up to %s, in the future: a clock was off "
                          "when they ran" % iso_time(moments[1]))
-    lines.append("")
+    return lines
+
+
+def _report_body(rows, summary, received):
+    lines = [""]
     for name, stats in summary.items():
         lines += _summary_lines(name, stats)
     lines += _hour_lines(medians_by_hour(received), list(summary))
@@ -1146,9 +1266,11 @@ def period_of(rows):
 
 def _summary_lines(name, stats):
     count = stats["count"]
-    lines = ["%s: %d tests, %d ok, %d failed (%.1f%%)" % (
+    lines = ["%s: %d tests, %d ok, %d failed (%.1f%%)%s" % (
         name, count, stats["ok"], stats["failed"],
-        100.0 * stats["failed"] / count if count else 0.0)]
+        100.0 * stats["failed"] / count if count else 0.0,
+        ", %d skipped (another run held the folder)" % stats["skipped"]
+        if stats["skipped"] else "")]
     if stats["median_bps"] is not None:
         figures = {key: human_bps(stats[key]) for key in SUMMARY_KEYS if key.endswith("_bps")}
         lines.append("  received: median %(median_bps)s, mean %(mean_bps)s" % figures)
@@ -1494,40 +1616,128 @@ def _html_table(header, rows, css, text_columns=(), wrap_column=None):
 
 def html_report(rows, summary, folder, prefix, since, until, now, received=None,
                 failed_limit=100):
-    """The report as one self-contained HTML page (text): inline SVG charts, no script, nothing
-    fetched. Takes what text_report() takes; every figure comes from the same helpers."""
+    """The report of one link as one self-contained HTML page (text): inline SVG charts, no
+    script, nothing fetched. Takes what text_report() takes; every figure comes from the same
+    helpers."""
     received = _received(rows) if received is None else received
-    names = list(summary)
+    out = _html_head(folder, prefix, now)
+    span = _html_period(rows, since, until, now, out)
+    if span is not None:
+        out += _html_link_body(rows, summary, received, span, failed_limit, "h2")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def links_html_report(links, names, direction, folder, prefix, since, until, now,
+                      failed_limit=100):
+    """The report of several links as one page: an overview table of every link, the matrix of
+    medians when the links come from several clients (a mesh), then each link's charts and
+    tables, all on one time axis."""
+    rows = [row for group in links.values() for row in group]
+    out = _html_head(folder, prefix, now)
+    span = _html_period(rows, since, until, now, out)
+    if span is None:
+        out.append("</body></html>")
+        return "\n".join(out) + "\n"
+    overview = link_overview(links, names, direction, now)
+    anchors = {key: "link-%d" % number for number, key in enumerate(links, start=1)}
+    out += ["<h2>Links</h2>", _html_overview(overview, list(anchors.values()), direction)]
+    if len({client for client, _, _ in links}) > 1:
+        out += ["<h2>Median received: clients (rows) to servers (columns)</h2>",
+                _html_matrix(links, overview, direction)]
+    for key, group in links.items():
+        received = _received(group)
+        out.append('<h2 id="%s" class="link">%s</h2>' % (anchors[key], html.escape(names[key])))
+        out += _html_link_body(group, summary_of(group, direction, received), received, span,
+                               failed_limit, "h3")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _html_head(folder, prefix, now):
     title = "continuous-iperf report"
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           "<title>%s: %s</title>" % (title, html.escape(folder)),
-           "<style>%s</style></head><body>" % HTML_STYLE, "<h1>%s</h1>" % title,
-           '<p class="meta">%s, %s; made %s</p>' % (
-               html.escape(folder), "prefix %s" % html.escape(repr(prefix))
-               if prefix is not None else "all prefixes", iso_time(now))]
+    return ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            "<title>%s: %s</title>" % (title, html.escape(folder)),
+            "<style>%s</style></head><body>" % HTML_STYLE, "<h1>%s</h1>" % title,
+            '<p class="meta">%s, %s; made %s</p>' % (
+                html.escape(folder), "prefix %s" % html.escape(repr(prefix))
+                if prefix is not None else "all prefixes", iso_time(now))]
+
+
+def _html_period(rows, since, until, now, out):
+    """Appends the period's line (or "No results") to `out`; returns the charts' time span
+    (start, end), or None when there is nothing to draw."""
     moments = [m for m in (row_time(row[Col.TIMESTAMP]) for row in rows) if m is not None]
     if not moments:
-        out.append("<p>No results%s.</p></body></html>" % (
-            " in the selected period" if since or until else ""))
-        return "\n".join(out) + "\n"
+        out.append("<p>No results%s.</p>" % (" in the selected period" if since or until else ""))
+        return None
     first, last = min(moments), max(moments)
     out.append('<p class="meta">period: %s to %s, %d runs; times are local (UTC%s)</p>' % (
         iso_time(first), iso_time(last),
-        len({(row[Col.PREFIX], row[Col.RUN]) for row in rows}),
+        len({(row[Col.CLIENT], row[Col.PREFIX], row[Col.RUN]) for row in rows}),
         iso_time(last)[19:] or "+00:00"))
     start = since if since is not None else first
     end = min(until, max(now, last)) if until is not None else last
     if end - start < 600:
         start, end = start - 300, end + 300
+    return start, end
+
+
+def _html_link_body(rows, summary, received, span, failed_limit, heading):
+    names = list(summary)
     series = {name: time_series(rows, received, name) for name in names}
-    out += ["<h2>Received throughput</h2>", '<div class="wide">', svg_time_chart(
-        series, {name: summary[name]["median_bps"] for name in names}, start, end), "</div>"]
-    out += ["<h2>Median by hour of day</h2>", '<div class="wide">',
-            svg_hour_chart(medians_by_hour(received), names), "</div>"]
-    out += _html_summary(summary) + _html_failed(failed_rows(rows), failed_limit)
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+    return ["<%s>Received throughput</%s>" % (heading, heading), '<div class="wide">',
+            svg_time_chart(series, {name: summary[name]["median_bps"] for name in names},
+                           span[0], span[1]), "</div>",
+            "<%s>Median by hour of day</%s>" % (heading, heading), '<div class="wide">',
+            svg_hour_chart(medians_by_hour(received), names), "</div>"] + [
+        part.replace("<h2>", "<%s>" % heading).replace("</h2>", "</%s>" % heading)
+        for part in _html_summary(summary) + _html_failed(failed_rows(rows), failed_limit)]
+
+
+def _html_overview(overview, anchors, direction):
+    """The links table: one row a link, its name a link to its section."""
+    names = directions_of(direction)
+    out = ['<div class="wide"><table class="overview"><thead><tr><th>link</th>']
+    out += ["<th>median %s</th>" % name for name in names]
+    out += ["<th>failed %</th><th class=\"text\">latest test</th><th>age</th></tr></thead>"
+            "<tbody>"]
+    for item, anchor in zip(overview, anchors):
+        failed = item["latest_status"] != "ok"
+        out.append('<tr><td><a href="#%s">%s</a></td>' % (anchor, html.escape(item["name"])))
+        out += ["<td>%s</td>" % human_bps(item["median_bps"][name]) for name in names]
+        out.append('<td>%.1f</td><td class="text%s">%s%s</td><td>%s</td></tr>' % (
+            item["failed_percent"], " bad" if failed else "",
+            html.escape(item["latest"][:10] + " " + item["latest"][11:19]),
+            " (%s)" % item["latest_status"] if failed else "", html.escape(_age_text(
+                item["age_s"]).replace(" ago", ""))))
+    out.append("</tbody></table></div>")
+    return "\n".join(out)
+
+
+def _html_matrix(links, overview, direction):
+    """The mesh's medians: a row per client, a pair of columns (one a direction) per server."""
+    names = directions_of(direction)
+    clients = sorted({client for client, _, _ in links})
+    servers = sorted({(server, port) for _, server, port in links},
+                     key=lambda pair: (pair[0], int(pair[1]) if pair[1].isdigit() else 0))
+    medians = {(item["client"], item["server"], str(item["port"])): item["median_bps"]
+               for item in overview}
+    out = ['<div class="wide"><table class="matrix"><thead><tr><th rowspan="2">client</th>']
+    out += ['<th colspan="%d" class="server">%s</th>' % (
+        len(names), html.escape(target_name(server, port))) for server, port in servers]
+    out.append("</tr><tr>" + "".join("<th>%s</th>" % name for _ in servers for name in names)
+               + "</tr></thead><tbody>")
+    for client in clients:
+        cells = []
+        for server, port in servers:
+            figures = medians.get((client, server, port))
+            cells += ["<td>%s</td>" % (human_bps(figures[name]) if figures else "")
+                      for name in names]
+        out.append("<tr><td>%s</td>%s</tr>" % (html.escape(client or "?"), "".join(cells)))
+    out.append("</tbody></table></div>")
+    return "\n".join(out)
 
 
 def _html_summary(summary):
@@ -1649,12 +1859,12 @@ def usual_interval(rows):
     starts = {}
     for row in rows[-INTERVAL_ROWS:]:
         moment = row_time(row[Col.TIMESTAMP])
-        key = (row[Col.PREFIX], row[Col.RUN])
+        key = (row[Col.CLIENT], row[Col.PREFIX], row[Col.RUN])
         if moment is not None and moment < starts.get(key, float("inf")):
             starts[key] = moment
     by_prefix = {}
-    for (prefix, _), moment in starts.items():
-        by_prefix.setdefault(prefix, []).append(moment)
+    for (client, prefix, _), moment in starts.items():
+        by_prefix.setdefault((client, prefix), []).append(moment)
     usual = None
     for moments in by_prefix.values():
         moments.sort()
@@ -1679,30 +1889,77 @@ def _in_minutes(seconds):
 
 
 def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
-    """(state, status line) of the check over the selected rows.
+    """(state, status line) of the check over the selected rows (one link).
 
     Per direction, its latest test: CRITICAL when it failed, is below `crit_bps` or started
     more than `max_age` minutes before `now`; WARNING below `warn_bps`; UNKNOWN when the
     direction has no test. Performance data for both, in bits/s with Nagios ranges ("N:" alerts
     below N); "U" when there is no figure.
     """
-    latest = {}  # the last row of each direction in ledger order: the latest written
+    state, notes, perf, age = judge_link(rows, directions, warn_bps, crit_bps, max_age, now)
+    if not notes:
+        return "UNKNOWN", "UNKNOWN - no results"
+    # A "|" in an error message would start the performance data early.
+    return state, "%s - %s; latest test %s | %s" % (
+        state, ", ".join(text for _, text in notes).replace("|", "/"), age, " ".join(perf))
+
+
+def check_links(links, names, directions, warn_bps, crit_bps, max_age, now):
+    """(state, status line) over several links: each judged as check_result judges one; the
+    worst state wins and its link is named first (a monitoring view often shows only the start
+    of the line); performance data for every link, labelled by link and direction."""
+    judged = []
+    for key, rows in links.items():
+        state, notes, perf, _ = judge_link(rows, directions, warn_bps, crit_bps, max_age, now)
+        if not notes:
+            state, notes = "UNKNOWN", [("UNKNOWN", "no results")]
+        tag = re.sub(r"[^A-Za-z0-9.-]+", "_", names[key]).strip("_")
+        judged.append((CHECK_RANK.index(state), names[key], state, notes,
+                       ["%s_%s" % (tag, item) for item in perf]))
+    judged.sort(key=lambda item: -item[0])
+    state = judged[0][2]
+    counts = collections.Counter(item[2] for item in judged)
+    summary = "%d links: %s" % (len(judged), ", ".join(
+        "%d %s" % (counts[level], level) for level in reversed(CHECK_RANK) if counts[level]))
+    # A link in trouble says why; an OK one says so only, unless all are OK: then its figures.
+    parts = ["%s: %s" % (name, ", ".join(text for level, text in notes if level != "OK")
+                         if state != "OK" else ", ".join(text for _, text in notes))
+             if level != "OK" or state == "OK" else "%s: OK" % name
+             for _, name, level, notes, _ in judged]
+    line = "%s - %s; %s" % (state, summary, "; ".join(parts))
+    return state, "%s | %s" % (line.replace("|", "/"), " ".join(
+        item for judged_link in judged for item in judged_link[4]))
+
+
+def judge_link(rows, directions, warn_bps, crit_bps, max_age, now):
+    """(state, notes [(state, text)] worst first, performance data items, the latest test's age
+    as text) of one link's rows. Skipped runs are no tests, but a run skipped after the latest
+    test is a WARNING: measurements are being lost."""
+    latest, skipped = {}, None  # the last row of each direction in ledger order: the latest written
     future = None
     for row in rows:
         moment = row_time(row[Col.TIMESTAMP])
         name = row[Col.DIRECTION]
-        if moment is not None and name in directions:
-            latest[name] = (moment, row)
-            if moment > now + FUTURE_SLACK:
-                future = row
+        if moment is None or name not in directions:
+            continue
+        if row[Col.STATUS] == "skipped":
+            skipped = row
+            continue
+        latest[name] = (moment, row)
+        skipped = None
+        if moment > now + FUTURE_SLACK:
+            future = row
     if not latest:
-        return "UNKNOWN", "UNKNOWN - no results"
+        return "UNKNOWN", [], [], ""
     notes, perf = [], []  # notes: (state, text)
     if future is not None:
         # A clock jumped: a test dated later than any real one must not pass for the latest.
         notes.append(("WARNING", "a test is dated in the future (%s, %s ahead): a clock is "
                                  "off" % (future[Col.TIMESTAMP],
                                           _in_minutes(row_time(future[Col.TIMESTAMP]) - now))))
+    if skipped is not None:
+        notes.append(("WARNING", "the latest run was skipped at %s: %s" % (
+            skipped[Col.TIMESTAMP], one_line(skipped[Col.ERROR], 200))))
     for name in directions:
         figure = None
         if name not in latest:
@@ -1720,11 +1977,8 @@ def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
     age = ("%s ago" % _in_minutes(now - newest) if newest <= now + FUTURE_SLACK
            else "%s in the future" % _in_minutes(newest - now))
     state = max((note[0] for note in notes), key=CHECK_RANK.index)
-    # The worst first: monitoring user interfaces often show only the start of the line.
     notes.sort(key=lambda note: -CHECK_RANK.index(note[0]))
-    # A "|" in an error message would start the performance data early.
-    return state, "%s - %s; latest test %s | %s" % (
-        state, ", ".join(text for _, text in notes).replace("|", "/"), age, " ".join(perf))
+    return state, notes, perf, age
 
 
 def _judge_latest(name, row, warn_bps, crit_bps):
@@ -2883,6 +3137,14 @@ def _rate(text):
 _minutes = _real_number(0, "a number of minutes > 0", above=True)
 
 
+def _report_target(text):
+    """report --server: HOST[:PORT] as a Target whose port is None when none is given."""
+    try:
+        return parse_target(text, None)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 def _prefix(text):
     if not PREFIX_RE.match(text):
         raise argparse.ArgumentTypeError(
@@ -3142,10 +3404,16 @@ def build_report_parser(parser_class=_Parser):
                "from now: 90m, 24h, 7d, 2w. Exit status: 0 a report (also 'no results'), 1 the "
                "folder or ledger cannot be read, 2 usage.",
     )
-    parser.add_argument("-d", "--results-dir", default=RESULTS_DIR, metavar="DIR",
-                        help="results folder (default: %(default)s)")
+    parser.add_argument("-d", "--results-dir", action="append", metavar="DIR",
+                        help="results folder; give it again to report on several as one set "
+                             "of links, e.g. folders collected from several client hosts "
+                             "(default: %s)" % RESULTS_DIR)
     parser.add_argument("--prefix", type=_prefix, default=None, metavar="TEXT",
                         help="only this prefix's runs (default: every prefix)")
+    parser.add_argument("--server", type=_report_target, metavar="HOST[:PORT]",
+                        help="only the tests of this target (any port when none is given)")
+    parser.add_argument("--client", metavar="NAME",
+                        help="only the tests run by this client host (its --client-name)")
     parser.add_argument("--since", metavar="WHEN", help="only tests started at or after WHEN")
     parser.add_argument("--until", metavar="WHEN", help="only tests started before WHEN")
     parser.add_argument("--direction", choices=("forward", "reverse", "both"), default="both",
@@ -3208,7 +3476,8 @@ def report_main(argv):
             parser.error(str(exc))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    folder = os.path.abspath(os.path.expanduser(options.results_dir))
+    folders = [os.path.abspath(os.path.expanduser(folder))
+               for folder in options.results_dir or [RESULTS_DIR]]
     # Hundreds of thousands of rows are lists that live until the end: the cyclic garbage
     # collector would walk them again and again for nothing (it doubles the report's time).
     gc_was_enabled = gc.isenabled()
@@ -3216,8 +3485,8 @@ def report_main(argv):
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if options.check:
-            return check_main(options, folder, since, until, now)
-        return _report(options, folder, since, until, now)
+            return check_main(options, folders, since, until, now)
+        return _report(options, folders, since, until, now)
     except BrokenPipeError:  # `report | head`: the reader has what it wanted
         _silence_stdout()
         return 0
@@ -3239,26 +3508,40 @@ def report_main(argv):
             gc.enable()
 
 
-def _report(options, folder, since, until, now):
+def _report(options, folders, since, until, now):
     """The report proper (after a --rebuild when asked): text, csv, json or a page."""
-    if not os.path.isdir(folder):
-        raise IperfError("cannot read results folder %s: no such folder" % folder)
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise IperfError("cannot read results folder %s: no such folder" % folder)
     if options.rebuild:
-        lock_fd = take_lock(folder)
-        try:
-            count = rebuild_ledger(folder)
-        finally:
-            os.close(lock_fd)
-        say("rebuilt %s: %d rows" % (os.path.join(folder, LEDGER_NAME), count))
-    rows = select_rows(_ledger_rows(folder), options.prefix, since, until, options.direction)
+        for folder in folders:
+            lock_fd = take_lock(folder)
+            try:
+                count = rebuild_ledger(folder)
+            finally:
+                os.close(lock_fd)
+            say("rebuilt %s: %d rows" % (os.path.join(folder, LEDGER_NAME), count))
+    rows = []
+    for folder in folders:
+        if len(folders) == 1 and options.format == "csv" and not options.html:
+            rows = _ledger_rows(folder)  # the ledger's rows as they are
+        else:
+            rows += fill_clients(_ledger_rows(folder),
+                                 os.path.basename(folder) if len(folders) > 1 else "")
+    rows = select_link(select_rows(rows, options.prefix, since, until, options.direction),
+                       options.client, options.server)
     if options.html:
-        _write_html(options.html, options, rows, folder, since, until, now)
+        _write_html(options.html, options, rows, ", ".join(folders), since, until, now)
     else:
-        _write_report(sys.stdout, options, rows, folder, since, until)
+        _write_report(sys.stdout, options, rows, ", ".join(folders), since, until)
     return 0
 
 
 def _write_report(out, options, rows, folder, since, until):
+    links = group_links(rows) if options.format != "csv" else {}
+    if len(links) > 1:
+        _write_links_report(out, options, links, folder, since, until)
+        return
     received = _received(rows)
     summary = summary_of(rows, options.direction, received)
     if options.format == "csv":
@@ -3267,10 +3550,7 @@ def _write_report(out, options, rows, folder, since, until):
         writer.writerows(rows)
     elif options.format == "json":
         out.write('{"summary": %s,\n"runs": [' % json.dumps(summary))
-        for start in range(0, len(rows), 2000):
-            out.write(("\n" if start == 0 else ",\n") + ",\n".join(
-                run_json(row) for row in rows[start:start + 2000]))
-        out.write("\n]}\n")
+        _write_runs_json(out, rows)
     else:
         lines = text_report(rows, summary, folder, options.prefix, since, until, received,
                             time.time())
@@ -3278,10 +3558,37 @@ def _write_report(out, options, rows, folder, since, until):
     out.flush()
 
 
+def _write_links_report(out, options, links, folder, since, until):
+    """Several links: the text report's overview and sections, or the per-link JSON layout
+    {"links": [{name, client, server, port, label, summary, ...}], "runs": [...]}."""
+    names = link_names(links)
+    if options.format == "json":
+        overview = link_overview(links, names, options.direction, time.time())
+        out.write('{"links": %s,\n"runs": [' % json.dumps(overview))
+        _write_runs_json(out, [row for group in links.values() for row in group])
+    else:
+        lines = links_text_report(links, names, options.direction, folder, options.prefix,
+                                  since, until, time.time())
+        out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
+def _write_runs_json(out, rows):
+    for start in range(0, len(rows), 2000):
+        out.write(("\n" if start == 0 else ",\n") + ",\n".join(
+            run_json(row) for row in rows[start:start + 2000]))
+    out.write("\n]}\n")
+
+
 def _write_html(path, options, rows, folder, since, until, now):
-    received = _received(rows)
-    page = html_report(rows, summary_of(rows, options.direction, received), folder,
-                       options.prefix, since, until, now, received)
+    links = group_links(rows)
+    if len(links) > 1:
+        page = links_html_report(links, link_names(links), options.direction, folder,
+                                 options.prefix, since, until, now)
+    else:
+        received = _received(rows)
+        page = html_report(rows, summary_of(rows, options.direction, received), folder,
+                           options.prefix, since, until, now, received)
     path = os.path.abspath(os.path.expanduser(path))
     try:
         write_atomic(path, page.encode("utf-8"))
@@ -3299,40 +3606,58 @@ def _ledger_rows(folder):
     return read_ledger(ledger)
 
 
-def check_main(options, folder, since, until, now):
+def check_main(options, folders, since, until, now):
     """`report --check`: print the status line, return the plugin's exit code."""
     try:
-        rows = _latest_rows(folder, options, since, until)
+        rows = []
+        for folder in folders:
+            rows += fill_clients(_latest_rows(folder, options, since, until),
+                                 os.path.basename(folder) if len(folders) > 1 else "")
+        rows = select_link(rows, options.client, options.server)
     except (IperfError, OSError) as exc:
         state, line = "UNKNOWN", "UNKNOWN - %s" % one_line(exc)
     else:
         if not rows:
             state, line = "UNKNOWN", "UNKNOWN - no results in %s%s" % (
-                folder, " for prefix %r" % options.prefix if options.prefix is not None else "")
+                ", ".join(folders), " for prefix %r" % options.prefix
+                if options.prefix is not None else "")
         else:
-            max_age = options.max_age if options.max_age else default_max_age(rows)
-            state, line = check_result(rows, directions_of(options.direction),
-                                       options.warn_below * 1e6, options.crit_below * 1e6,
-                                       max_age, now)
+            state, line = _check_rows(options, rows, now)
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
     return CHECK_EXIT[state]
 
 
+def _check_rows(options, rows, now):
+    links = group_links(rows)
+    max_age = options.max_age if options.max_age else default_max_age(rows)
+    figures = (directions_of(options.direction), options.warn_below * 1e6,
+               options.crit_below * 1e6, max_age, now)
+    if len(links) > 1:
+        return check_links(links, link_names(links), *figures)
+    return check_result(rows, *figures)
+
+
 def _latest_rows(folder, options, since, until):
-    """The selected rows among the ledger's latest: enough for each direction's latest test and
-    the usual interval (INTERVAL_ROWS), read from the ledger's end only, reading further back
-    only when the selection finds too little there. Raises IperfError, OSError."""
+    """The selected rows among the ledger's latest: enough for the latest test of each link
+    and direction seen there, and the usual interval (INTERVAL_ROWS), read from the ledger's
+    end only, reading further back only when the selection finds too little there. Links last
+    tested before that window (a target since removed) are left out. Raises IperfError,
+    OSError."""
     ledger = os.path.join(folder, LEDGER_NAME)
     if not os.path.exists(ledger):
         return _ledger_rows(folder)  # none yet, or a missing ledger said as report says it
     wanted = INTERVAL_ROWS
+    directions = set(directions_of(options.direction))
     while True:
         tail, whole = read_ledger_tail(ledger, wanted)
-        rows = select_rows(tail, options.prefix, since, until, options.direction)
-        found = {row[Col.DIRECTION] for row in rows}
-        if whole or (len(rows) >= INTERVAL_ROWS and found >= set(
-                directions_of(options.direction))):
+        rows = select_link(select_rows(tail, options.prefix, since, until, options.direction),
+                           None, options.server)
+        found = collections.defaultdict(set)
+        for row in rows:
+            found[_LINK_KEY(row)].add(row[Col.DIRECTION])
+        if whole or (len(rows) >= INTERVAL_ROWS and found and all(
+                seen >= directions for seen in found.values())):
             return rows
         wanted *= 4
 

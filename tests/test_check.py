@@ -115,7 +115,8 @@ def test_default_max_age_falls_back_to_15_minutes(tmp_path, capsys):
 
 
 def test_usual_interval_is_the_median_gap_per_prefix():
-    rows = [[iperf_client.iso_time(t), "r%d" % t, prefix, "forward"] + [""] * 11
+    rows = [[iperf_client.iso_time(t), "r%d" % t, prefix, "forward"]
+            + [""] * (len(iperf_client.LEDGER_COLUMNS) - 4)
             for prefix, times in (("a", (0, 300, 600, 5000, 5300)), ("b", (10, 70, 130, 190)))
             for t in times]
     rows.sort(key=lambda r: r[0])

@@ -276,13 +276,17 @@ def test_a_line_breaks_where_no_test_ran_or_a_test_failed():
 
 # --- from real runs ----------------------------------------------------------------------------
 
-def test_html_from_real_runs_and_a_failed_one(iperf3_server, tmp_path):
+def test_html_from_real_runs_and_a_failed_one(start_iperf3_server, tmp_path):
     folder = tmp_path / "results"
+    port = free_port()
     args = ["--server", "127.0.0.1", "-t", "1", "-P", "2", "-d", folder, "--busy-wait", "0",
-            "--retries", "0", "--timeout-margin", "5"]
-    assert run_script(CLIENT_SCRIPT, args + ["-p", iperf3_server.port]).returncode == 0
-    assert run_script(CLIENT_SCRIPT, args + ["-p", free_port()]).returncode == 1
-    assert run_script(CLIENT_SCRIPT, args + ["-p", iperf3_server.port]).returncode == 0
+            "--retries", "0", "--timeout-margin", "5", "-p", port]
+    server = start_iperf3_server(port=port)
+    assert run_script(CLIENT_SCRIPT, args).returncode == 0
+    server.stop()  # the same link, down for one run
+    assert run_script(CLIENT_SCRIPT, args).returncode == 1
+    start_iperf3_server(port=port)
+    assert run_script(CLIENT_SCRIPT, args).returncode == 0
     done = run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--html", folder / "r.html"])
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
     page = Page((folder / "r.html").read_text())

@@ -21,7 +21,7 @@ sys.path.insert(0, str(CLIENT_SCRIPT.parent))
 import iperf_client  # noqa: E402
 
 COLUMNS = list(iperf_client.LEDGER_COLUMNS)
-SUMMARY_KEYS = ["count", "ok", "failed", "min_bps", "p5_bps", "median_bps", "mean_bps",
+SUMMARY_KEYS = ["count", "ok", "failed", "skipped", "min_bps", "p5_bps", "median_bps", "mean_bps",
                 "p95_bps", "max_bps", "retransmits"]
 
 # A fake iperf3 printing an iperf3-shaped result; INTERVALS streams x seconds makes it large.
@@ -78,11 +78,13 @@ def test_statistics_from_known_values(tmp_path, capsys):
     assert list(summary["forward"]) == SUMMARY_KEYS
     # Closest-rank interpolation by hand: p5 at rank 0.2, p95 at rank 3.8 of 0..4.
     assert summary["forward"] == pytest.approx({
-        "count": 6, "ok": 5, "failed": 1, "min_bps": 100.0, "p5_bps": 100.0 + 0.2 * 100.0,
+        "count": 6, "ok": 5, "failed": 1, "skipped": 0, "min_bps": 100.0,
+        "p5_bps": 100.0 + 0.2 * 100.0,
         "median_bps": 300.0, "mean_bps": 400.0, "p95_bps": 400.0 + 0.8 * 600.0,
         "max_bps": 1000.0, "retransmits": 0 + 1 + 2 + 3 + 4}, rel=1e-12)
     assert summary["reverse"] == {
-        "count": 1, "ok": 1, "failed": 0, "min_bps": 50.5, "p5_bps": 50.5, "median_bps": 50.5,
+        "count": 1, "ok": 1, "failed": 0, "skipped": 0, "min_bps": 50.5, "p5_bps": 50.5,
+        "median_bps": 50.5,
         "mean_bps": 50.5, "p95_bps": 50.5, "max_bps": 50.5, "retransmits": 4}
 
 
