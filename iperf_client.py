@@ -331,7 +331,7 @@ def iperf3_argv(executable, server, port, duration, streams, reverse=False, extr
 
 
 Target = collections.namedtuple("Target", ("host", "port", "label"))
-_HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._%:-]*$")  # a name, IPv4, IPv6 (with %zone)
+_HOST_RE = re.compile(r"^[A-Za-z0-9_:][A-Za-z0-9._%:-]*$")  # a name, IPv4, IPv6 (with %zone)
 
 
 def parse_target(text, default_port):
@@ -2738,7 +2738,8 @@ def run_test(settings, target, direction, reverse, file_path, run_ts, stopper, p
     "continuous_iperf" metadata; the log holds every attempt."""
     argv = iperf3_argv(settings.iperf3, target.host, target.port, settings.duration,
                        settings.streams, reverse, settings.extra)
-    document, outcome, attempts, started = attempt_test(settings, argv, direction, stopper,
+    shown = "%s (%s)" % (direction, target.label) if several(settings) else direction
+    document, outcome, attempts, started = attempt_test(settings, argv, shown, stopper,
                                                         progress, rng)
     document = with_metadata(document, {
         "version": __version__,

@@ -367,6 +367,11 @@ def row_stamped(timestamp, direction="forward", status="ok", received="", retran
     return cells
 
 
+# A row of a version 2.1 ledger (BASE_COLUMNS only).
+BASE_ROW = ["2026-01-01T00:00:00+00:00", "20260101_000000", "", "forward", "h", "5201", "2", "1",
+            "ok", "", "1.5", "1.25", "0", "1", "20260101_000000_client.json"]
+
+
 def write_ledger(folder, rows):
     """A ledger of `rows` (dicts by column name, as row_at and row_stamped make them)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -162,6 +162,19 @@ def test_client_service_lets_the_script_record_the_test_it_stops():
     assert flag(argv, "--server") == iperf_client.PLACEHOLDER_SERVER
 
 
+def test_the_pages_install_line_sets_the_server_in_execstart_only():
+    """docs/systemd.md copies the client's service through sed: it must replace the placeholder
+    on the ExecStart= line (sed: the first match of each line)."""
+    page = (ROOT / "docs" / "systemd.md").read_text()
+    old, new = re.search(r"^    sed 's/([^/]+)/([^/]+)/' docs/systemd/%s\.service " % CLIENT, page,
+                         re.M).groups()
+    text = (UNITS / (CLIENT + ".service")).read_text()
+    changed = [line for line in text.splitlines() if old in line]
+    assert len(changed) == 1 and changed[0].startswith("ExecStart="), changed
+    argv = shlex.split(changed[0].replace(old, new, 1).split("=", 1)[1])
+    assert flag(argv, "--server") == "192.0.2.7"
+
+
 def normalized_calendar(tool, spec):
     done = analyze(tool, "calendar", spec)
     assert done.returncode == 0, done.stdout
