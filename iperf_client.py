@@ -989,7 +989,8 @@ def link_names(links):
         client, server, port = key
         label = next((row[Col.LABEL] for row in reversed(rows) if row[Col.LABEL]), "")
         name = target_name(server, port)
-        if label and label != re.sub(r"[^A-Za-z0-9._-]", "-", server).strip("-._"):
+        derived = re.sub(r"[^A-Za-z0-9._-]", "-", server).strip("-._")
+        if label and label not in (derived, "%s_%s" % (derived, port)):  # not default_label's
             name = "%s (%s)" % (label, name)
         names[key] = "%s -> %s" % (client or "?", name) if len(clients) > 1 else name
     return names
