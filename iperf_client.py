@@ -189,7 +189,11 @@ _ROW_OK_RE = re.compile("\x1f".join(
 # One ledger row as a JSON object, string cells known to need no escaping, number cells valid.
 _RUN_TEMPLATE = "{" + ",".join(
     '"%s":%s' % (c, "%s" if c in NUMBER_COLUMNS else '"%s"') for c in LEDGER_COLUMNS) + "}"
-_IS_NUMBER = [column in NUMBER_COLUMNS for column in LEDGER_COLUMNS]
+# A row's cells for _RUN_TEMPLATE, an empty number cell made null: one expression compiled from
+# the columns (a loop over the cells costs a third of `report --format json`).
+_run_cells = eval("lambda row: (%s,)" % ", ".join(  # noqa: S307 -- built from the constants above
+    "row[%d] or 'null'" % index if column in NUMBER_COLUMNS else "row[%d]" % index
+    for index, column in enumerate(LEDGER_COLUMNS)))
 FUTURE_SLACK = 300          # seconds a test may seem to lie ahead (clocks of two hosts differ)
 # Names of a file this process already has open: streamed into, never replaced (a rename over
 # /dev/stdout would replace the link, or clobber a file the shell opened for appending).
@@ -206,6 +210,7 @@ DIRECTION_STYLE = {"forward": ("#08306b", "", "#08306b"),
 DIRECTION_LABEL = {"forward": "forward (this host sends)", "reverse": "reverse (server sends)"}
 GAP_FACTOR = 3       # a pause over 3 usual intervals between tests breaks the line: no test ran
 MAX_POINTS = 1500    # more tests per direction are drawn as medians of equal time slots
+LINK_MIN_POINTS = 300  # a page of several links: MAX_POINTS shared out, at least this per chart
 SVG_WIDTH = 760
 TIME_STEPS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 2 * 86400,
               7 * 86400, 14 * 86400, 28 * 86400)
@@ -1119,8 +1124,7 @@ def _number_json(cell):
 def run_json(row):
     """One ledger row as a JSON object (text), its number columns as numbers."""
     if _ROW_OK_RE.match("\x1f".join(row)):  # the common case, made fast: 200,000 rows a year
-        return _RUN_TEMPLATE % tuple(
-            cell or "null" if number else cell for cell, number in zip(row, _IS_NUMBER))
+        return _RUN_TEMPLATE % _run_cells(row)
     return "{" + ",".join(
         "%s:%s" % (json.dumps(name), _number_json(cell) if name in NUMBER_COLUMNS
                    else json.dumps(cell, ensure_ascii=False))
@@ -1165,7 +1169,8 @@ def links_text_report(links, names, direction, folder, prefix, since, until, now
     rows = [row for group in links.values() for row in group]
     lines = _report_heading(rows, folder, prefix, since, until, now)
     lines += ["", "links (median received, failed tests, latest test):"]
-    overview = link_overview(links, names, direction, now)
+    figures = link_figures(links, direction)
+    overview = link_overview(links, names, direction, now, figures)
     width = max(len(item["name"]) for item in overview)
     lines += ["  %-*s %s  %5.1f%% failed  latest %s (%s)" % (
         width, item["name"], "  ".join("%s %11s" % (name, human_bps(item["median_bps"][name]))
@@ -1173,22 +1178,32 @@ def links_text_report(links, names, direction, folder, prefix, since, until, now
         item["failed_percent"], item["latest"], _age_text(item["age_s"]))
         for item in overview]
     for key, group in links.items():
-        received = _received(group)
+        received, summary = figures[key]
         lines += ["", "== %s ==" % names[key], ""]
-        lines += _report_body(group, summary_of(group, direction, received), received)[1:]
+        lines += _report_body(group, summary, received)[1:]
     return lines
 
 
-def link_overview(links, names, direction, now):
+def link_figures(links, direction):
+    """{link: (_received(its rows), summary_of(its rows))}, each computed once."""
+    figures = {}
+    for key, rows in links.items():
+        received = _received(rows)
+        figures[key] = (received, summary_of(rows, direction, received))
+    return figures
+
+
+def link_overview(links, names, direction, now, figures=None):
     """One dict per link: its name, client, server, port, label, the median received per
-    direction (bits/s or None), failed % and its latest test (timestamp, age in seconds)."""
+    direction (bits/s or None), failed % and its latest test (in ledger order: the latest
+    written; timestamp, age in seconds)."""
+    figures = link_figures(links, direction) if figures is None else figures
     overview = []
     for key, rows in links.items():
-        summary = summary_of(rows, direction)
+        summary = figures[key][1]
         count = sum(stats["count"] for stats in summary.values())
         failed = sum(stats["failed"] for stats in summary.values())
-        latest = max((row for row in rows if row[Col.STATUS] != "skipped"),
-                     key=lambda row: row_time(row[Col.TIMESTAMP]) or 0.0, default=rows[-1])
+        latest = next((row for row in reversed(rows) if row[Col.STATUS] != "skipped"), rows[-1])
         moment = row_time(latest[Col.TIMESTAMP])
         item = {"name": names[key], "client": key[0], "server": key[1],
                 "port": int(key[2]) if key[2].isdigit() else None,
@@ -1408,7 +1423,8 @@ def _svg_open(width, height, label, css):
             % (width, height, css, html.escape(label)), "<title>%s</title>" % html.escape(label)]
 
 
-def svg_time_chart(series, medians, start, end, width=SVG_WIDTH, height=330):
+def svg_time_chart(series, medians, start, end, width=SVG_WIDTH, height=330,
+                   points_limit=MAX_POINTS):
     """An SVG line chart of received bits/s over time.
 
     `series` maps a direction to its time_series() points, `medians` a direction to its median
@@ -1434,7 +1450,7 @@ def svg_time_chart(series, medians, start, end, width=SVG_WIDTH, height=330):
         upper = min(label_y, key=label_y.get)
         label_y = {name: middle + (-14 if name == upper else 14) for name in label_y}
     for index, (name, points) in enumerate(series.items()):
-        out += _series_marks(name, points, x_of, scale.y_of)
+        out += _series_marks(name, points, x_of, scale.y_of, points_limit)
         if name in label_y:
             out += _median_marks(name, medians[name], label_y[name], scale.y_of, box)
         out += _failure_marks(name, points, x_of, box.left, box.bottom + 12 + 12 * index)
@@ -1517,12 +1533,12 @@ def _time_axis(start, end, x_of, box):
     return out
 
 
-def _series_marks(name, points, x_of, y_of):
+def _series_marks(name, points, x_of, y_of, limit=MAX_POINTS):
     """A direction's line, broken where no test ran; a lone test is a dot."""
     colour, dash, _ = DIRECTION_STYLE[name]
     dashes = ' stroke-dasharray="%s"' % dash if dash else ""
     out = []
-    for segment in split_at_gaps(thin_series(points)):
+    for segment in split_at_gaps(thin_series(points, limit)):
         if len(segment) == 1:
             out.append('<circle class="point %s" cx="%.1f" cy="%.1f" r="2.5" fill="%s"/>'
                        % (name, x_of(segment[0][0]), y_of(segment[0][1]), colour))
@@ -1640,17 +1656,20 @@ def links_html_report(links, names, direction, folder, prefix, since, until, now
     if span is None:
         out.append("</body></html>")
         return "\n".join(out) + "\n"
-    overview = link_overview(links, names, direction, now)
+    figures = link_figures(links, direction)
+    overview = link_overview(links, names, direction, now, figures)
     anchors = {key: "link-%d" % number for number, key in enumerate(links, start=1)}
     out += ["<h2>Links</h2>", _html_overview(overview, list(anchors.values()), direction)]
     if len({client for client, _, _ in links}) > 1:
         out += ["<h2>Median received: clients (rows) to servers (columns)</h2>",
                 _html_matrix(links, overview, direction)]
     for key, group in links.items():
-        received = _received(group)
+        received, summary = figures[key]
         out.append('<h2 id="%s" class="link">%s</h2>' % (anchors[key], html.escape(names[key])))
-        out += _html_link_body(group, summary_of(group, direction, received), received, span,
-                               failed_limit, "h3")
+        # Many charts on one page: fewer points each keeps it light (at 300, a year's line is
+        # 150 medians of 2.4 days each).
+        out += _html_link_body(group, summary, received, span, failed_limit, "h3",
+                               max(MAX_POINTS // len(links), LINK_MIN_POINTS))
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
@@ -1685,12 +1704,13 @@ def _html_period(rows, since, until, now, out):
     return start, end
 
 
-def _html_link_body(rows, summary, received, span, failed_limit, heading):
+def _html_link_body(rows, summary, received, span, failed_limit, heading,
+                    points_limit=MAX_POINTS):
     names = list(summary)
     series = {name: time_series(rows, received, name) for name in names}
     return ["<%s>Received throughput</%s>" % (heading, heading), '<div class="wide">',
             svg_time_chart(series, {name: summary[name]["median_bps"] for name in names},
-                           span[0], span[1]), "</div>",
+                           span[0], span[1], points_limit=points_limit), "</div>",
             "<%s>Median by hour of day</%s>" % (heading, heading), '<div class="wide">',
             svg_hour_chart(medians_by_hour(received), names), "</div>"] + [
         part.replace("<h2>", "<%s>" % heading).replace("</h2>", "</%s>" % heading)

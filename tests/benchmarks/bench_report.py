@@ -5,7 +5,8 @@ Generates its own data in a temporary folder and prints, side by side:
 
 1. `report` (text) and `report --format json` over a ledger of 100,000 runs (200,000 rows),
    each a whole process with its output to a file, against a whole process that merely reads
-   the same CSV with the csv module; best of three.
+   the same CSV with the csv module; best of three. Then (1b) text, json and --html over as
+   many runs spread across 10 targets, against the same over one target (goal: within 1.5x).
 2. `report --rebuild` over 2,000 realistic result files (30 streams x 60 one-second intervals,
    about 0.7 MB each, laid out as iperf3 writes them, with the client's metadata first) against
    `jq -r '.end.sum_received.bits_per_second'` over the same files; best of three.
@@ -62,8 +63,9 @@ def measure(argv, stdout_path, repeat=3, codes=(0,)):
     return best, peak
 
 
-def make_ledger(folder, runs, rng):
-    """A ledger of `runs` runs every 5 minutes, ending now; 2% failed tests."""
+def make_ledger(folder, runs, rng, targets=1):
+    """A ledger of `runs` runs every 5 minutes, ending now; 2% failed tests. With several
+    `targets`, the runs take turns among them (as many rows, spread over as many links)."""
     start = time.time() - runs * 300
     with open(os.path.join(folder, iperf_client.LEDGER_NAME), "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
@@ -71,16 +73,26 @@ def make_ledger(folder, runs, rng):
         for index in range(runs):
             moment = start + index * 300
             run_ts = time.strftime(iperf_client.TIMESTAMP_FORMAT, time.localtime(moment))
+            target = index % targets
+            server, label = "192.0.2.%d" % (10 + target), "dc%d" % target if targets > 1 else ""
             for offset, direction, suffix in ((1, "forward", "_client.json"),
                                               (63, "reverse", "_server.json")):
                 ok = rng.random() > 0.02
                 received = rng.uniform(2e8, 9.4e8) if ok else None
-                writer.writerow([
-                    iperf_client.iso_time(moment + offset), run_ts, "", direction, "192.0.2.10",
-                    5201, 30, 60, "ok" if ok else "error",
-                    "" if ok else "unable to connect to server: Connection refused",
-                    repr(received * 1.01) if ok else "", repr(received) if ok else "",
-                    rng.randint(0, 3000) if ok else "", 1, run_ts + suffix])
+                rtt = rng.uniform(0.2, 5.0) if ok and direction == "forward" else None
+                cells = {
+                    "timestamp": iperf_client.iso_time(moment + offset), "run": run_ts,
+                    "direction": direction, "server": server, "port": 5201, "streams": 30,
+                    "duration": 60, "status": "ok" if ok else "error",
+                    "error": "" if ok else "unable to connect to server: Connection refused",
+                    "sent_bps": repr(received * 1.01) if ok else "",
+                    "received_bps": repr(received) if ok else "",
+                    "retransmits": rng.randint(0, 3000) if ok else "", "attempts": 1,
+                    "file": run_ts + ("_" + label if label else "") + suffix,
+                    "client": "bench", "label": label or server, "protocol": "tcp",
+                    "min_rtt_ms": repr(rtt) if rtt else "",
+                    "mean_rtt_ms": repr(rtt * 1.8) if rtt else ""}
+                writer.writerow([cells.get(column, "") for column in iperf_client.LEDGER_COLUMNS])
 
 
 def interval(rng, second, streams):
@@ -198,6 +210,26 @@ def main():
         print("  goals: text < 1 s: %s; json < 1.5 s and < 4x bare: %s" % (
             "met" if text < 1 else "MISSED", "met" if as_json < 1.5 and as_json < 4 * bare
             else "MISSED"))
+
+        links_dir = os.path.join(work, "links")
+        os.makedirs(links_dir, exist_ok=True)
+        make_ledger(links_dir, options.runs, rng, targets=10)
+        print("\n1b. the same number of runs spread across 10 targets (a report per link), "
+              "best of 3")
+        print("  %-36s %7s %9s %10s" % ("", "time", "vs 1", "peak RSS"))
+        ratios = []
+        for label, extra, single in (("report (text)", [], text),
+                                     ("report --format json", ["--format", "json"], as_json),
+                                     ("report --html", ["--html", out + ".html"], None)):
+            one = single
+            if one is None:
+                one, _ = measure([python, CLIENT, "report", "-d", ledger_dir] + extra, out)
+            seconds, memory = measure([python, CLIENT, "report", "-d", links_dir] + extra, out)
+            ratios.append(seconds / one)
+            print("  %-36s %6.2fs %8.2fx %7.0f MB" % (label + ", 10 links", seconds,
+                                                       seconds / one, memory))
+        print("  goal: within 1.5x of one target: %s" % (
+            "met" if max(ratios) <= 1.5 else "MISSED"))
 
         files_dir = os.path.join(work, "files")
         os.makedirs(files_dir, exist_ok=True)
