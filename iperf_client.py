@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 
-__version__ = "2.1.0"  # the project's version: both scripts and the package
+__version__ = "2.2.0"  # the project's version: both scripts and the package
 
 # --- Settings an admin may edit (the command-line flags default to these) -------------------------
 
@@ -326,13 +326,28 @@ def omit_seconds(args):
         return 0
 
 
-def iperf3_argv(executable, server, port, duration, streams, reverse=False, extra=()):
-    """The argv of one test: JSON on stdout (never --logfile: a retry would append to it)."""
+def iperf3_argv(executable, server, port, duration, streams, reverse=False, extra=(),
+                server_output=False):
+    """The argv of one test: JSON on stdout (never --logfile: a retry would append to it).
+    With `server_output`, the server's own result comes back in it (a reverse test's RTT)."""
     argv = [executable, "-c", server, "-p", str(port), "-t", str(duration), "-P", str(streams),
             "-J"]
     if reverse:
         argv.append("-R")
+    if server_output:
+        argv.append("--get-server-output")
     return argv + list(extra)
+
+
+def trim_server_output(document):
+    """Keep only "start" and "end" of the server's JSON result in a test's document: its
+    intervals repeat, from the other side, what the client's own hold (they would double the
+    file); the end holds the server's RTT figures. Returns the document."""
+    server = document.get("server_output_json")
+    if isinstance(server, dict) and "intervals" in server:
+        document["server_output_json"] = {key: server[key] for key in ("start", "end", "error")
+                                          if key in server}
+    return document
 
 
 Target = collections.namedtuple("Target", ("host", "port", "label"))
@@ -710,13 +725,16 @@ def ledger_row(document, file_name):
 
 def test_figures(document, meta):
     """The protocol, and the latency and UDP figures of a test, for the ledger: RTT (ms) from
-    the streams this host sent (iperf3 reports the kernel's RTT of its own sockets only; in a
-    reverse test the client's copies of the server's are zeros), UDP's from `end.sum`."""
+    the sending side's streams (iperf3 reports the kernel's RTT of its own sockets only: in a
+    reverse test the client's copies of the server's are zeros, and the server's come with
+    --get-server-output from a daemon run with --json, else stay empty), UDP's from `end.sum`."""
     protocol = _dig(document, "start", "test_start", "protocol")
     protocol = protocol.lower() if isinstance(protocol, str) else meta.get("protocol", "")
     figures = dict.fromkeys(ADDED_COLUMNS[3:])
     figures["protocol"] = protocol
     streams = _dig(document, "end", "streams")
+    if _dig(document, "start", "test_start", "reverse") == 1 or meta.get("direction") == "reverse":
+        streams = _dig(document, "server_output_json", "end", "streams")  # the sender's own
     if protocol == "tcp" and isinstance(streams, list):
         senders = [stream.get("sender") for stream in streams if isinstance(stream, dict)]
         rtts = [(_finite(sender.get("min_rtt")), _finite(sender.get("mean_rtt")))
@@ -863,6 +881,10 @@ def _ledger_from_lines(path, lines, extra=None):
     mapper = (None, []) if tuple(header) == LEDGER_COLUMNS else _mapper(header)
     if mapper is None:
         raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, remedy))
+    if rows and not lines[-1].endswith("\n") and not _intact_line(lines[-1], header):
+        # A run appending it this very moment (a reader may see half a write), or a crash cut
+        # it: no row yet. The next run cuts a dead one off; --rebuild restores it from its file.
+        rows.pop()
     bad = [index for index, row in enumerate(rows) if len(row) != len(header)]
     if bad:
         raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
@@ -870,9 +892,6 @@ def _ledger_from_lines(path, lines, extra=None):
     getter, names = mapper
     if getter is not None:
         rows = [list(getter(row)) for row in rows]
-    if rows and not lines[-1].endswith("\n") and not well_formed(rows[-1]):
-        raise LedgerError("ledger %s is damaged (its last line is cut short): %s"
-                          % (path, remedy))
     if extra is not None:
         extra[:] = names
     elif names:
@@ -1078,7 +1097,7 @@ def summarize(rows, received=None):
     skipped = sum(1 for row in rows if row[Col.STATUS] == "skipped") if len(ok_rows) < len(
         rows) else 0
     return {
-        "count": len(rows),
+        "count": len(rows) - skipped,  # tests: a skipped run ran none
         "ok": len(ok_rows),
         "failed": len(rows) - len(ok_rows) - skipped,
         "skipped": skipped,
@@ -1153,8 +1172,8 @@ def medians_by_hour(received):
 
 
 def failed_rows(rows):
-    """The rows of failed tests, in ledger order."""
-    return [row for row in rows if row[Col.STATUS] != "ok"]
+    """The rows of failed tests, in ledger order (a skipped run's rows are none)."""
+    return [row for row in rows if row[Col.STATUS] == "error"]
 
 
 def text_report(rows, summary, folder, prefix, since, until, received=None, now=None):
@@ -2654,8 +2673,8 @@ def record_skipped(settings, reason):
 def say_when_too_long(settings, waited):
     """One line (stderr and the log) when this run's tests cannot end before the next run is
     due: that one would then wait for the lock, and a fleet's schedule slips."""
-    needed = run_seconds(settings) + settings.jitter
-    left = settings.interval - waited
+    needed = round(run_seconds(settings) + settings.jitter)
+    left = round(settings.interval - waited)
     if needed > left:
         log.error("this run needs about %s s (%d target%s x %d tests x (%s s + %s s set-up)%s) "
                   "but has %s s left of its %s s interval (--interval): it will overrun",
@@ -2758,10 +2777,12 @@ def run_test(settings, target, direction, reverse, file_path, run_ts, stopper, p
     result file; return the document. The file holds the last attempt, with the
     "continuous_iperf" metadata; the log holds every attempt."""
     argv = iperf3_argv(settings.iperf3, target.host, target.port, settings.duration,
-                       settings.streams, reverse, settings.extra)
+                       settings.streams, reverse, settings.extra,
+                       server_output=reverse and settings.protocol == "tcp")
     shown = "%s (%s)" % (direction, target.label) if several(settings) else direction
     document, outcome, attempts, started = attempt_test(settings, argv, shown, stopper,
                                                         progress, rng)
+    trim_server_output(document)
     document = with_metadata(document, {
         "version": __version__,
         "run": run_ts,
@@ -3179,20 +3200,22 @@ def build_parser():
     parser = _Parser(
         prog=program_name(),
         usage="%(prog)s [options] [-- IPERF3_ARGS]\n       %(prog)s report [report options]",
-        description="Run a forward and a reverse iperf3 test against a server and record both.",
+        description="Run a forward and a reverse iperf3 test against each server (target) and "
+                    "record them all.",
         epilog="Arguments after -- go to iperf3 unchanged (except the options this script sets: "
                "-c -p -t -P -R -J --logfile). 'iperf_client.py report --help' describes the "
-               "report. Exit status: 0 ok, 1 a test failed, 2 usage, 75 another run in "
-               "progress, 128+N stopped by signal N.",
+               "report. Exit status: 0 ok, 1 a test failed, 2 usage, 75 another run held the "
+               "results folder (this run is recorded as skipped), 128+N stopped by signal N.",
     )
     parser.add_argument("-c", "--server", action="append", metavar="[LABEL=]HOST[:PORT]",
                         help="iperf3 server to test against; give it again for several (HOST, "
                              "HOST:PORT, [IPv6]:PORT or a bare IPv6 address; default: %s)"
                              % (" ".join(IPERF_SERVER) if isinstance(IPERF_SERVER, (list, tuple))
                                 else IPERF_SERVER))
-    parser.add_argument("--targets", default=TARGETS_FILE, metavar="FILE",
+    parser.add_argument("--targets", metavar="FILE",
                         help="read targets from FILE, one a line: HOST[:PORT] [LABEL]; '#' "
-                             "starts a comment (default: %(default)s)")
+                             "starts a comment (default: %s, when no --server is given)"
+                             % TARGETS_FILE)
     parser.add_argument("-p", "--port", type=_port, default=IPERF_PORT, metavar="N",
                         help="port of a target that names none (default: %(default)s)")
     parser.add_argument("--udp", type=_rate, default=UDP_RATE, metavar="RATE",
@@ -3231,7 +3254,8 @@ def build_parser():
     _add_output_flags(parser)
     _add_auth_flags(parser)
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the two iperf3 commands and exit; measure nothing")
+                        help="print the iperf3 commands (two per target) and exit; measure "
+                             "nothing")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more messages on stderr (-v: each attempt, -vv: each command)")
     parser.add_argument("-q", "--quiet", action="count", default=0,
@@ -3306,6 +3330,8 @@ def resolve_targets(options):
     """The run's targets, labelled: --server (each time it is given) and --targets FILE; with
     neither on the command line, TARGETS_FILE, else IPERF_SERVER. Raises ValueError."""
     texts, files = options.server or [], [options.targets] if options.targets else []
+    if not texts and not files:
+        files = [TARGETS_FILE] if TARGETS_FILE else []
     if not texts and not files:
         texts = IPERF_SERVER.split() if isinstance(IPERF_SERVER, str) else list(IPERF_SERVER)
     targets = []
@@ -3539,7 +3565,8 @@ def _report(options, folders, since, until, now):
         for folder in folders:
             lock_fd = take_lock(folder)
             try:
-                count = rebuild_ledger(folder)
+                with ledger_lock(folder):  # a skipped run's rows wait for it
+                    count = rebuild_ledger(folder)
             finally:
                 os.close(lock_fd)
             say("rebuilt %s: %d rows" % (os.path.join(folder, LEDGER_NAME), count))
@@ -3684,6 +3711,21 @@ def _latest_rows(folder, options, since, until):
         wanted *= 4
 
 
+def _print_commands(settings):
+    """--dry-run: each target's two iperf3 commands, one a line."""
+    try:
+        for target in settings.targets:
+            for _, _, flags in DIRECTIONS:
+                print(command_line(iperf3_argv(
+                    settings.iperf3, target.host, target.port, settings.duration,
+                    settings.streams, bool(flags), settings.extra,
+                    server_output=bool(flags) and settings.protocol == "tcp")))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `--dry-run | head`: the reader has what it wanted
+        _silence_stdout()
+    return 0
+
+
 def _silence_stdout():
     """Point stdout at /dev/null, so that Python's final flush into a closed pipe does not
     complain either."""
@@ -3721,12 +3763,7 @@ def main(argv=None):
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     if options.dry_run:
-        for target in settings.targets:
-            for _, _, flags in DIRECTIONS:
-                print(command_line(iperf3_argv(settings.iperf3, target.host, target.port,
-                                               settings.duration, settings.streams, bool(flags),
-                                               settings.extra)))
-        return 0
+        return _print_commands(settings)
     handler = _setup_logging(options)
     stopper = Stopper()
     stopper.install()

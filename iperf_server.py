@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-__version__ = "2.1.0"  # the project's version: both scripts and the package
+__version__ = "2.2.0"  # the project's version: both scripts and the package
 
 # --- Settings an admin may edit (each one is also a command-line flag) ----------------------------
 IPERF_PID_FILE = os.path.expanduser("~/iperf.pid")  # where iperf3 writes its PID (absolute)
@@ -79,7 +79,7 @@ BUSY_MARK = "server is busy"  # the same words in every iperf3 from 3.1 to 3.21
 CONTROL_CLOSED_MARK = "control socket has closed unexpectedly"
 SND_TIMEOUT_MS = 30000  # --snd-timeout guard: a reverse test's client gone this long is dropped
 PKCS1_PADDING_SINCE = (3, 17)  # iperf3 pads logins with OAEP from 3.17; --use-pkcs1-padding
-GUARD_OPTIONS = ("--snd-timeout",)  # what guard_args may add
+GUARD_OPTIONS = {"--snd-timeout": 1, "--json": 0}  # what guard_args may add: option, values
 TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"  # socket states in /proc/net/tcp
 WILDCARDS = {"0.0.0.0", "::"}  # bind addresses that mean "every address"
 
@@ -278,16 +278,24 @@ def classify_probe(returncode, stdout, stderr, timed_out, authenticating=False):
 
 
 def guard_args(version, extra):
-    """iperf3's own protections against stuck tests, where this version has them and `extra`
-    does not set them already: --snd-timeout (3.12+) ends a reverse test whose client vanished.
+    """Options added by version, where `extra` does not set them already: --snd-timeout (3.12+)
+    ends a reverse test whose client vanished; --json makes the daemon's result of each test
+    JSON, which a client's --get-server-output then receives whole (the server's own RTT of a
+    reverse test: iperf_client.py puts it in its ledger). Not when `extra` names a --logfile:
+    the admin reads that log, and it stays text.
 
     Left out on purpose: --rcv-timeout is on by default since 3.10; --idle-timeout closes and
     reopens the listening socket whenever no client came for a while; --server-max-duration
     (3.20+) also refuses every test timed by bytes (-n), the watchdog's probe included.
     """
+    guards = []
     if version and version >= (3, 12) and not sets_option(extra, "--snd-timeout"):
-        return ["--snd-timeout", str(SND_TIMEOUT_MS)]
-    return []
+        guards += ["--snd-timeout", str(SND_TIMEOUT_MS)]
+    if not (sets_option(extra, "--json") or sets_option(extra, "--logfile")
+            or any(arg.startswith("-") and not arg.startswith("--") and "J" in arg
+                   for arg in extra)):
+        guards.append("--json")
+    return guards
 
 
 def sets_option(args, long_option):
@@ -412,8 +420,10 @@ def same_command(running, wanted):
     if not running or len(running) < len(wanted) or running[1:len(wanted)] != wanted[1:]:
         return False
     guards = running[len(wanted):]
-    if len(guards) % 2 or any(option not in GUARD_OPTIONS for option in guards[::2]):
-        return False
+    while guards:
+        if guards[0] not in GUARD_OPTIONS or len(guards) <= GUARD_OPTIONS[guards[0]]:
+            return False
+        guards = guards[1 + GUARD_OPTIONS[guards[0]]:]
     return os.path.realpath(running[0]) == os.path.realpath(wanted[0])
 
 

@@ -483,7 +483,7 @@ def test_dry_run_prints_two_commands_and_runs_nothing(fake_iperf3, tmp_path, cap
     assert err == ""
     assert out.splitlines() == [
         "%s -c 192.0.2.1 -p 5300 -t 7 -P 3 -J" % fake,
-        "%s -c 192.0.2.1 -p 5300 -t 7 -P 3 -J -R" % fake,
+        "%s -c 192.0.2.1 -p 5300 -t 7 -P 3 -J -R --get-server-output" % fake,
     ]
     assert not marker.exists() and not folder.exists()
 

@@ -428,12 +428,14 @@ def test_probe_that_timed_out_is_a_failure():
 
 
 @pytest.mark.parametrize("version,extra,guards", [
-    (None, [], []),
-    ((3, 9), [], []),
-    ((3, 12), [], ["--snd-timeout", "30000"]),
-    ((3, 21), [], ["--snd-timeout", "30000"]),
-    ((3, 21), ["--snd-timeout", "5000"], []),
-    ((3, 21), ["--snd=5000"], []),
+    (None, [], ["--json"]),
+    ((3, 9), [], ["--json"]),
+    ((3, 12), [], ["--snd-timeout", "30000", "--json"]),
+    ((3, 21), [], ["--snd-timeout", "30000", "--json"]),
+    ((3, 21), ["--snd-timeout", "5000"], ["--json"]),
+    ((3, 21), ["--snd=5000", "-J"], []),
+    ((3, 21), ["--logfile", "/tmp/iperf3.log"], ["--snd-timeout", "30000"]),
+    ((3, 9), ["-1J"], []),
 ])
 def test_guards_only_where_the_version_has_them(version, extra, guards):
     assert iperf_server.guard_args(version, extra) == guards
@@ -443,6 +445,10 @@ def test_guards_added_by_version_are_not_settings():
     wanted = iperf_server.daemon_argv("/usr/bin/iperf3", "/p", 5201, None, [])
     assert iperf_server.same_command(wanted, wanted)
     assert iperf_server.same_command(wanted + ["--snd-timeout", "30000"], wanted)
+    assert iperf_server.same_command(wanted + ["--snd-timeout", "30000", "--json"], wanted)
+    assert iperf_server.same_command(wanted + ["--json"], wanted)
+    assert not iperf_server.same_command(wanted + ["--json", "-1"], wanted)
+    assert not iperf_server.same_command(wanted + ["--snd-timeout"], wanted)
     assert not iperf_server.same_command(wanted + ["--snd-timeout"], wanted)
     assert not iperf_server.same_command(wanted + ["-V"], wanted)
     assert not iperf_server.same_command(wanted[:-1] + ["5202"], wanted)

@@ -226,8 +226,8 @@ def main():
                 one, _ = measure([python, CLIENT, "report", "-d", ledger_dir] + extra, out)
             seconds, memory = measure([python, CLIENT, "report", "-d", links_dir] + extra, out)
             ratios.append(seconds / one)
-            print("  %-36s %6.2fs %8.2fx %7.0f MB" % (label + ", 10 links", seconds,
-                                                       seconds / one, memory))
+            print("  %-36s %6.2fs %8.2fx %7.0f MB"
+                  % (label + ", 10 links", seconds, seconds / one, memory))
         print("  goal: within 1.5x of one target: %s" % (
             "met" if max(ratios) <= 1.5 else "MISSED"))
 
