@@ -180,7 +180,9 @@ _AFTER_END_RE = re.compile(r'\s*(?:,\s*"error"\s*:\s*("(?:[^"\\]|\\.)*")\s*)?\}\
 SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
 SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 SUMMARY_KEYS = ("count", "ok", "failed", "skipped", "min_bps", "p5_bps", "median_bps", "mean_bps",
-                "p95_bps", "max_bps", "retransmits")
+                "p95_bps", "max_bps", "retransmits", "median_rtt_ms", "median_min_rtt_ms",
+                "added_delay_ms", "median_jitter_ms", "median_lost_percent", "lost_percent",
+                "bytes", "test_seconds")
 # A row whose cells, joined by \x1f, match this needs no escaping: its number cells are JSON
 # numbers or empty, its string cells hold no quote, backslash or control character.
 _ROW_OK_RE = re.compile("\x1f".join(
@@ -987,12 +989,13 @@ def select_rows(rows, prefix=None, since=None, until=None, direction="both"):
     return rows
 
 
-_LINK_KEY = operator.itemgetter(Col.CLIENT, Col.SERVER, Col.PORT)
+_LINK_KEY = operator.itemgetter(Col.CLIENT, Col.SERVER, Col.PORT, Col.PROTOCOL)
 
 
 def group_links(rows):
-    """{(client, server, port): that link's rows in ledger order}, links sorted by client,
-    server and port: two targets are never mixed in one figure."""
+    """{(client, server, port, protocol): that link's rows in ledger order}, links sorted by
+    client, server, port and protocol: two targets, or TCP and UDP tests of one, are never mixed
+    in one figure."""
     groups = {}
     for row in rows:
         key = _LINK_KEY(row)
@@ -1001,33 +1004,38 @@ def group_links(rows):
             groups[key] = group = []
         group.append(row)
     return dict(sorted(groups.items(), key=lambda item: (
-        item[0][0], item[0][1], int(item[0][2]) if item[0][2].isdigit() else 0, item[0][2])))
+        item[0][0], item[0][1], int(item[0][2]) if item[0][2].isdigit() else 0, item[0][2],
+        item[0][3])))
 
 
 def link_names(links):
     """{link: its name for people}: the target's label and address, and the client's host name
     when the links come from more than one client: "client -> label (host:port)"."""
-    clients = {client for client, _, _ in links}
+    clients = {key[0] for key in links}
     names = {}
     for key, rows in links.items():
-        client, server, port = key
+        client, server, port, protocol = key
         label = next((row[Col.LABEL] for row in reversed(rows) if row[Col.LABEL]), "")
         name = target_name(server, port)
         derived = re.sub(r"[^A-Za-z0-9._-]", "-", server).strip("-._")
         if label and label not in (derived, "%s_%s" % (derived, port)):  # not default_label's
             name = "%s (%s)" % (label, name)
+        if protocol == "udp":
+            name += " UDP"
         names[key] = "%s -> %s" % (client or "?", name) if len(clients) > 1 else name
     return names
 
 
 def fill_clients(rows, fallback=""):
-    """Give rows without a client (written before version 2.2) their folder's client: the
-    latest row that names one, else `fallback`. A folder is one client's."""
+    """Give rows written before version 2.2 their folder's client (the latest row that names
+    one, else `fallback`: a folder is one client's) and their protocol (tcp: UDP tests came in
+    2.2, and --rebuild reads a file's real one)."""
     client = next((row[Col.CLIENT] for row in reversed(rows) if row[Col.CLIENT]), fallback)
-    if client:
-        for row in rows:
-            if not row[Col.CLIENT]:
-                row[Col.CLIENT] = client
+    for row in rows:
+        if not row[Col.CLIENT]:
+            row[Col.CLIENT] = client
+        if not row[Col.PROTOCOL]:
+            row[Col.PROTOCOL] = "tcp"
     return rows
 
 
@@ -1108,6 +1116,35 @@ def summarize(rows, received=None):
         "p95_bps": percentile(values, 0.95),
         "max_bps": values[-1] if values else None,
         "retransmits": retransmits,
+        **_extra_figures(ok_rows),
+    }
+
+
+def _extra_figures(ok_rows):
+    """Beyond throughput, from the ok tests: latency under load (TCP: the median of the tests'
+    mean RTT, of their minimum RTT, the base latency, and the difference, the delay the test's
+    own load added), UDP's jitter and loss (the median test's, and all packets pooled), and
+    what the tests cost (bytes sent, seconds under test)."""
+    def median(column):
+        return percentile(sorted(_floats(row[column] for row in ok_rows if row[column])), 0.5)
+    rtt, base = median(Col.MEAN_RTT_MS), median(Col.MIN_RTT_MS)
+    lost = sum(_floats(row[Col.LOST_PACKETS] for row in ok_rows if row[Col.LOST_PACKETS]))
+    packets = sum(_floats(row[Col.PACKETS] for row in ok_rows if row[Col.PACKETS]))
+    sent = seconds = 0.0
+    for row in ok_rows:
+        try:
+            duration = float(row[Col.DURATION])
+            sent += float(row[Col.SENT_BPS]) * duration / 8
+            seconds += duration
+        except ValueError:
+            continue
+    return {
+        "median_rtt_ms": rtt, "median_min_rtt_ms": base,
+        "added_delay_ms": rtt - base if rtt is not None and base is not None else None,
+        "median_jitter_ms": median(Col.JITTER_MS),
+        "median_lost_percent": median(Col.LOST_PERCENT),
+        "lost_percent": 100.0 * lost / packets if packets else None,
+        "bytes": sent, "test_seconds": seconds,
     }
 
 
@@ -1171,6 +1208,19 @@ def medians_by_hour(received):
             for key, values in by_hour.items()}
 
 
+def rtt_medians_by_hour(rows):
+    """{(direction, "HH"): (median of the tests' mean RTT in ms, number of tests)}, as
+    medians_by_hour, for the ok tests that have an RTT."""
+    by_hour = collections.defaultdict(list)
+    for row in rows:
+        if row[Col.STATUS] == "ok" and row[Col.MEAN_RTT_MS]:
+            values = _floats([row[Col.MEAN_RTT_MS]])
+            if values:
+                by_hour[row[Col.DIRECTION], row[Col.TIMESTAMP][11:13]].append(values[0])
+    return {key: (percentile(sorted(values), 0.5), len(values))
+            for key, values in by_hour.items()}
+
+
 def failed_rows(rows):
     """The rows of failed tests, in ledger order (a skipped run's rows are none)."""
     return [row for row in rows if row[Col.STATUS] == "error"]
@@ -1225,7 +1275,7 @@ def link_overview(links, names, direction, now, figures=None):
         latest = next((row for row in reversed(rows) if row[Col.STATUS] != "skipped"), rows[-1])
         moment = row_time(latest[Col.TIMESTAMP])
         item = {"name": names[key], "client": key[0], "server": key[1],
-                "port": int(key[2]) if key[2].isdigit() else None,
+                "port": int(key[2]) if key[2].isdigit() else None, "protocol": key[3],
                 "label": next((row[Col.LABEL] for row in reversed(rows) if row[Col.LABEL]), ""),
                 "failed_percent": 100.0 * failed / count if count else 0.0,
                 "latest": latest[Col.TIMESTAMP], "latest_status": latest[Col.STATUS],
@@ -1267,7 +1317,11 @@ def _report_body(rows, summary, received):
     lines = [""]
     for name, stats in summary.items():
         lines += _summary_lines(name, stats)
+    lines += traffic_lines(summary, rows)
     lines += _hour_lines(medians_by_hour(received), list(summary))
+    rtt_by_hour = rtt_medians_by_hour(rows)
+    if rtt_by_hour:
+        lines += _hour_lines(rtt_by_hour, list(summary), "median RTT under load", _ms)
     lowest = heapq.nsmallest(5, received, key=lambda pair: pair[1])
     if lowest:
         lines += ["", "lowest runs (received):"]
@@ -1312,20 +1366,62 @@ def _summary_lines(name, stats):
         lines.append("            p5 %(p5_bps)s, p95 %(p95_bps)s, min %(min_bps)s, "
                      "max %(max_bps)s" % figures)
         lines.append("  retransmits: %d (ok tests)" % stats["retransmits"])
+    if stats["median_rtt_ms"] is not None:
+        lines.append("  latency under load: median RTT %s, base (median of the minimum RTT) %s, "
+                     "added by the load %s" % tuple(_ms(stats[key]) for key in (
+                         "median_rtt_ms", "median_min_rtt_ms", "added_delay_ms")))
+    if stats["median_jitter_ms"] is not None or stats["lost_percent"] is not None:
+        lines.append("  UDP: median jitter %s, loss: median test %s, all packets %s" % (
+            _ms(stats["median_jitter_ms"]), _percent(stats["median_lost_percent"]),
+            _percent(stats["lost_percent"])))
     return lines
 
 
-def _hour_lines(by_hour, names):
+def _ms(value):
+    return "-" if value is None else "%.*f ms" % (2 if abs(value) < 10 else 1, value)
+
+
+def _percent(value):
+    return "-" if value is None else "%.*f%%" % (3 if 0 < abs(value) < 0.1 else 2, value)
+
+
+def human_bytes(value):
+    """Bytes for a person: 4.3 TB, 15.0 GB, 512 MB (powers of 1000, as link rates are)."""
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(value) >= scale:
+            return "%.1f %s" % (value / scale, unit)
+    return "%.0f B" % value
+
+
+def traffic_lines(summary, rows):
+    """What the tests cost: bytes sent each way per day, and the share of the time the link was
+    under test, over the rows' period (first test to last, plus one usual interval)."""
+    moments = period_of(rows)
+    if not moments:
+        return []
+    span = moments[1] - moments[0] + (usual_interval(rows) or 0.0)
+    if span <= 0:
+        return []
+    days = span / 86400.0
+    seconds = sum(stats["test_seconds"] for stats in summary.values())
+    parts = ["%s %s/day" % (DIRECTION_LABEL[name], human_bytes(stats["bytes"] / days))
+             for name, stats in summary.items()]
+    return ["", "test traffic: %s; the link was under test %.1f%% of the time" % (
+        ", ".join(parts), min(100.0, 100.0 * seconds / span))]
+
+
+def _hour_lines(by_hour, names, what="median received", shown=None):
     """The table of medians by hour of day (see medians_by_hour), one column a direction."""
     if not by_hour:
         return []
-    lines = ["", "median received by hour of day (local time of the test):",
+    shown = shown or human_bps
+    lines = ["", "%s by hour of day (local time of the test):" % what,
              "  hour" + "".join("%24s" % name for name in names)]
     for hour in ("%02d" % h for h in range(24)):
         cells = []
         for name in names:
             median, count = by_hour.get((name, hour), (None, 0))
-            cells.append("%24s" % ("%s (%d)" % (human_bps(median), count) if count else "-"))
+            cells.append("%24s" % ("%s (%d)" % (shown(median), count) if count else "-"))
         lines.append("  %s  %s" % (hour, "".join(cells)))
     return lines
 
@@ -1443,22 +1539,22 @@ def _svg_open(width, height, label, css):
 
 
 def svg_time_chart(series, medians, start, end, width=SVG_WIDTH, height=330,
-                   points_limit=MAX_POINTS):
-    """An SVG line chart of received bits/s over time.
+                   points_limit=MAX_POINTS, what="received throughput", unit="bit/s"):
+    """An SVG line chart of received bits/s (or, with unit "ms", an RTT) over time.
 
     `series` maps a direction to its time_series() points, `medians` a direction to its median
     (drawn as a reference line). Failed tests are crosses in a band under the time axis.
     """
     box = Box(56, width - 104, 34, height - 74)
     values = [p[1] for points in series.values() for p in points if p[1] is not None]
-    scale = YScale(values + [m for m in medians.values() if m is not None], box)
+    scale = YScale(values + [m for m in medians.values() if m is not None], box, unit)
     span = (end - start) or 1.0
 
     def x_of(moment):
         return box.left + (moment - start) * (box.right - box.left) / span
 
-    out = _svg_open(width, height, "received throughput over time, %s" % scale.unit,
-                    "chart time-chart")
+    out = _svg_open(width, height, "%s over time, %s" % (what, scale.unit),
+                    "chart time-chart" + (" rtt-chart" if unit == "ms" else ""))
     out += _y_grid(scale, box) + _time_axis(start, end, x_of, box)
     out.append('<line class="axis" x1="%d" x2="%d" y1="%d" y2="%d"/>'
                % (box.left, box.left, box.top, box.bottom))
@@ -1471,7 +1567,8 @@ def svg_time_chart(series, medians, start, end, width=SVG_WIDTH, height=330,
     for index, (name, points) in enumerate(series.items()):
         out += _series_marks(name, points, x_of, scale.y_of, points_limit)
         if name in label_y:
-            out += _median_marks(name, medians[name], label_y[name], scale.y_of, box)
+            out += _median_marks(name, medians[name], label_y[name], scale.y_of, box,
+                                 scale.shown)
         out += _failure_marks(name, points, x_of, box.left, box.bottom + 12 + 12 * index)
 
     def line_swatch(name, x, colour, dash, fill):
@@ -1489,11 +1586,15 @@ Box = collections.namedtuple("Box", "left right top bottom")  # a chart's plot a
 
 
 class YScale:
-    """The bits/s axis of a chart that must reach the largest of `values`: its unit, its
-    round ticks (in that unit), and y_of(bits/s) -> pixels within `box`."""
+    """The bits/s (or ms) axis of a chart that must reach the largest of `values`: its unit,
+    its round ticks (in that unit), y_of(value) -> pixels within `box`, shown(value) -> text."""
 
-    def __init__(self, values, box):
-        self.divisor, self.unit = chart_unit(max(values) if values else 0)
+    def __init__(self, values, box, unit="bit/s"):
+        if unit == "ms":
+            self.divisor, self.unit, self.shown = 1.0, "ms", _ms
+        else:
+            self.divisor, self.unit = chart_unit(max(values) if values else 0)
+            self.shown = human_bps
         self.ticks = nice_ticks(max(values) / self.divisor if values else 1)
         self.box = box
 
@@ -1568,13 +1669,13 @@ def _series_marks(name, points, x_of, y_of, limit=MAX_POINTS):
     return out
 
 
-def _median_marks(name, median, label_y, y_of, box):
+def _median_marks(name, median, label_y, y_of, box, shown=human_bps):
     colour = DIRECTION_STYLE[name][0]
     y = y_of(median)
     return ['<line class="median %s" stroke="%s" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>'
             % (name, colour, box.left, box.right, y, y),
             '<text class="small" x="%d" y="%.1f">%s median<tspan x="%d" dy="13">%s</tspan>'
-            '</text>' % (box.right + 6, label_y - 2, name, box.right + 6, human_bps(median))]
+            '</text>' % (box.right + 6, label_y - 2, name, box.right + 6, shown(median))]
 
 
 def _failure_marks(name, points, x_of, left, band):
@@ -1679,7 +1780,7 @@ def links_html_report(links, names, direction, folder, prefix, since, until, now
     overview = link_overview(links, names, direction, now, figures)
     anchors = {key: "link-%d" % number for number, key in enumerate(links, start=1)}
     out += ["<h2>Links</h2>", _html_overview(overview, list(anchors.values()), direction)]
-    if len({client for client, _, _ in links}) > 1:
+    if len({key[0] for key in links}) > 1:
         out += ["<h2>Median received: clients (rows) to servers (columns)</h2>",
                 _html_matrix(links, overview, direction)]
     for key, group in links.items():
@@ -1727,13 +1828,57 @@ def _html_link_body(rows, summary, received, span, failed_limit, heading,
                     points_limit=MAX_POINTS):
     names = list(summary)
     series = {name: time_series(rows, received, name) for name in names}
-    return ["<%s>Received throughput</%s>" % (heading, heading), '<div class="wide">',
-            svg_time_chart(series, {name: summary[name]["median_bps"] for name in names},
-                           span[0], span[1], points_limit=points_limit), "</div>",
-            "<%s>Median by hour of day</%s>" % (heading, heading), '<div class="wide">',
-            svg_hour_chart(medians_by_hour(received), names), "</div>"] + [
-        part.replace("<h2>", "<%s>" % heading).replace("</h2>", "</%s>" % heading)
-        for part in _html_summary(summary) + _html_failed(failed_rows(rows), failed_limit)]
+    out = ["<%s>Received throughput</%s>" % (heading, heading), '<div class="wide">',
+           svg_time_chart(series, {name: summary[name]["median_bps"] for name in names},
+                          span[0], span[1], points_limit=points_limit), "</div>",
+           "<%s>Median by hour of day</%s>" % (heading, heading), '<div class="wide">',
+           svg_hour_chart(medians_by_hour(received), names), "</div>"]
+    rtt = {name: rtt_series(rows, name) for name in names}
+    if any(value is not None for points in rtt.values() for _, value, _ in points):
+        out += ["<%s>RTT under load (the mean of each test's streams)</%s>" % (
+            heading, heading), '<div class="wide">', svg_time_chart(
+                rtt, {name: summary[name]["median_rtt_ms"] for name in names}, span[0],
+                span[1], points_limit=points_limit, what="RTT under load", unit="ms"), "</div>"]
+    parts = _html_summary(summary) + _html_beyond(summary, rows) + _html_failed(
+        failed_rows(rows), failed_limit)
+    return out + [part.replace("<h2>", "<%s>" % heading).replace("</h2>", "</%s>" % heading)
+                  for part in parts]
+
+
+def rtt_series(rows, direction):
+    """As time_series, the tests' mean RTT in ms: the ok tests that have one, and the failed
+    ones (crosses)."""
+    points = []
+    for row in rows:
+        if row[Col.DIRECTION] != direction:
+            continue
+        if row[Col.STATUS] == "error":
+            value = None
+        else:
+            values = _floats([row[Col.MEAN_RTT_MS]]) if row[Col.STATUS] == "ok" else []
+            if not values:
+                continue
+            value = values[0]
+        moment = row_time(row[Col.TIMESTAMP])
+        if moment is not None:
+            points.append((moment, value, row))
+    return sorted(points, key=lambda point: point[0])
+
+
+def _html_beyond(summary, rows):
+    """The table of latency, UDP and traffic figures, when the tests have any."""
+    keys = ("median_rtt_ms", "median_min_rtt_ms", "added_delay_ms", "median_jitter_ms",
+            "median_lost_percent", "lost_percent")
+    if all(stats[key] is None for stats in summary.values() for key in keys):
+        return [] + ["<p>%s</p>" % html.escape(line) for line in traffic_lines(summary, rows)
+                     if line]
+    shown = (_ms, _ms, _ms, _ms, _percent, _percent)
+    return ["<h2>Latency, loss and jitter</h2>", _html_table(
+        ("direction", "median RTT", "base RTT", "added by the load", "median jitter",
+         "loss, median test", "loss, all packets"),
+        [[name] + [show(stats[key]) for key, show in zip(keys, shown)]
+         for name, stats in summary.items()], "beyond", (0,))] + [
+        "<p>%s</p>" % html.escape(line) for line in traffic_lines(summary, rows) if line]
 
 
 def _html_overview(overview, anchors, direction):
@@ -1759,20 +1904,21 @@ def _html_overview(overview, anchors, direction):
 def _html_matrix(links, overview, direction):
     """The mesh's medians: a row per client, a pair of columns (one a direction) per server."""
     names = directions_of(direction)
-    clients = sorted({client for client, _, _ in links})
-    servers = sorted({(server, port) for _, server, port in links},
-                     key=lambda pair: (pair[0], int(pair[1]) if pair[1].isdigit() else 0))
-    medians = {(item["client"], item["server"], str(item["port"])): item["median_bps"]
-               for item in overview}
+    clients = sorted({key[0] for key in links})
+    servers = sorted({(key[1], key[2], key[3]) for key in links},
+                     key=lambda item: (item[0], int(item[1]) if item[1].isdigit() else 0, item[2]))
+    medians = {(item["client"], item["server"], str(item["port"]), item["protocol"]):
+               item["median_bps"] for item in overview}
     out = ['<div class="wide"><table class="matrix"><thead><tr><th rowspan="2">client</th>']
     out += ['<th colspan="%d" class="server">%s</th>' % (
-        len(names), html.escape(target_name(server, port))) for server, port in servers]
+        len(names), html.escape(target_name(server, port) + (" UDP" if protocol == "udp" else "")))
+        for server, port, protocol in servers]
     out.append("</tr><tr>" + "".join("<th>%s</th>" % name for _ in servers for name in names)
                + "</tr></thead><tbody>")
     for client in clients:
         cells = []
-        for server, port in servers:
-            figures = medians.get((client, server, port))
+        for server, port, protocol in servers:
+            figures = medians.get((client, server, port, protocol))
             cells += ["<td>%s</td>" % (human_bps(figures[name]) if figures else "")
                       for name in names]
         out.append("<tr><td>%s</td>%s</tr>" % (html.escape(client or "?"), "".join(cells)))

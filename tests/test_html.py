@@ -289,12 +289,21 @@ def test_html_from_real_runs_and_a_failed_one(start_iperf3_server, tmp_path):
     assert run_script(CLIENT_SCRIPT, args).returncode == 0
     done = run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--html", folder / "r.html"])
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
-    page = Page((folder / "r.html").read_text())
+    text = (folder / "r.html").read_text()
+    page = Page(text)
     ledger = (folder / "results.csv").read_text()
+    charts = text.split("<svg")
+    throughput = Page(charts[1])
     for direction in ("forward", "reverse"):
-        dots = page.find("circle", "point " + direction)
-        assert len(page.find("polyline", "series " + direction)) + len(dots) == 2
-        assert len(page.find("path", "failure " + direction)) == 1
+        dots = throughput.find("circle", "point " + direction)
+        assert len(throughput.find("polyline", "series " + direction)) + len(dots) == 2
+        assert len(throughput.find("path", "failure " + direction)) == 1
+    # The RTT chart: the forward tests' own RTT (2 ok tests, a failure); the reverse tests' is
+    # the server's, which a plain `iperf3 -s` (no --json) does not send: none drawn.
+    rtt = Page(next(chart for chart in charts if "rtt-chart" in chart.split(">", 1)[0]))
+    forward = rtt.find("circle", "point forward") + rtt.find("polyline", "series forward")
+    assert len(forward) in (1, 2) and len(rtt.find("path", "failure forward")) == 1
+    assert rtt.find("circle", "point reverse") + rtt.find("polyline", "series reverse") == []
     assert says(page.text(), CANNOT_CONNECT) and says(ledger, CANNOT_CONNECT)
     assert external_references(page) == []
 

@@ -22,7 +22,10 @@ import iperf_client  # noqa: E402
 
 COLUMNS = list(iperf_client.LEDGER_COLUMNS)
 SUMMARY_KEYS = ["count", "ok", "failed", "skipped", "min_bps", "p5_bps", "median_bps", "mean_bps",
-                "p95_bps", "max_bps", "retransmits"]
+                "p95_bps", "max_bps", "retransmits", "median_rtt_ms", "median_min_rtt_ms",
+                "added_delay_ms", "median_jitter_ms", "median_lost_percent", "lost_percent",
+                "bytes", "test_seconds"]
+THROUGHPUT_KEYS = SUMMARY_KEYS[:11]
 
 # A fake iperf3 printing an iperf3-shaped result; INTERVALS streams x seconds makes it large.
 FAKE = """
@@ -77,15 +80,19 @@ def test_statistics_from_known_values(tmp_path, capsys):
     assert list(summary) == ["forward", "reverse"]
     assert list(summary["forward"]) == SUMMARY_KEYS
     # Closest-rank interpolation by hand: p5 at rank 0.2, p95 at rank 3.8 of 0..4.
-    assert summary["forward"] == pytest.approx({
+    assert {key: summary["forward"][key] for key in THROUGHPUT_KEYS} == pytest.approx({
         "count": 6, "ok": 5, "failed": 1, "skipped": 0, "min_bps": 100.0,
         "p5_bps": 100.0 + 0.2 * 100.0,
         "median_bps": 300.0, "mean_bps": 400.0, "p95_bps": 400.0 + 0.8 * 600.0,
         "max_bps": 1000.0, "retransmits": 0 + 1 + 2 + 3 + 4}, rel=1e-12)
-    assert summary["reverse"] == {
+    assert {key: summary["reverse"][key] for key in THROUGHPUT_KEYS} == {
         "count": 1, "ok": 1, "failed": 0, "skipped": 0, "min_bps": 50.5, "p5_bps": 50.5,
         "median_bps": 50.5,
         "mean_bps": 50.5, "p95_bps": 50.5, "max_bps": 50.5, "retransmits": 4}
+    # 5 ok forward tests of 60 s (row_stamped: sent = received); no RTT or UDP figures here.
+    assert summary["forward"]["bytes"] == pytest.approx(sum(forward) * 60 / 8)
+    assert summary["forward"]["test_seconds"] == 300
+    assert summary["forward"]["median_rtt_ms"] is summary["forward"]["lost_percent"] is None
 
 
 def test_percentiles_match_statistics_quantiles_inclusive(tmp_path, capsys):
