@@ -245,16 +245,31 @@ PROMETHEUS_METRICS = (
      "Sender's throughput of the latest test (iperf3 end.sum_sent), bits/s."),
     ("iperf_retransmits", "retransmits",
      "TCP retransmits of the latest test (iperf3 end.sum_sent.retransmits)."),
+    ("iperf_rtt_seconds", "mean_rtt_ms",
+     "RTT under load of the latest test: the mean of its streams' mean RTT (sender's sockets), "
+     "seconds."),
+    ("iperf_min_rtt_seconds", "min_rtt_ms",
+     "Lowest RTT seen by the latest test's streams (the base latency), seconds."),
+    ("iperf_jitter_seconds", "jitter_ms",
+     "UDP jitter of the latest test (iperf3's running estimate, RFC 1889), seconds."),
+    ("iperf_lost_ratio", "lost_percent", "UDP packets lost in the latest test, 0 to 1."),
     ("iperf_success", "status", "1 when the latest test succeeded, 0 when it failed."),
     ("iperf_last_run_timestamp_seconds", "timestamp",
      "Start of the latest run (its first test), Unix seconds."),
 )
+# The figures of the latest test, and their factor from the ledger's unit (ms, %) to the
+# metric's base unit (Prometheus names seconds and ratios).
+PROMETHEUS_VALUES = ((0, 1), (1, 1), (2, 1), (3, 1e-3), (4, 1e-3), (5, 1e-3), (6, 1e-2))
+PROMETHEUS_LABELS = ("server", "port", "protocol", "direction")  # protocol: only "udp" is said
 _PROM_SAMPLE_RE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)\s*$")
 _PROM_LABEL_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
 CHECK_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 CHECK_RANK = ("OK", "UNKNOWN", "WARNING", "CRITICAL")  # the worst state wins
 MAX_AGE_RUNS = 3            # default --max-age: this many usual intervals between runs
 MAX_AGE_FALLBACK = 15.0     # minutes, when the ledger holds too few runs to tell the interval
+RECENT_TESTS = 3            # --recent: the latest tests that --drop-below/--rtt-rise compare
+BASELINE_SPAN = "7d"        # --baseline: the span before them that is the link's normal
+CONSECUTIVE_TESTS = 3       # --consecutive: a relative alert needs this many tests in a row
 INTERVAL_ROWS = 2000        # the usual interval is read from the ledger's latest rows
 
 log = logging.getLogger("iperf_client")
@@ -1986,38 +2001,56 @@ def _prom_number(cell):
 
 def run_samples(rows):
     """The samples of one run: `rows` are its ledger rows, one per test that ran, labelled by
-    each row's own server and port (a run of several targets gives each its series).
+    each row's own server and port (a run of several targets gives each its series) and, for
+    UDP tests, protocol="udp" (TCP's series keep the labels they always had).
 
-    A failed test gives success 0 and no throughput or retransmit series (0 bits/s would be a
-    lie that drags averages down).
+    A failed test gives success 0 and no figures (0 bits/s would be a lie that drags averages
+    down); a figure the test does not have (RTT of a UDP test) gives no series.
     """
     samples, starts = [], {}
     for row in rows:
-        target = {"server": row[Col.SERVER], "port": row[Col.PORT]}
+        target = _prom_target(row)
         moment = row_time(row[Col.TIMESTAMP])
-        key = (row[Col.SERVER], row[Col.PORT])
+        key = tuple(sorted(target.items()))
         if moment is not None and moment < starts.get(key, (float("inf"),))[0]:
             starts[key] = (moment, target)
         labels = dict(target, direction=row[Col.DIRECTION])
         ok = row[Col.STATUS] == "ok"
         samples.append(("iperf_success", labels, "1" if ok else "0"))
-        for metric, column, _ in PROMETHEUS_METRICS[:3]:
-            value = _prom_number(row[LEDGER_COLUMNS.index(column)]) if ok else None
+        for index, factor in PROMETHEUS_VALUES if ok else ():
+            metric, column, _ = PROMETHEUS_METRICS[index]
+            cell = row[LEDGER_COLUMNS.index(column)]
+            value = _prom_number(cell) if factor == 1 else _prom_scaled(cell, factor)
             if value is not None:
                 samples.append((metric, labels, value))
     return [("iperf_last_run_timestamp_seconds", target, _prom_number(str(moment)))
             for moment, target in starts.values()] + samples
 
 
+def _prom_target(row):
+    target = {"server": row[Col.SERVER], "port": row[Col.PORT]}
+    if row[Col.PROTOCOL] == "udp":
+        target["protocol"] = "udp"
+    return target
+
+
+def _prom_scaled(cell, factor):
+    values = _floats([cell]) if cell else []
+    return repr(values[0] * factor) if values else None
+
+
 def prometheus_text(existing, rows):
     """The new textfile: `existing` (the file's text, "" when new) with the series of the
-    servers and ports of this run's `rows` replaced by their samples; other clients' series are
-    kept. A direction this run did not test (stopped by a signal) keeps its last series."""
-    tested = {(row[Col.SERVER], row[Col.PORT], row[Col.DIRECTION]) for row in rows}
-    targets = {(server, port) for server, port, _ in tested}
+    servers and ports (and protocol) of this run's `rows` replaced by their samples; other
+    clients' series are kept. A direction this run did not test (stopped by a signal) keeps its
+    last series."""
+    def target_of(labels):
+        return (labels.get("server"), labels.get("port"), labels.get("protocol", "tcp"))
+    tested = {target_of(_prom_target(row)) + (row[Col.DIRECTION],) for row in rows}
+    targets = {test[:3] for test in tested}
     kept = []
     for metric, labels, value in parse_textfile(existing):
-        target = (labels.get("server"), labels.get("port"))
+        target = target_of(labels)
         if target in targets and ("direction" not in labels
                                   or target + (labels["direction"],) in tested):
             continue
@@ -2027,12 +2060,11 @@ def prometheus_text(existing, rows):
     for metric, _, help_text in PROMETHEUS_METRICS:
         lines += ["# HELP %s %s" % (metric, help_text), "# TYPE %s gauge" % metric]
         mine = [(labels, value) for name, labels, value in samples if name == metric]
-        mine.sort(key=lambda item: (item[0].get("server", ""), item[0].get("port", ""),
-                                    item[0].get("direction", "")))
+        mine.sort(key=lambda item: tuple(item[0].get(key, "") for key in PROMETHEUS_LABELS))
         for labels, value in mine:
             lines.append("%s{%s} %s" % (metric, ",".join(
-                '%s="%s"' % (key, _prom_escape(labels[key])) for key in
-                ("server", "port", "direction") if key in labels), value))
+                '%s="%s"' % (key, _prom_escape(labels[key])) for key in PROMETHEUS_LABELS
+                if key in labels), value))
     return "\n".join(lines) + "\n"
 
 
@@ -2074,15 +2106,23 @@ def _in_minutes(seconds):
     return "%.1f min" % (seconds / 60.0)
 
 
-def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
+# What --check judges by; a threshold left out (None) is not judged. drop and rise are
+# (warning %, critical % or None); baseline is in seconds.
+CheckLimits = collections.namedtuple("CheckLimits", (
+    "warn_bps", "crit_bps", "warn_loss", "crit_loss", "drop", "rise", "recent", "baseline",
+    "consecutive", "max_age"))
+
+
+def check_result(rows, directions, limits, now):
     """(state, status line) of the check over the selected rows (one link).
 
-    Per direction, its latest test: CRITICAL when it failed, is below `crit_bps` or started
-    more than `max_age` minutes before `now`; WARNING below `warn_bps`; UNKNOWN when the
-    direction has no test. Performance data for both, in bits/s with Nagios ranges ("N:" alerts
-    below N); "U" when there is no figure.
+    Per direction, its latest test: CRITICAL when it failed or started more than max_age
+    minutes before `now`; below crit_bps / warn_bps (TCP) or above crit_loss / warn_loss % lost
+    (UDP): CRITICAL / WARNING; UNKNOWN when the direction has no test. With drop or rise, also
+    against the link's own normal (see judge_relative). Performance data for both, in bits/s
+    with Nagios ranges ("N:" alerts below N); "U" when there is no figure.
     """
-    state, notes, perf, age = judge_link(rows, directions, warn_bps, crit_bps, max_age, now)
+    state, notes, perf, age = judge_link(rows, directions, limits, now)
     if not notes:
         return "UNKNOWN", "UNKNOWN - no results"
     # A "|" in an error message would start the performance data early.
@@ -2090,13 +2130,13 @@ def check_result(rows, directions, warn_bps, crit_bps, max_age, now):
         state, ", ".join(text for _, text in notes).replace("|", "/"), age, " ".join(perf))
 
 
-def check_links(links, names, directions, warn_bps, crit_bps, max_age, now):
+def check_links(links, names, directions, limits, now):
     """(state, status line) over several links: each judged as check_result judges one; the
     worst state wins and its link is named first (a monitoring view often shows only the start
     of the line); performance data for every link, labelled by link and direction."""
     judged = []
     for key, rows in links.items():
-        state, notes, perf, _ = judge_link(rows, directions, warn_bps, crit_bps, max_age, now)
+        state, notes, perf, _ = judge_link(rows, directions, limits, now)
         if not notes:
             state, notes = "UNKNOWN", [("UNKNOWN", "no results")]
         tag = re.sub(r"[^A-Za-z0-9.-]+", "_", names[key]).strip("_")
@@ -2117,7 +2157,7 @@ def check_links(links, names, directions, warn_bps, crit_bps, max_age, now):
         item for judged_link in judged for item in judged_link[4]))
 
 
-def judge_link(rows, directions, warn_bps, crit_bps, max_age, now):
+def judge_link(rows, directions, limits, now):
     """(state, notes [(state, text)] worst first, performance data items, the latest test's age
     as text) of one link's rows. Skipped runs are no tests, but a run skipped after the latest
     test is a WARNING: measurements are being lost."""
@@ -2146,19 +2186,33 @@ def judge_link(rows, directions, warn_bps, crit_bps, max_age, now):
     if skipped is not None:
         notes.append(("WARNING", "the latest run was skipped at %s: %s" % (
             skipped[Col.TIMESTAMP], one_line(skipped[Col.ERROR], 200))))
+    max_age = limits.max_age
     for name in directions:
-        figure = None
+        figure, udp = None, False
         if name not in latest:
             notes.append(("UNKNOWN", "%s: no result" % name))
         else:
             moment, row = latest[name]
-            figure, note = _judge_latest(name, row, warn_bps, crit_bps)
+            udp = row[Col.PROTOCOL] == "udp"
+            figure, note = (_judge_latest_udp if udp else _judge_latest)(name, row, limits)
             notes.append(note)
             if now - moment > max_age * 60:
                 notes.append(("CRITICAL", "%s: latest test %s old (max %s)" % (
                     name, _in_minutes(now - moment), _in_minutes(max_age * 60))))
-        perf.append("%s=%s;%s:;%s:" % (name, "%d" % round(figure) if figure is not None
-                                       else "U", _perf_number(warn_bps), _perf_number(crit_bps)))
+        if udp:
+            loss = "U" if figure is None else _perf_number(figure)
+            perf.append("%s_loss=%s%%;%s;%s" % (name, loss, _perf_limit(limits.warn_loss),
+                                                _perf_limit(limits.crit_loss)))
+        else:
+            perf.append("%s=%s;%s;%s" % (name, "%d" % round(figure) if figure is not None
+                                         else "U", _perf_limit(limits.warn_bps, ":"),
+                                         _perf_limit(limits.crit_bps, ":")))
+        for column, bounds, lower in ((Col.RECEIVED_BPS, limits.drop, True),
+                                      (Col.MEAN_RTT_MS, limits.rise, False)):
+            if bounds is not None and not (udp and column == Col.MEAN_RTT_MS):
+                note, item = judge_relative(rows, name, column, bounds, lower, limits)
+                notes.append(note)
+                perf.append(item)
     newest = max(moment for moment, _ in latest.values())
     age = ("%s ago" % _in_minutes(now - newest) if newest <= now + FUTURE_SLACK
            else "%s in the future" % _in_minutes(newest - now))
@@ -2167,8 +2221,12 @@ def judge_link(rows, directions, warn_bps, crit_bps, max_age, now):
     return state, notes, perf, age
 
 
-def _judge_latest(name, row, warn_bps, crit_bps):
-    """(its received bits/s or None, (state, text)) of a direction's latest test."""
+def _perf_limit(value, suffix=""):
+    return "" if value is None else _perf_number(value) + suffix
+
+
+def _judge_latest(name, row, limits):
+    """(its received bits/s or None, (state, text)) of a direction's latest TCP test."""
     values = _floats([row[Col.RECEIVED_BPS]])
     if row[Col.STATUS] != "ok":
         return None, ("CRITICAL", "%s test failed at %s: %s" % (
@@ -2176,11 +2234,83 @@ def _judge_latest(name, row, warn_bps, crit_bps):
     if not values:
         return None, ("UNKNOWN", "%s: no throughput figure" % name)
     figure = values[0]
-    if figure < crit_bps:
-        return figure, ("CRITICAL", "%s %s < %s" % (name, human_bps(figure), human_bps(crit_bps)))
-    if figure < warn_bps:
-        return figure, ("WARNING", "%s %s < %s" % (name, human_bps(figure), human_bps(warn_bps)))
+    for state, limit in (("CRITICAL", limits.crit_bps), ("WARNING", limits.warn_bps)):
+        if limit is not None and figure < limit:
+            return figure, (state, "%s %s < %s" % (name, human_bps(figure), human_bps(limit)))
     return figure, ("OK", "%s %s" % (name, human_bps(figure)))
+
+
+def _judge_latest_udp(name, row, limits):
+    """(its loss % or None, (state, text)) of a direction's latest UDP test: loss and jitter
+    are what a UDP test is for; its rate is the one asked for (throughput limits are TCP's)."""
+    if row[Col.STATUS] != "ok":
+        return None, ("CRITICAL", "%s test failed at %s: %s" % (
+            name, row[Col.TIMESTAMP], one_line(row[Col.ERROR], 200)))
+    loss = _floats([row[Col.LOST_PERCENT]]) if row[Col.LOST_PERCENT] else []
+    if not loss:
+        return None, ("UNKNOWN", "%s: no UDP loss figure" % name)
+    jitter = _floats([row[Col.JITTER_MS]]) if row[Col.JITTER_MS] else []
+    text = "%s UDP %s lost, jitter %s" % (name, _percent(loss[0]),
+                                          _ms(jitter[0] if jitter else None))
+    for state, limit in (("CRITICAL", limits.crit_loss), ("WARNING", limits.warn_loss)):
+        if limit is not None and loss[0] > limit:
+            return loss[0], (state, "%s > %s%%" % (text, _perf_number(limit)))
+    return loss[0], ("OK", text)
+
+
+def judge_relative(rows, name, column, bounds, lower, limits):
+    """((state, text), performance data item) of a direction against its own normal: the
+    median of its latest `recent` ok tests against the median of the ok tests of the `baseline`
+    seconds before them. With `lower` (throughput), WARNING / CRITICAL when it is below
+    bounds[0] / bounds[1] % of the baseline; else (RTT under load) when it is more than that %
+    above it. Raised only when each of the latest `consecutive` tests is beyond the bound too,
+    so that one dip does not page anyone. UNKNOWN when the baseline holds fewer tests than
+    `recent`."""
+    what = "throughput" if lower else "RTT"
+    tests = []
+    for row in rows:
+        if row[Col.DIRECTION] == name and row[Col.STATUS] == "ok" and row[column]:
+            values, moment = _floats([row[column]]), row_time(row[Col.TIMESTAMP])
+            if values and moment is not None:
+                tests.append((moment, values[0]))
+    window = format_span(limits.baseline)
+    label = "%s_%s_vs_%s" % (name, "throughput" if lower else "rtt", window)
+    if len(tests) < limits.recent:
+        return ("UNKNOWN", "%s %s: fewer than %d recent tests" % (name, what, limits.recent)), (
+            "%s=U" % label)
+    recent = [value for _, value in tests[-limits.recent:]]
+    begin = tests[-limits.recent][0]
+    base = sorted(value for moment, value in tests[:-limits.recent]
+                  if begin - limits.baseline <= moment < begin)
+    if len(base) < limits.recent:
+        return ("UNKNOWN", "%s %s: no baseline (%d ok tests in the %s before the latest %d)" % (
+            name, what, len(base), window, limits.recent)), "%s=U" % label
+    normal, now = percentile(base, 0.5), percentile(sorted(recent), 0.5)
+    percent = 100.0 * now / normal if normal else float("inf")
+    state = "OK"
+    for level, bound in zip(("WARNING", "CRITICAL"), bounds):
+        if bound is None:
+            continue
+        limit = normal * (bound / 100.0 if lower else 1 + bound / 100.0)
+        beyond = (lambda value: value < limit) if lower else (lambda value: value > limit)
+        streak = next((index for index, (_, value) in enumerate(reversed(tests))
+                       if not beyond(value)), len(tests))
+        if beyond(now) and streak >= limits.consecutive:
+            state = level
+    shown = human_bps if lower else _ms
+    text = "%s %s: median of the latest %d %s = %.0f%% of the %s baseline median %s (%d tests)" % (
+        name, what, limits.recent, shown(now), percent, window, shown(normal), len(base))
+    return (state, text), "%s=%.0f%%;%s;%s" % (label, percent, *(
+        "" if bound is None else ("%s:" % _perf_number(bound)) if lower
+        else "~:%s" % _perf_number(100 + bound) for bound in bounds))
+
+
+def format_span(seconds):
+    """604800 -> "7d", 7200 -> "2h", 5400 -> "90m": a --baseline span as it may be written."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return "%gs" % seconds
 
 
 # --- Effects: running iperf3 ----------------------------------------------------------------------
@@ -3317,13 +3447,36 @@ _mbps = _real_number(0, "a number of Mbit/s >= 0")
 
 
 def _rate(text):
-    """--udp's RATE: bits/s as iperf3 reads -b (a number with an optional K, M or G)."""
-    if not re.match(r"^\d+(?:\.\d+)?[KMGkmg]?$", text) or float(re.sub("[KMGkmg]", "", text)) <= 0:
+    """--udp's RATE -> bits/s: a number with an optional K, M or G (x 1000, as iperf3's -b)."""
+    match = re.match(r"^(\d+(?:\.\d+)?)([KMGkmg]?)$", text.strip())
+    value = float(match.group(1)) * 1000 ** " KMG".index(match.group(2).upper() or " ") if (
+        match) else 0
+    if not 1 <= value < float("inf"):
         raise argparse.ArgumentTypeError("%r is not a rate such as 500K, 50M or 1G" % text)
-    return text
+    return value
 
 
 _minutes = _real_number(0, "a number of minutes > 0", above=True)
+
+
+def _loss(text):
+    value = _real_number(0, "a percentage from 0 to 100")(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError("%r is not a percentage from 0 to 100" % text)
+    return value
+
+
+def _percent_pair(text):
+    """WARN[,CRIT] percentages -> (warn, crit or None)."""
+    parts = text.split(",")
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(parts) > 2 or len(values) != len(parts) or not all(
+            0 < value < float("inf") for value in values):
+        raise argparse.ArgumentTypeError("%r is not WARN[,CRIT], percentages > 0" % text)
+    return values[0], values[1] if len(values) == 2 else None
 
 
 def _report_target(text):
@@ -3365,8 +3518,9 @@ def build_parser():
     parser.add_argument("-p", "--port", type=_port, default=IPERF_PORT, metavar="N",
                         help="port of a target that names none (default: %(default)s)")
     parser.add_argument("--udp", type=_rate, default=UDP_RATE, metavar="RATE",
-                        help="UDP tests at RATE bits/s (iperf3 -u -b RATE; K, M, G allowed, "
-                             "e.g. 50M) instead of TCP (default: %(default)s)")
+                        help="UDP tests at RATE bits/s in all (K, M, G allowed, e.g. 50M; "
+                             "iperf3 -u, and -b RATE/streams for each stream) instead of TCP "
+                             "(default: %(default)s)")
     parser.add_argument("--client-name", default=CLIENT_NAME, metavar="NAME",
                         help="this host's name in results and reports (default: its host name)")
     parser.add_argument("-t", "--duration", type=_whole_seconds, default=TEST_DURATION,
@@ -3540,7 +3694,8 @@ def run_settings(options, environ):
         extra = auth_argv(options.username, _absolute(options.rsa_public_key_path)) + extra
         env = dict(environ, **{PASSWORD_VARIABLE: password})
     if options.udp:
-        extra = ["-u", "-b", options.udp] + extra
+        # iperf3's -b is each stream's rate: --udp is the test's, shared out over them.
+        extra = ["-u", "-b", "%d" % max(1, round(options.udp / options.streams))] + extra
     return RunSettings(
         iperf3=options.iperf3, targets=options.target_list,
         client=options.client_name or socket.gethostname(),
@@ -3628,10 +3783,32 @@ def build_report_parser(parser_class=_Parser):
     check.add_argument("--check", action="store_true",
                        help="check the latest tests instead of reporting")
     check.add_argument("--warn-below", type=_mbps, metavar="MBPS",
-                       help="WARNING when a latest test received less (Mbit/s, fractions allowed)")
+                       help="WARNING when a latest TCP test received less (Mbit/s, fractions "
+                            "allowed)")
     check.add_argument("--crit-below", type=_mbps, metavar="MBPS",
-                       help="CRITICAL when a latest test received less (Mbit/s; also when it "
-                            "failed)")
+                       help="CRITICAL when a latest TCP test received less (Mbit/s; a failed "
+                            "test is always CRITICAL)")
+    check.add_argument("--warn-loss", type=_loss, metavar="PCT",
+                       help="WARNING when a latest UDP test lost more than PCT %% of its packets")
+    check.add_argument("--crit-loss", type=_loss, metavar="PCT",
+                       help="CRITICAL when a latest UDP test lost more than PCT %%")
+    check.add_argument("--drop-below", type=_percent_pair, metavar="WARN[,CRIT]",
+                       help="against the link's own normal: WARNING (CRITICAL) when the median "
+                            "received of the latest --recent tests is below WARN (CRIT) %% of the "
+                            "median of the --baseline before them, e.g. 80,60")
+    check.add_argument("--rtt-rise", type=_percent_pair, metavar="WARN[,CRIT]",
+                       help="likewise, when the median RTT under load rises more than WARN "
+                            "(CRIT) %% above its baseline, e.g. 50,100")
+    check.add_argument("--recent", type=_whole_number(1, None, "a number of tests >= 1"),
+                       default=RECENT_TESTS, metavar="N",
+                       help="the latest tests compared with the baseline (default: %(default)s)")
+    check.add_argument("--baseline", default=BASELINE_SPAN, metavar="SPAN",
+                       help="the span before the latest tests that is the link's normal: 90m, "
+                            "24h, 7d (default: %(default)s)")
+    check.add_argument("--consecutive", type=_whole_number(1, None, "a number of tests >= 1"),
+                       default=CONSECUTIVE_TESTS, metavar="N",
+                       help="raise a relative WARNING or CRITICAL only when each of the latest N "
+                            "tests is beyond the bound too (default: %(default)s)")
     check.add_argument("--max-age", type=_minutes, metavar="MINUTES",
                        help="CRITICAL when a direction's latest test started longer ago "
                             "(default: %d x the usual interval between runs in the ledger, or "
@@ -3642,16 +3819,32 @@ def build_report_parser(parser_class=_Parser):
 
 def _check_report_options(parser, options):
     """Refuse what argparse cannot see in the report's flags (under --check: UNKNOWN, exit 3)."""
+    pairs = (("--warn-below", "--crit-below", options.warn_below, options.crit_below),
+             ("--warn-loss", "--crit-loss", options.warn_loss, options.crit_loss))
+    given = [value is not None for _, _, low, high in pairs for value in (low, high)]
     if options.check:
-        if options.warn_below is None or options.crit_below is None:
-            parser.error("--check needs --warn-below MBPS and --crit-below MBPS")
-        if options.warn_below < options.crit_below:
+        for warn, crit, warn_value, crit_value in pairs:
+            if (warn_value is None) != (crit_value is None):
+                parser.error("%s and %s go together" % (warn, crit))
+        if not any(given) and options.drop_below is None and options.rtt_rise is None:
+            parser.error("--check needs thresholds: --warn-below MBPS and --crit-below MBPS, "
+                         "--warn-loss PCT and --crit-loss PCT, or --drop-below / --rtt-rise")
+        if options.warn_below is not None and options.warn_below < options.crit_below:
             parser.error("--warn-below %s is below --crit-below %s: warn must be above crit" % (
                 format_seconds(options.warn_below), format_seconds(options.crit_below)))
+        if options.warn_loss is not None and options.warn_loss > options.crit_loss:
+            parser.error("--warn-loss %s is above --crit-loss %s: warn must be below crit" % (
+                format_seconds(options.warn_loss), format_seconds(options.crit_loss)))
         if options.html or options.rebuild:
             parser.error("--check does not go with --html or --rebuild")
-    elif (options.warn_below, options.crit_below, options.max_age) != (None, None, None):
-        parser.error("--warn-below, --crit-below and --max-age go with --check")
+        span = SPAN_RE.match(options.baseline)
+        options.baseline_seconds = float(span.group(1)) * SPAN_UNITS[span.group(2)] if span else 0
+        if options.baseline_seconds <= 0:
+            parser.error("--baseline %r is not a span such as 90m, 24h or 7d" % options.baseline)
+    elif any(given) or options.max_age is not None or (options.drop_below, options.rtt_rise) != (
+            None, None):
+        parser.error("--warn-below, --crit-below, --warn-loss, --crit-loss, --drop-below, "
+                     "--rtt-rise and --max-age go with --check")
 
 
 def report_main(argv):
@@ -3825,12 +4018,17 @@ def check_main(options, folders, since, until, now):
 
 def _check_rows(options, rows, now):
     links = group_links(rows)
-    max_age = options.max_age if options.max_age else default_max_age(rows)
-    figures = (directions_of(options.direction), options.warn_below * 1e6,
-               options.crit_below * 1e6, max_age, now)
+    mbps = (lambda value: None if value is None else value * 1e6)
+    limits = CheckLimits(
+        warn_bps=mbps(options.warn_below), crit_bps=mbps(options.crit_below),
+        warn_loss=options.warn_loss, crit_loss=options.crit_loss, drop=options.drop_below,
+        rise=options.rtt_rise, recent=options.recent, baseline=options.baseline_seconds,
+        consecutive=options.consecutive,
+        max_age=options.max_age if options.max_age else default_max_age(rows))
+    directions = directions_of(options.direction)
     if len(links) > 1:
-        return check_links(links, link_names(links), *figures)
-    return check_result(rows, *figures)
+        return check_links(links, link_names(links), directions, limits, now)
+    return check_result(rows, directions, limits, now)
 
 
 def _latest_rows(folder, options, since, until):
@@ -3844,6 +4042,10 @@ def _latest_rows(folder, options, since, until):
         return _ledger_rows(folder)  # none yet, or a missing ledger said as report says it
     wanted = INTERVAL_ROWS
     directions = set(directions_of(options.direction))
+    # --drop-below, --rtt-rise: back to the baseline's start (and a day, for a link that
+    # stopped being tested a while ago).
+    relative = options.drop_below is not None or options.rtt_rise is not None
+    reach = time.time() - options.baseline_seconds - 86400 if relative else None
     while True:
         tail, whole = read_ledger_tail(ledger, wanted)
         rows = select_link(select_rows(tail, options.prefix, since, until, options.direction),
@@ -3851,8 +4053,10 @@ def _latest_rows(folder, options, since, until):
         found = collections.defaultdict(set)
         for row in rows:
             found[_LINK_KEY(row)].add(row[Col.DIRECTION])
+        oldest = row_time(tail[0][Col.TIMESTAMP]) if tail else None
         if whole or (len(rows) >= INTERVAL_ROWS and found and all(
-                seen >= directions for seen in found.values())):
+                seen >= directions for seen in found.values()) and (
+                reach is None or (oldest is not None and oldest <= reach))):
             return rows
         wanted *= 4
 
