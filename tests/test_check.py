@@ -240,3 +240,90 @@ def test_check_reads_only_the_end_of_a_large_ledger(tmp_path, capsys):
     tail, whole = iperf_client.read_ledger_tail(str(tmp_path / "results.csv"), 2000)
     assert len(tail) == 2000 and not whole
     assert tail == [[one.get(c, "") for c in iperf_client.LEDGER_COLUMNS] for one in rows[-2000:]]
+
+
+# --- against the link's own normal (--drop-below, --rtt-rise) ---------------------------------
+
+def history(steps, interval=300, rtt=None):
+    """A week and a bit of runs, 5 minutes apart, ending now: forward received about 950
+    Mbit/s (+-2 %), then `steps`, the latest tests' figures in Mbit/s, oldest first. With
+    `rtt` (ms), the forward tests' RTT under load: 20 ms then `rtt` for the latest ones."""
+    now, count = time.time(), 8 * 288
+    figures = [950.0 * (0.98 + 0.04 * (index % 7) / 6.0) for index in range(count)] + steps
+    rows = []
+    for index, mbit in enumerate(figures):
+        row = row_at(now - 60 - (len(figures) - 1 - index) * interval, "forward", mbit * 1e6)
+        if rtt is not None:
+            row["mean_rtt_ms"] = repr(rtt if index >= count else 20.0 + index % 3)
+            row["min_rtt_ms"] = "10.0"
+        rows.append(row)
+    return rows
+
+
+def relative(tmp_path, capsys, rows, *args):
+    write_ledger(tmp_path, rows)
+    code = iperf_client.main(["report", "-d", str(tmp_path), "--check", "--direction",
+                              "forward"] + list(args))
+    out, err = capsys.readouterr()
+    assert err == "" and len(out.splitlines()) == 1, (out, err)
+    return code, out.strip()
+
+
+@pytest.mark.parametrize("low_tests, state", [(1, "OK"), (2, "OK"), (3, "CRITICAL"),
+                                              (10, "CRITICAL")])
+def test_a_step_down_of_40_percent_is_critical_after_3_tests(tmp_path, capsys, low_tests, state):
+    code, line = relative(tmp_path, capsys, history([570.0] * low_tests), "--drop-below", "80,70")
+    assert line.startswith(state + " - "), line
+    assert code == iperf_client.CHECK_EXIT[state]
+    # The line says what it compared with what.
+    assert "7d baseline median 950.0 Mbit/s" in line or "7d baseline median 9" in line
+    if low_tests >= 3:
+        assert "median of the latest 3 570.0 Mbit/s = 60% of the 7d baseline" in line, line
+    assert re.search(r"forward_throughput_vs_7d=\d+%;80:;70:", line), line
+
+
+def test_a_single_dip_does_not_page_anyone(tmp_path, capsys):
+    code, line = relative(tmp_path, capsys, history([950.0, 300.0, 950.0, 960.0]),
+                          "--drop-below", "80,70")
+    assert code == 0 and line.startswith("OK - "), line
+    # Two dips in the latest three: the median is low, but not three in a row.
+    code, line = relative(tmp_path, capsys, history([300.0, 950.0, 300.0, 300.0]),
+                          "--drop-below", "80,70")
+    assert code == 0, line
+    code, line = relative(tmp_path, capsys, history([300.0, 950.0, 300.0, 300.0]),
+                          "--drop-below", "80,70", "--consecutive", "2")
+    assert code == 2, line
+
+
+def test_a_baseline_window_without_data_is_unknown(tmp_path, capsys):
+    rows = history([950.0] * 3)
+    # Only tests older than the 7-day baseline, and the latest three.
+    old = [row for row in rows[:-3] if iperf_client.row_time(row["timestamp"])
+           < time.time() - 8 * 86400 + 3600]
+    code, line = relative(tmp_path, capsys, old + rows[-3:], "--drop-below", "80")
+    assert code == 3 and line.startswith("UNKNOWN - "), line
+    assert "no baseline (0 ok tests in the 7d before the latest 3)" in line
+    code, line = relative(tmp_path, capsys, old + rows[-3:], "--drop-below", "80",
+                          "--baseline", "9d")
+    assert code == 0, line
+
+
+def test_rtt_rise_against_its_own_normal(tmp_path, capsys):
+    code, line = relative(tmp_path, capsys, history([950.0] * 3, rtt=45.0), "--rtt-rise", "50,100")
+    assert code == 2 and "forward RTT: median of the latest 3 45.0 ms" in line, line
+    code, line = relative(tmp_path, capsys, history([950.0] * 3, rtt=35.0), "--rtt-rise", "50,100")
+    assert code == 1, line
+    code, line = relative(tmp_path, capsys, history([950.0] * 3, rtt=22.0), "--rtt-rise", "50,100")
+    assert code == 0, line
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--drop-below", "x"], "WARN[,CRIT]"),
+    (["--drop-below", "80", "--baseline", "soon"], "--baseline"),
+    (["--warn-loss", "5"], "go together"),
+    (["--warn-loss", "5", "--crit-loss", "1"], "warn must be below crit"),
+    ([], "--check needs thresholds"),
+])
+def test_bad_relative_arguments_are_unknown(tmp_path, capsys, args, fragment):
+    code, line = relative(tmp_path, capsys, history([]), *args)
+    assert code == 3 and fragment in line, line

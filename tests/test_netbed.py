@@ -477,3 +477,64 @@ def test_busy_server_is_waited_out(hosts):
     rows = by_direction(hosts.ledger())
     assert rows["forward"]["status"] == rows["reverse"]["status"] == "ok"
     assert int(rows["forward"]["attempts"]) >= 2
+
+
+# --- beyond throughput: latency under load, UDP loss and jitter (issue 14) ---
+
+def test_latency_under_load_each_way_on_a_50ms_round_trip_with_a_deep_queue(make_hosts):
+    """Both ways, forward from the client's own sockets and reverse from the server's (which the
+    watchdog's daemon sends in JSON, for --get-server-output):
+    - paced well below the link's rate (no queue builds), the ledger's minimum RTT is the
+      path's, 50 ms (25 each way);
+    - at full load the shaper's queue (30 ms + a round trip deep) fills: the mean RTT rises
+      above the minimum, and the report's "added by the load" is that rise.
+    iperf3's minimum is the lowest of its per-interval smoothed RTT samples, not the kernel's
+    own minimum: under a standing queue it never sees the path's."""
+    hosts = make_hosts(Shape(FWD_MBIT, delay_ms=25), Shape(REV_MBIT, delay_ms=25))
+    assert_quiet_success(hosts.server())
+    done, _ = hosts.client("--prefix", "paced.", "--", "-b", "4M", "-l", "4K", duration=3)
+    assert_quiet_success(done)
+    for row in hosts.ledger():
+        print(row["direction"], "paced: min RTT %s ms, mean %s ms" % (
+            row["min_rtt_ms"], row["mean_rtt_ms"]))
+        assert 45 <= float(row["min_rtt_ms"]) <= 55, row
+    done, _ = hosts.client("--prefix", "loaded.", duration=4)
+    assert_quiet_success(done)
+    loaded = [row for row in hosts.ledger() if row["prefix"] == "loaded."]
+    for row in loaded:
+        low, mean = float(row["min_rtt_ms"]), float(row["mean_rtt_ms"])
+        print(row["direction"], "loaded: min RTT %.1f ms, mean %.1f ms" % (low, mean))
+        assert mean > low + 5, row  # the queue the test itself filled
+    done = hosts.bed.exec_in(
+        hosts.bed.client_ns, [sys.executable, CLIENT_SCRIPT, "report", "-d",
+                              hosts.folder / "results", "--prefix", "loaded.", "--format",
+                              "json"], check=False, timeout=60)
+    summary = json.loads(done.stdout)["summary"]
+    for direction in ("forward", "reverse"):
+        stats = summary[direction]
+        assert stats["added_delay_ms"] == pytest.approx(
+            stats["median_rtt_ms"] - stats["median_min_rtt_ms"])
+        assert stats["added_delay_ms"] > 5, stats
+
+
+def test_udp_loss_and_jitter_reach_the_ledger_and_the_check(make_hosts):
+    hosts = make_hosts(Shape(FWD_MBIT, loss_pct=2), Shape(REV_MBIT, loss_pct=2))
+    assert_quiet_success(hosts.server())
+    done, _ = hosts.client("--udp", "10M", duration=4)
+    assert_quiet_success(done)
+    rows = by_direction(hosts.ledger())
+    for direction in ("forward", "reverse"):
+        row = rows[direction]
+        print(direction, "lost %s%% of %s packets, jitter %s ms, received %s" % (
+            row["lost_percent"], row["packets"], row["jitter_ms"], row["received_bps"]))
+        assert row["protocol"] == "udp" and row["status"] == "ok"
+        assert 1.0 <= float(row["lost_percent"]) <= 3.5, row  # 2 % asked, about 3,400 packets
+        assert int(row["lost_packets"]) > 0 and int(row["packets"]) > 1000
+        assert 0 <= float(row["jitter_ms"]) < 20
+        assert row["min_rtt_ms"] == row["mean_rtt_ms"] == ""  # UDP has no RTT
+    check = hosts.bed.exec_in(
+        hosts.bed.client_ns, [sys.executable, CLIENT_SCRIPT, "report", "-d",
+                              hosts.folder / "results", "--check", "--warn-loss", "1",
+                              "--crit-loss", "10"], check=False)
+    assert check.returncode == 1 and check.stdout.startswith("WARNING - "), check.stdout
+    assert "forward_loss=" in check.stdout and "UDP" in check.stdout

@@ -1,0 +1,113 @@
+"""Beyond throughput on loopback: RTT both ways in the ledger, old files rebuilt into the new
+columns, the Prometheus gauges of RTT, jitter and loss. (Shaped links, a real delay and real
+loss: test_netbed.py; the relative check: test_check.py.)"""
+
+import csv
+import json
+import sys
+
+from conftest import CLIENT_SCRIPT, IperfServer, free_port, read_ledger, run_script
+
+sys.path.insert(0, str(CLIENT_SCRIPT.parent))
+import iperf_client  # noqa: E402
+
+QUICK = ["-t", "1", "-P", "2", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
+
+
+def test_rtt_both_ways_and_old_files_rebuilt_into_the_new_columns(iperf3, tmp_path):
+    """Against a daemon that writes JSON (as iperf_server.py starts it), the reverse test's RTT
+    is the server's own; then the folder is made what version 2.1 left (a 15-column ledger,
+    files without the new metadata) and --rebuild fills the new columns from iperf3's figures
+    in the files."""
+    server = IperfServer(iperf3, free_port(), ("--json",))
+    try:
+        folder = tmp_path / "results"
+        done = run_script(CLIENT_SCRIPT, QUICK + ["-c", "127.0.0.1", "-p", server.port,
+                                                  "-d", folder])
+        assert (done.returncode, done.stderr) == (0, "")
+    finally:
+        server.stop()
+    rows = read_ledger(folder)
+    for row in rows:
+        low, mean = float(row["min_rtt_ms"]), float(row["mean_rtt_ms"])
+        assert 0 < low <= mean < 1000, row  # loopback: tens of microseconds
+        assert row["protocol"] == "tcp"
+    reverse = json.loads((folder / rows[1]["file"]).read_text())
+    assert set(reverse["server_output_json"]) <= {"start", "end", "error"}  # trimmed
+    # What 2.1 left: no new metadata, a ledger of its 15 columns.
+    for row in rows:
+        path = folder / row["file"]
+        document = json.loads(path.read_text())
+        for key in ("client", "label", "protocol"):
+            del document["continuous_iperf"][key]
+        path.write_text(json.dumps(document))
+    with open(str(folder / "results.csv"), "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(iperf_client.BASE_COLUMNS)
+        writer.writerows([[row[column] for column in iperf_client.BASE_COLUMNS] for row in rows])
+    done = run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--rebuild", "--format", "json"])
+    assert done.returncode == 0, done.stderr
+    rebuilt = read_ledger(folder)
+    assert [(row["protocol"], row["min_rtt_ms"], row["mean_rtt_ms"]) for row in rebuilt] == [
+        (row["protocol"], row["min_rtt_ms"], row["mean_rtt_ms"]) for row in rows]
+    summary = json.loads(done.stdout)["summary"]
+    assert summary["reverse"]["median_rtt_ms"] == float(rows[1]["mean_rtt_ms"])
+
+
+def test_without_a_json_daemon_the_reverse_rtt_stays_empty(iperf3, tmp_path):
+    server = IperfServer(iperf3, free_port())
+    try:
+        folder = tmp_path / "results"
+        done = run_script(CLIENT_SCRIPT, QUICK + ["-c", "127.0.0.1", "-p", server.port,
+                                                  "-d", folder])
+        assert done.returncode == 0, done.stderr
+    finally:
+        server.stop()
+    forward, reverse = read_ledger(folder)
+    assert float(forward["mean_rtt_ms"]) > 0
+    assert reverse["min_rtt_ms"] == reverse["mean_rtt_ms"] == ""  # never 0
+
+
+def test_udp_run_on_loopback_and_its_gauges(iperf3, tmp_path):
+    server = IperfServer(iperf3, free_port())
+    prom = tmp_path / "iperf.prom"
+    try:
+        folder = tmp_path / "results"
+        done = run_script(CLIENT_SCRIPT, QUICK + ["-c", "127.0.0.1", "-p", server.port,
+                                                  "-d", folder, "--udp", "20M",
+                                                  "--prometheus-textfile", prom])
+        assert (done.returncode, done.stderr) == (0, "")
+    finally:
+        server.stop()
+    rows = read_ledger(folder)
+    for row in rows:
+        assert row["protocol"] == "udp" and int(row["packets"]) > 20  # 32 KB datagrams on lo
+        assert float(row["lost_percent"]) < 5 and float(row["jitter_ms"]) >= 0
+        # 20 Mbit/s in all, 10 each for the two streams
+        assert 15e6 < float(row["received_bps"]) < 21e6, row
+    text = prom.read_text()
+    port = str(server.port)
+    labels = 'server="127.0.0.1",port="%s",protocol="udp",direction="forward"' % port
+    assert "iperf_lost_ratio{%s} " % labels in text
+    assert "iperf_jitter_seconds{%s} " % labels in text
+    assert "iperf_rtt_seconds{" not in text  # UDP has none
+    report = run_script(CLIENT_SCRIPT, ["report", "-d", folder])
+    assert "UDP: median jitter" in report.stdout, report.stdout
+
+
+def test_rtt_gauges_are_seconds():
+    row = dict.fromkeys(iperf_client.LEDGER_COLUMNS, "")
+    row.update(timestamp=iperf_client.iso_time(1700000000), server="h", port="1",
+               direction="forward", status="ok", received_bps="5", protocol="tcp",
+               min_rtt_ms="10.5", mean_rtt_ms="25.0")
+    text = iperf_client.prometheus_text("", [[row[c] for c in iperf_client.LEDGER_COLUMNS]])
+    assert 'iperf_rtt_seconds{server="h",port="1",direction="forward"} 0.025' in text
+    assert 'iperf_min_rtt_seconds{server="h",port="1",direction="forward"} 0.0105' in text
+    assert "protocol=" not in text  # TCP series keep the labels they always had
+
+
+def test_trimmed_server_output_keeps_its_end():
+    document = {"end": {}, "server_output_json": {"start": {"a": 1}, "intervals": [1, 2],
+                                                  "end": {"streams": []}}}
+    assert iperf_client.trim_server_output(document)["server_output_json"] == {
+        "start": {"a": 1}, "end": {"streams": []}}
