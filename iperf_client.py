@@ -2298,9 +2298,9 @@ def judge_relative(rows, name, column, bounds, lower, limits):
         if beyond(now) and streak >= limits.consecutive:
             state = level
     shown = human_bps if lower else _ms
-    text = "%s %s: median of the latest %d %s = %.0f%% of the %s baseline median %s (%d tests)" % (
+    text = "%s %s: median of the latest %d %s = %.1f%% of the %s baseline median %s (%d tests)" % (
         name, what, limits.recent, shown(now), percent, window, shown(normal), len(base))
-    return (state, text), "%s=%.0f%%;%s;%s" % (label, percent, *(
+    return (state, text), "%s=%.1f%%;%s;%s" % (label, percent, *(
         "" if bound is None else ("%s:" % _perf_number(bound)) if lower
         else "~:%s" % _perf_number(100 + bound) for bound in bounds))
 

@@ -278,8 +278,8 @@ def test_a_step_down_of_40_percent_is_critical_after_3_tests(tmp_path, capsys, l
     # The line says what it compared with what.
     assert "7d baseline median 950.0 Mbit/s" in line or "7d baseline median 9" in line
     if low_tests >= 3:
-        assert "median of the latest 3 570.0 Mbit/s = 60% of the 7d baseline" in line, line
-    assert re.search(r"forward_throughput_vs_7d=\d+%;80:;70:", line), line
+        assert "median of the latest 3 570.0 Mbit/s = 60.0% of the 7d baseline" in line, line
+    assert re.search(r"forward_throughput_vs_7d=\d+\.\d%;80:;70:", line), line
 
 
 def test_a_single_dip_does_not_page_anyone(tmp_path, capsys):
