@@ -2,29 +2,35 @@
 """Measure a link both ways with iperf3, every few minutes from cron, and never lose a result.
 
 Each run takes one local timestamp, runs a forward test (this host sends to the server) and then a
-reverse test (`-R`, the server sends), and writes into the results folder:
+reverse test (`-R`, the server sends) against each target, and writes into the results folder:
 
     <prefix><ts>_client.json     the forward test: iperf3's JSON plus a "continuous_iperf" object
     <prefix><ts>_server.json     the reverse test, likewise
     <prefix><ts>_iperf_mon.log   this run's log (every attempt, every command)
     results.csv                  the ledger: one row appended per test
 
+(With several targets, each one's label goes before _client/_server: <prefix><ts>_<label>_...)
+
 Usage:
 
     iperf_client.py --server 192.0.2.10                    # 2 x 60 s, 30 streams
     iperf_client.py --server 192.0.2.10 -t 10 -P 4 -- -Z   # arguments after -- go to iperf3
     iperf_client.py --server 192.0.2.10 --dry-run          # print the two commands only
+    iperf_client.py --targets ~/iperf_targets -t 20        # several servers, one a line
+    iperf_client.py --server 192.0.2.10 --udp 50M -t 10    # UDP: loss and jitter at 50 Mbit/s
     iperf_client.py report --since 7d                      # what the link did this week
     iperf_client.py report --since 7d --html week.html     # the same as a page with charts
     iperf_client.py report --check --warn-below 500 --crit-below 100   # a Nagios/Icinga plugin
+    iperf_client.py report --check --drop-below 80,60      # ... against the link's own normal
     iperf_client.py -c 192.0.2.10 --prometheus-textfile DIR/iperf.prom # for node_exporter
 
 Crontab line (every five minutes; 2 x duration plus busy waits must fit in the interval):
 
     (crontab -l ; echo "*/5 * * * * ~/iperf_client.py --server HOST") | crontab -
 
-A good run prints nothing. Exit status: 0 both tests succeeded, 1 a test failed, 2 usage or bad
-input, 75 another run holds the results folder's lock, 128+N stopped by signal N.
+A good run prints nothing. Exit status: 0 every test succeeded, 1 a test failed, 2 usage or bad
+input, 75 another run held the results folder's lock too long (this run is recorded as skipped),
+128+N stopped by signal N.
 """
 
 import argparse
@@ -93,6 +99,7 @@ PASSWORD_FILE = None                        # file whose first line is the passw
 # --- Constants: the run ---------------------------------------------------------------------------
 
 PLACEHOLDER_SERVER = "CHANGE_TO_IP"
+SUMMARY_RULE = "- - - - - - - - - - - - - - - - - - - - - - - - -"  # iperf3's text: totals below
 TEST_SETUP = 2.0                            # seconds a test takes beyond -t (connect, results)
 BUSY_DELAY = (5.0, 30.0)                    # random pause between busy retries (min, max) s
 KILL_GRACE = 5.0                            # seconds from SIGTERM to SIGKILL for a late iperf3
@@ -357,13 +364,18 @@ def iperf3_argv(executable, server, port, duration, streams, reverse=False, extr
 
 
 def trim_server_output(document):
-    """Keep only "start" and "end" of the server's JSON result in a test's document: its
-    intervals repeat, from the other side, what the client's own hold (they would double the
-    file); the end holds the server's RTT figures. Returns the document."""
+    """Keep only "start" and "end" of the server's JSON result in a test's document (its
+    intervals repeat, from the other side, what the client's own hold: they would double the
+    file; the end holds the server's RTT figures), or the summary of its text result.
+    Returns the document."""
     server = document.get("server_output_json")
     if isinstance(server, dict) and "intervals" in server:
         document["server_output_json"] = {key: server[key] for key in ("start", "end", "error")
                                           if key in server}
+    text = document.get("server_output_text")
+    if isinstance(text, str) and SUMMARY_RULE in text:
+        # A daemon without --json: no RTT in its text; its summary is what the text adds.
+        document["server_output_text"] = text[text.rindex(SUMMARY_RULE):]
     return document
 
 
@@ -1054,10 +1066,13 @@ def fill_clients(rows, fallback=""):
     return rows
 
 
-def select_link(rows, client=None, target=None):
-    """The rows of one client (host name) and one target (a Target; port None: any port)."""
+def select_link(rows, client=None, target=None, protocol=None):
+    """The rows of one client (host name), one target (a Target; port None: any port) and one
+    protocol (a row without one is TCP's: it was written before UDP tests came)."""
     if client is not None:
         rows = [row for row in rows if row[Col.CLIENT] == client]
+    if protocol is not None:
+        rows = [row for row in rows if (row[Col.PROTOCOL] or "tcp") == protocol]
     if target is not None:
         port = str(target.port) if target.port is not None else None
         rows = [row for row in rows if row[Col.SERVER] == target.host
@@ -1256,11 +1271,11 @@ def links_text_report(links, names, direction, folder, prefix, since, until, now
     figures = link_figures(links, direction)
     overview = link_overview(links, names, direction, now, figures)
     width = max(len(item["name"]) for item in overview)
-    lines += ["  %-*s %s  %5.1f%% failed  latest %s (%s)" % (
+    lines += ["  %-*s %s  %5.1f%% failed  latest %s%s (%s)" % (
         width, item["name"], "  ".join("%s %11s" % (name, human_bps(item["median_bps"][name]))
                                        for name in directions_of(direction)),
-        item["failed_percent"], item["latest"], _age_text(item["age_s"]))
-        for item in overview]
+        item["failed_percent"], item["latest"], " FAILED" if item["latest_status"] == "error"
+        else "", _age_text(item["age_s"])) for item in overview]
     for key, group in links.items():
         received, summary = figures[key]
         lines += ["", "== %s ==" % names[key], ""]
@@ -1380,7 +1395,8 @@ def _summary_lines(name, stats):
         lines.append("  received: median %(median_bps)s, mean %(mean_bps)s" % figures)
         lines.append("            p5 %(p5_bps)s, p95 %(p95_bps)s, min %(min_bps)s, "
                      "max %(max_bps)s" % figures)
-        lines.append("  retransmits: %d (ok tests)" % stats["retransmits"])
+        if stats["lost_percent"] is None:  # TCP's: a UDP test retransmits nothing
+            lines.append("  retransmits: %d (ok tests)" % stats["retransmits"])
     if stats["median_rtt_ms"] is not None:
         lines.append("  latency under load: median RTT %s, base (median of the minimum RTT) %s, "
                      "added by the load %s" % tuple(_ms(stats[key]) for key in (
@@ -1411,12 +1427,10 @@ def human_bytes(value):
 def traffic_lines(summary, rows):
     """What the tests cost: bytes sent each way per day, and the share of the time the link was
     under test, over the rows' period (first test to last, plus one usual interval)."""
-    moments = period_of(rows)
-    if not moments:
-        return []
-    span = moments[1] - moments[0] + (usual_interval(rows) or 0.0)
-    if span <= 0:
-        return []
+    moments, usual = period_of(rows), usual_interval(rows)
+    if not moments or not usual:
+        return []  # fewer than three runs: no period to spread the traffic over
+    span = moments[1] - moments[0] + usual
     days = span / 86400.0
     seconds = sum(stats["test_seconds"] for stats in summary.values())
     parts = ["%s %s/day" % (DIRECTION_LABEL[name], human_bytes(stats["bytes"] / days))
@@ -2036,7 +2050,8 @@ def _prom_target(row):
 
 def _prom_scaled(cell, factor):
     values = _floats([cell]) if cell else []
-    return repr(values[0] * factor) if values else None
+    # 12 significant digits: the ledger's own figures are shorter; no 0.08719750000000001
+    return repr(float("%.12g" % (values[0] * factor))) if values else None
 
 
 def prometheus_text(existing, rows):
@@ -2186,39 +2201,44 @@ def judge_link(rows, directions, limits, now):
     if skipped is not None:
         notes.append(("WARNING", "the latest run was skipped at %s: %s" % (
             skipped[Col.TIMESTAMP], one_line(skipped[Col.ERROR], 200))))
-    max_age = limits.max_age
     for name in directions:
-        figure, udp = None, False
-        if name not in latest:
-            notes.append(("UNKNOWN", "%s: no result" % name))
-        else:
-            moment, row = latest[name]
-            udp = row[Col.PROTOCOL] == "udp"
-            figure, note = (_judge_latest_udp if udp else _judge_latest)(name, row, limits)
-            notes.append(note)
-            if now - moment > max_age * 60:
-                notes.append(("CRITICAL", "%s: latest test %s old (max %s)" % (
-                    name, _in_minutes(now - moment), _in_minutes(max_age * 60))))
-        if udp:
-            loss = "U" if figure is None else _perf_number(figure)
-            perf.append("%s_loss=%s%%;%s;%s" % (name, loss, _perf_limit(limits.warn_loss),
-                                                _perf_limit(limits.crit_loss)))
-        else:
-            perf.append("%s=%s;%s;%s" % (name, "%d" % round(figure) if figure is not None
-                                         else "U", _perf_limit(limits.warn_bps, ":"),
-                                         _perf_limit(limits.crit_bps, ":")))
-        for column, bounds, lower in ((Col.RECEIVED_BPS, limits.drop, True),
-                                      (Col.MEAN_RTT_MS, limits.rise, False)):
-            if bounds is not None and not (udp and column == Col.MEAN_RTT_MS):
-                note, item = judge_relative(rows, name, column, bounds, lower, limits)
-                notes.append(note)
-                perf.append(item)
+        _judge_direction(rows, name, latest.get(name), limits, now, notes, perf)
     newest = max(moment for moment, _ in latest.values())
-    age = ("%s ago" % _in_minutes(now - newest) if newest <= now + FUTURE_SLACK
+    age = ("%s ago" % _in_minutes(max(0.0, now - newest)) if newest <= now + FUTURE_SLACK
            else "%s in the future" % _in_minutes(newest - now))
     state = max((note[0] for note in notes), key=CHECK_RANK.index)
     notes.sort(key=lambda note: -CHECK_RANK.index(note[0]))
     return state, notes, perf, age
+
+
+def _judge_direction(rows, name, latest, limits, now, notes, perf):
+    """Add a direction's notes and performance data: its latest test (moment, row) or None,
+    its age, and the relative checks asked for."""
+    figure, udp = None, False
+    if latest is None:
+        notes.append(("UNKNOWN", "%s: no result" % name))
+    else:
+        moment, row = latest
+        udp = row[Col.PROTOCOL] == "udp"
+        figure, note = (_judge_latest_udp if udp else _judge_latest)(name, row, limits)
+        notes.append(note)
+        if now - moment > limits.max_age * 60:
+            notes.append(("CRITICAL", "%s: latest test %s old (max %s)" % (
+                name, _in_minutes(now - moment), _in_minutes(limits.max_age * 60))))
+    if udp:
+        loss = "U" if figure is None else _perf_number(figure)
+        perf.append("%s_loss=%s%%;%s;%s" % (name, loss, _perf_limit(limits.warn_loss),
+                                            _perf_limit(limits.crit_loss)))
+    else:
+        perf.append("%s=%s;%s;%s" % (name, "%d" % round(figure) if figure is not None else "U",
+                                     _perf_limit(limits.warn_bps, ":"),
+                                     _perf_limit(limits.crit_bps, ":")))
+    for column, bounds, lower in ((Col.RECEIVED_BPS, limits.drop, True),
+                                  (Col.MEAN_RTT_MS, limits.rise, False)):
+        if bounds is not None and not udp:  # a UDP test's rate is the one it was asked for
+            note, item = judge_relative(rows, name, column, bounds, lower, limits)
+            notes.append(note)
+            perf.append(item)
 
 
 def _perf_limit(value, suffix=""):
@@ -2250,12 +2270,12 @@ def _judge_latest_udp(name, row, limits):
     if not loss:
         return None, ("UNKNOWN", "%s: no UDP loss figure" % name)
     jitter = _floats([row[Col.JITTER_MS]]) if row[Col.JITTER_MS] else []
-    text = "%s UDP %s lost, jitter %s" % (name, _percent(loss[0]),
-                                          _ms(jitter[0] if jitter else None))
+    lost = "%s UDP %s lost" % (name, _percent(loss[0]))
+    jitter = ", jitter %s" % _ms(jitter[0] if jitter else None)
     for state, limit in (("CRITICAL", limits.crit_loss), ("WARNING", limits.warn_loss)):
         if limit is not None and loss[0] > limit:
-            return loss[0], (state, "%s > %s%%" % (text, _perf_number(limit)))
-    return loss[0], ("OK", text)
+            return loss[0], (state, "%s > %s%%%s" % (lost, _perf_number(limit), jitter))
+    return loss[0], ("OK", lost + jitter)
 
 
 def judge_relative(rows, name, column, bounds, lower, limits):
@@ -2298,8 +2318,9 @@ def judge_relative(rows, name, column, bounds, lower, limits):
         if beyond(now) and streak >= limits.consecutive:
             state = level
     shown = human_bps if lower else _ms
-    text = "%s %s: median of the latest %d %s = %.1f%% of the %s baseline median %s (%d tests)" % (
-        name, what, limits.recent, shown(now), percent, window, shown(normal), len(base))
+    text = "%s %s: median of the latest %d %s = %.1f%% of the %s baseline median %s (%d test%s)" % (
+        name, what, limits.recent, shown(now), percent, window, shown(normal), len(base),
+        "" if len(base) == 1 else "s")
     return (state, text), "%s=%.1f%%;%s;%s" % (label, percent, *(
         "" if bound is None else ("%s:" % _perf_number(bound)) if lower
         else "~:%s" % _perf_number(100 + bound) for bound in bounds))
@@ -3506,23 +3527,7 @@ def build_parser():
                "report. Exit status: 0 ok, 1 a test failed, 2 usage, 75 another run held the "
                "results folder (this run is recorded as skipped), 128+N stopped by signal N.",
     )
-    parser.add_argument("-c", "--server", action="append", metavar="[LABEL=]HOST[:PORT]",
-                        help="iperf3 server to test against; give it again for several (HOST, "
-                             "HOST:PORT, [IPv6]:PORT or a bare IPv6 address; default: %s)"
-                             % (" ".join(IPERF_SERVER) if isinstance(IPERF_SERVER, (list, tuple))
-                                else IPERF_SERVER))
-    parser.add_argument("--targets", metavar="FILE",
-                        help="read targets from FILE, one a line: HOST[:PORT] [LABEL]; '#' "
-                             "starts a comment (default: %s, when no --server is given)"
-                             % TARGETS_FILE)
-    parser.add_argument("-p", "--port", type=_port, default=IPERF_PORT, metavar="N",
-                        help="port of a target that names none (default: %(default)s)")
-    parser.add_argument("--udp", type=_rate, default=UDP_RATE, metavar="RATE",
-                        help="UDP tests at RATE bits/s in all (K, M, G allowed, e.g. 50M; "
-                             "iperf3 -u, and -b RATE/streams for each stream) instead of TCP "
-                             "(default: %(default)s)")
-    parser.add_argument("--client-name", default=CLIENT_NAME, metavar="NAME",
-                        help="this host's name in results and reports (default: its host name)")
+    _add_target_flags(parser)
     parser.add_argument("-t", "--duration", type=_whole_seconds, default=TEST_DURATION,
                         metavar="S", help="seconds per test, whole (default: %(default)s)")
     parser.add_argument("-P", "--streams", type=_streams, default=NUMBER_STREAMS, metavar="N",
@@ -3541,16 +3546,10 @@ def build_parser():
     parser.add_argument("--jitter", type=_seconds, default=JITTER, metavar="S",
                         help="sleep a random 0..S seconds before the first test "
                              "(default: %(default)s)")
-    parser.add_argument("--interval", type=_margin, default=RUN_INTERVAL, metavar="S",
-                        help="seconds between two runs, as cron starts them; a run that cannot "
-                             "end within it says so (default: %(default)s)")
-    parser.add_argument("--lock-wait", type=_seconds, default=LOCK_WAIT, metavar="S",
-                        help="wait up to S seconds for a run holding the results folder, then "
-                             "record this run as skipped and exit 75 (default: what --interval "
-                             "leaves after this run's own tests and jitter)")
     parser.add_argument("--timeout-margin", type=_margin, default=TIMEOUT_MARGIN, metavar="S",
                         help="an attempt is stopped after duration + omit + S seconds "
                              "(default: %(default)s)")
+    _add_schedule_flags(parser)
     _add_output_flags(parser)
     _add_auth_flags(parser)
     parser.add_argument("--dry-run", action="store_true",
@@ -3562,6 +3561,38 @@ def build_parser():
                         help="print nothing, not even failed tests (the exit code still tells)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser
+
+
+def _add_target_flags(parser):
+    """What a run tests: the servers, their port, the protocol, and who is testing."""
+    parser.add_argument("-c", "--server", action="append", metavar="[LABEL=]HOST[:PORT]",
+                        help="iperf3 server to test against; give it again for several (HOST, "
+                             "HOST:PORT, [IPv6]:PORT or a bare IPv6 address; default: %s)"
+                             % (" ".join(IPERF_SERVER) if isinstance(IPERF_SERVER, (list, tuple))
+                                else IPERF_SERVER))
+    parser.add_argument("--targets", metavar="FILE",
+                        help="read targets from FILE, one a line: HOST[:PORT] [LABEL]; '#' "
+                             "starts a comment (default: %s, when no --server is given)"
+                             % TARGETS_FILE)
+    parser.add_argument("-p", "--port", type=_port, default=IPERF_PORT, metavar="N",
+                        help="port of a target that names none (default: %(default)s)")
+    parser.add_argument("--udp", type=_rate, default=UDP_RATE, metavar="RATE",
+                        help="UDP tests at RATE bits/s in all (K, M, G allowed, e.g. 50M; "
+                             "iperf3 -u, and -b RATE/streams for each stream) instead of TCP "
+                             "(default: %(default)s)")
+    parser.add_argument("--client-name", default=CLIENT_NAME, metavar="NAME",
+                        help="this host's name in results and reports (default: its host name)")
+
+
+def _add_schedule_flags(parser):
+    """How runs share the time between them, and the results folder."""
+    parser.add_argument("--interval", type=_margin, default=RUN_INTERVAL, metavar="S",
+                        help="seconds between two runs, as cron starts them; a run that cannot "
+                             "end within it says so (default: %(default)s)")
+    parser.add_argument("--lock-wait", type=_seconds, default=LOCK_WAIT, metavar="S",
+                        help="wait up to S seconds for a run holding the results folder, then "
+                             "record this run as skipped and exit 75 (default: what --interval "
+                             "leaves after this run's own tests and jitter)")
 
 
 def _add_output_flags(parser):
@@ -3693,13 +3724,14 @@ def run_settings(options, environ):
         check_credential_lengths(options.iperf3, options.username, password)
         extra = auth_argv(options.username, _absolute(options.rsa_public_key_path)) + extra
         env = dict(environ, **{PASSWORD_VARIABLE: password})
+    udp = options.udp or any(arg in ("-u", "--udp") for arg in extra)  # or iperf3's own -u
     if options.udp:
         # iperf3's -b is each stream's rate: --udp is the test's, shared out over them.
         extra = ["-u", "-b", "%d" % max(1, round(options.udp / options.streams))] + extra
     return RunSettings(
         iperf3=options.iperf3, targets=options.target_list,
         client=options.client_name or socket.gethostname(),
-        protocol="udp" if options.udp else "tcp", interval=options.interval,
+        protocol="udp" if udp else "tcp", interval=options.interval,
         lock_wait=options.lock_wait, duration=options.duration, streams=options.streams,
         extra=extra, iperf3_env=env, username=options.username,
         results_dir=_absolute(options.results_dir), prefix=options.prefix,
@@ -3763,6 +3795,8 @@ def build_report_parser(parser_class=_Parser):
                         help="only the tests of this target (any port when none is given)")
     parser.add_argument("--client", metavar="NAME",
                         help="only the tests run by this client host (its --client-name)")
+    parser.add_argument("--protocol", choices=("tcp", "udp"),
+                        help="only TCP or only UDP tests (default: both, as separate links)")
     parser.add_argument("--since", metavar="WHEN", help="only tests started at or after WHEN")
     parser.add_argument("--until", metavar="WHEN", help="only tests started before WHEN")
     parser.add_argument("--direction", choices=("forward", "reverse", "both"), default="both",
@@ -3776,6 +3810,12 @@ def build_report_parser(parser_class=_Parser):
     parser.add_argument("--html", metavar="FILE",
                         help="write the report as one self-contained HTML page (charts, "
                              "summary, failed runs) to FILE, atomically, instead of printing it")
+    _add_check_flags(parser)
+    return parser
+
+
+def _add_check_flags(parser):
+    """report --check: a Nagios/Icinga plugin, against fixed limits or the link's own normal."""
     check = parser.add_argument_group(
         "monitoring check", "--check is a Nagios/Icinga plugin: one status line with performance "
         "data for the latest test of each direction; exit 0 OK, 1 WARNING, 2 CRITICAL, "
@@ -3814,7 +3854,6 @@ def build_report_parser(parser_class=_Parser):
                             "(default: %d x the usual interval between runs in the ledger, or "
                             "%s minutes while it holds fewer than three runs)"
                             % (MAX_AGE_RUNS, format_seconds(MAX_AGE_FALLBACK)))
-    return parser
 
 
 def _check_report_options(parser, options):
@@ -3917,7 +3956,7 @@ def _report(options, folders, since, until, now):
             rows += fill_clients(_ledger_rows(folder),
                                  os.path.basename(folder) if len(folders) > 1 else "")
     rows = select_link(select_rows(rows, options.prefix, since, until, options.direction),
-                       options.client, options.server)
+                       options.client, options.server, options.protocol)
     if options.html:
         _write_html(options.html, options, rows, ", ".join(folders), since, until, now)
     else:
@@ -4001,7 +4040,7 @@ def check_main(options, folders, since, until, now):
         for folder in folders:
             rows += fill_clients(_latest_rows(folder, options, since, until),
                                  os.path.basename(folder) if len(folders) > 1 else "")
-        rows = select_link(rows, options.client, options.server)
+        rows = select_link(rows, options.client, options.server, options.protocol)
     except (IperfError, OSError) as exc:
         state, line = "UNKNOWN", "UNKNOWN - %s" % one_line(exc)
     else:

@@ -292,6 +292,7 @@ def guard_args(version, extra):
     if version and version >= (3, 12) and not sets_option(extra, "--snd-timeout"):
         guards += ["--snd-timeout", str(SND_TIMEOUT_MS)]
     if not (sets_option(extra, "--json") or sets_option(extra, "--logfile")
+            or sets_option(extra, "--json-stream")
             or any(arg.startswith("-") and not arg.startswith("--") and "J" in arg
                    for arg in extra)):
         guards.append("--json")

@@ -111,3 +111,41 @@ def test_trimmed_server_output_keeps_its_end():
                                                   "end": {"streams": []}}}
     assert iperf_client.trim_server_output(document)["server_output_json"] == {
         "start": {"a": 1}, "end": {"streams": []}}
+    rule = iperf_client.SUMMARY_RULE
+    text = {"server_output_text": "Accepted\n[  5] 0.00-1.00 sec ...\n%s\n[ ID] sum\n" % rule}
+    assert iperf_client.trim_server_output(text)["server_output_text"] == rule + "\n[ ID] sum\n"
+
+
+def test_tcp_and_udp_runs_sharing_a_folder_are_never_mixed(tmp_path):
+    """Two crontab lines, one TCP and one --udp, into one folder: two links, each its own
+    figures; the check judges throughput on the TCP one and loss on the UDP one."""
+    from conftest import row_at, write_ledger
+    import time
+    rows = []
+    now = time.time()
+    for index in range(4):
+        moment = now - 600 * (4 - index)
+        tcp = row_at(moment, "forward", 900e6)
+        tcp["protocol"] = "tcp"
+        udp = row_at(moment + 120, "forward", 50e6)
+        udp.update(protocol="udp", jitter_ms="0.25", lost_percent="3.0", lost_packets="30",
+                   packets="1000", file=udp["file"].replace("_client", "_u_client"))
+        rows += [tcp, udp]
+    write_ledger(tmp_path, rows)
+    data = json.loads(run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path, "--direction",
+                                                 "forward", "--format", "json"]).stdout)
+    links = {link["protocol"]: link for link in data["links"]}
+    assert links["tcp"]["median_bps"]["forward"] == 900e6
+    assert links["udp"]["median_bps"]["forward"] == 50e6
+    assert links["udp"]["summary"]["forward"]["lost_percent"] == 3.0
+    assert links["tcp"]["summary"]["forward"]["lost_percent"] is None
+    assert links["udp"]["name"].endswith(" UDP")
+    check = run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path, "--check", "--direction",
+                                       "forward", "--warn-below", "500", "--crit-below", "100",
+                                       "--warn-loss", "1", "--crit-loss", "5", "--max-age", "60"])
+    # UDP at 50 Mbit/s is below --crit-below, but that limit is TCP's: loss 3 % > 1 % warns.
+    assert check.returncode == 1, check.stdout
+    assert "forward UDP 3.00% lost > 1%, jitter 0.25 ms" in check.stdout, check.stdout
+    only_udp = json.loads(run_script(CLIENT_SCRIPT, [
+        "report", "-d", tmp_path, "--protocol", "udp", "--format", "json"]).stdout)
+    assert list(only_udp) == ["summary", "runs"] and len(only_udp["runs"]) == 4
