@@ -46,6 +46,7 @@ import gzip
 import heapq
 import html
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -274,6 +275,7 @@ CHECK_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 CHECK_RANK = ("OK", "UNKNOWN", "WARNING", "CRITICAL")  # the worst state wins
 MAX_AGE_RUNS = 3            # default --max-age: this many usual intervals between runs
 MAX_AGE_FALLBACK = 15.0     # minutes, when the ledger holds too few runs to tell the interval
+CHECK_REACH = 86400         # --check judges the links tested in the ledger's latest day
 RECENT_TESTS = 3            # --recent: the latest tests that --drop-below/--rtt-rise compare
 BASELINE_SPAN = "7d"        # --baseline: the span before them that is the link's normal
 CONSECUTIVE_TESTS = 3       # --consecutive: a relative alert needs this many tests in a row
@@ -399,6 +401,8 @@ def parse_target(text, default_port):
     if any(ord(char) < 32 or ord(char) == 127 for char in text):
         # It would go into the ledger's cells and the reports' lines as it is.
         raise ValueError("%r holds a control character" % text)
+    if ":" in host and not _is_ipv6(host):
+        raise ValueError("%r is not HOST:PORT, [IPv6]:PORT or an IPv6 address" % text)
     if not _HOST_RE.match(host) or host == PLACEHOLDER_SERVER:
         raise ValueError("%r is not a host name or address" % text if host != PLACEHOLDER_SERVER
                          else "no server configured (%s is the placeholder)" % host)
@@ -408,6 +412,14 @@ def parse_target(text, default_port):
         raise ValueError("%r: label %r may only hold letters, digits, '.', '_' and '-' (at most "
                          "64, starting with a letter or digit)" % (text, label))
     return Target(host, int(port) if port else default_port, label)
+
+
+def _is_ipv6(host):
+    try:
+        ipaddress.IPv6Address(host.split("%", 1)[0])  # a %zone is the host's business
+        return True
+    except ValueError:
+        return False
 
 
 def default_label(target, default_port):
@@ -2221,6 +2233,8 @@ def judge_link(rows, directions, limits, now):
     if skipped is not None:
         notes.append(("WARNING", "the latest run was skipped at %s: %s" % (
             skipped[Col.TIMESTAMP], one_line(skipped[Col.ERROR], 200))))
+    if limits.max_age is None:  # two links of one folder may run on different schedules
+        limits = limits._replace(max_age=default_max_age(rows))
     for name in directions:
         _judge_direction(rows, name, latest.get(name), limits, now, notes, perf)
     newest = max(moment for moment, _ in latest.values())
@@ -2315,6 +2329,8 @@ def judge_relative(rows, name, column, bounds, lower, limits):
                 tests.append((moment, values[0]))
     window = format_span(limits.baseline)
     label = "%s_%s_vs_%s" % (name, "throughput" if lower else "rtt", window)
+    if not tests and not lower:  # a server that sends no RTT (a daemon without JSON)
+        return ("OK", "%s RTT: no figures to compare" % name), "%s=U" % label
     if len(tests) < limits.recent:
         return ("UNKNOWN", "%s %s: fewer than %d recent tests" % (name, what, limits.recent)), (
             "%s=U" % label)
@@ -3232,6 +3248,8 @@ def read_ledger_tail(path, wanted):
                           "it from the result files" % path)
     except OSError as exc:
         raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
+    if not size:
+        return [], True  # a ledger cut to nothing (a full disk at its first write): no rows
     lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
     if position > first:
         lines = lines[1:]  # the first one is what remains of a line cut by the seek
@@ -3705,6 +3723,18 @@ def resolve_targets(options):
     return labelled_targets(targets, options.port)
 
 
+def _short_flags(arg):
+    """The flags of a short-option cluster (`-uZ` -> "uZ"), up to one that takes a value."""
+    if not arg.startswith("-") or arg.startswith("--"):
+        return ""
+    flags = ""
+    for char in arg[1:]:
+        flags += char
+        if char in SHORT_WITH_VALUE:
+            break
+    return flags
+
+
 def check_username(username):
     if not username or any(c == "," or c.isspace() for c in username):
         raise IperfError("argument --username: %r is not a user name (no commas or "
@@ -3744,7 +3774,7 @@ def run_settings(options, environ):
         check_credential_lengths(options.iperf3, options.username, password)
         extra = auth_argv(options.username, _absolute(options.rsa_public_key_path)) + extra
         env = dict(environ, **{PASSWORD_VARIABLE: password})
-    udp = options.udp or any(arg in ("-u", "--udp") for arg in extra)  # or iperf3's own -u
+    udp = options.udp or any(arg == "--udp" or "u" in _short_flags(arg) for arg in extra)
     if options.udp:
         # iperf3's -b is each stream's rate: --udp is the test's, shared out over them.
         extra = ["-u", "-b", "%d" % max(1, round(options.udp / options.streams))] + extra
@@ -3894,6 +3924,12 @@ def _check_report_options(parser, options):
         if options.warn_loss is not None and options.warn_loss > options.crit_loss:
             parser.error("--warn-loss %s is above --crit-loss %s: warn must be below crit" % (
                 format_seconds(options.warn_loss), format_seconds(options.crit_loss)))
+        for flag, pair, lower in (("--drop-below", options.drop_below, True),
+                                  ("--rtt-rise", options.rtt_rise, False)):
+            if pair is not None and pair[1] is not None and (pair[1] >= pair[0]) == lower:
+                parser.error("%s %s,%s: the CRIT bound must be %s than the WARN one" % (
+                    flag, format_seconds(pair[0]), format_seconds(pair[1]),
+                    "lower" if lower else "higher"))
         if options.html or options.rebuild:
             parser.error("--check does not go with --html or --rebuild")
         span = SPAN_RE.match(options.baseline)
@@ -3968,13 +4004,10 @@ def _report(options, folders, since, until, now):
             finally:
                 os.close(lock_fd)
             say("rebuilt %s: %d rows" % (os.path.join(folder, LEDGER_NAME), count))
-    rows = []
-    for folder in folders:
-        if len(folders) == 1 and options.format == "csv" and not options.html:
-            rows = _ledger_rows(folder)  # the ledger's rows as they are
-        else:
-            rows += fill_clients(_ledger_rows(folder),
-                                 os.path.basename(folder) if len(folders) > 1 else "")
+    if len(folders) == 1 and options.format == "csv" and not options.html:
+        rows = _ledger_rows(folders[0])  # the ledger's rows as they are
+    else:
+        rows = merge_folders(folders, _ledger_rows)
     rows = select_link(select_rows(rows, options.prefix, since, until, options.direction),
                        options.client, options.server, options.protocol)
     if options.html:
@@ -4043,6 +4076,29 @@ def _write_html(path, options, rows, folder, since, until, now):
         raise IperfError("cannot write %s: %s" % (path, exc.strerror or exc))
 
 
+def merge_folders(folders, read):
+    """The rows of several results folders (`read(folder)` gives each one's), with their
+    clients filled in (fill_clients). A folder is one client's; two folders naming the same
+    client (two hosts left with one --client-name) are said once on stderr, and their rows put
+    in time order, since the latest test of a link is then no longer the last one read."""
+    if len(folders) == 1:
+        return fill_clients(read(folders[0]))
+    rows, seen, shared = [], {}, set()
+    for folder in folders:
+        part = fill_clients(read(folder), os.path.basename(folder))
+        for client in {row[Col.CLIENT] for row in part[-INTERVAL_ROWS:]}:
+            if seen.setdefault(client, folder) != folder:
+                shared.add(client)
+        rows += part
+    if shared:
+        say("warning: the client name%s %s appear%s in more than one folder: their tests are "
+            "taken as one host's (give each host its own --client-name)" % (
+                "s" if len(shared) > 1 else "", ", ".join(sorted(shared)),
+                "" if len(shared) > 1 else "s"))
+        rows.sort(key=lambda row: row_time(row[Col.TIMESTAMP]) or 0.0)
+    return rows
+
+
 def _ledger_rows(folder):
     """The ledger's rows; none for a folder where no test ran yet. Raises IperfError."""
     if not os.path.isdir(folder):
@@ -4056,10 +4112,7 @@ def _ledger_rows(folder):
 def check_main(options, folders, since, until, now):
     """`report --check`: print the status line, return the plugin's exit code."""
     try:
-        rows = []
-        for folder in folders:
-            rows += fill_clients(_latest_rows(folder, options, since, until),
-                                 os.path.basename(folder) if len(folders) > 1 else "")
+        rows = merge_folders(folders, lambda folder: _latest_rows(folder, options, since, until))
         rows = select_link(rows, options.client, options.server, options.protocol)
     except (IperfError, OSError) as exc:
         state, line = "UNKNOWN", "UNKNOWN - %s" % one_line(exc)
@@ -4083,7 +4136,7 @@ def _check_rows(options, rows, now):
         warn_loss=options.warn_loss, crit_loss=options.crit_loss, drop=options.drop_below,
         rise=options.rtt_rise, recent=options.recent, baseline=options.baseline_seconds,
         consecutive=options.consecutive,
-        max_age=options.max_age if options.max_age else default_max_age(rows))
+        max_age=options.max_age)  # None: each link's own usual interval (judge_link)
     directions = directions_of(options.direction)
     if len(links) > 1:
         return check_links(links, link_names(links), directions, limits, now)
@@ -4103,8 +4156,10 @@ def _latest_rows(folder, options, since, until):
     directions = set(directions_of(options.direction))
     # --drop-below, --rtt-rise: back to the baseline's start (and a day, for a link that
     # stopped being tested a while ago).
+    # Back a day at least, so that a link tested then but no more is judged (stale), not
+    # forgotten; with --drop-below or --rtt-rise, back to the baseline's start and a day.
     relative = options.drop_below is not None or options.rtt_rise is not None
-    reach = time.time() - options.baseline_seconds - 86400 if relative else None
+    reach = time.time() - CHECK_REACH - (options.baseline_seconds if relative else 0)
     while True:
         tail, whole = read_ledger_tail(ledger, wanted)
         rows = select_link(select_rows(tail, options.prefix, since, until, options.direction),
@@ -4115,7 +4170,7 @@ def _latest_rows(folder, options, since, until):
         oldest = row_time(tail[0][Col.TIMESTAMP]) if tail else None
         if whole or (len(rows) >= INTERVAL_ROWS and found and all(
                 seen >= directions for seen in found.values()) and (
-                reach is None or (oldest is not None and oldest <= reach))):
+                oldest is not None and oldest <= reach)):
             return rows
         wanted *= 4
 

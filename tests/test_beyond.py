@@ -6,6 +6,8 @@ import csv
 import json
 import sys
 
+import pytest
+
 from conftest import CLIENT_SCRIPT, IperfServer, free_port, read_ledger, run_script
 
 sys.path.insert(0, str(CLIENT_SCRIPT.parent))
@@ -149,3 +151,12 @@ def test_tcp_and_udp_runs_sharing_a_folder_are_never_mixed(tmp_path):
     only_udp = json.loads(run_script(CLIENT_SCRIPT, [
         "report", "-d", tmp_path, "--protocol", "udp", "--format", "json"]).stdout)
     assert list(only_udp) == ["summary", "runs"] and len(only_udp["runs"]) == 4
+
+
+@pytest.mark.parametrize("extra", [["-u"], ["-uZ"], ["--udp"], ["-b", "5M", "-u"]])
+def test_iperf3s_own_udp_flag_makes_a_udp_run(extra):
+    options = iperf_client.build_parser().parse_args(["-c", "h"])
+    options.extra = extra
+    iperf_client.check_options(iperf_client.build_parser(), options)
+    settings = iperf_client.run_settings(options, {})
+    assert settings.protocol == "udp"

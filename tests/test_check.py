@@ -322,8 +322,50 @@ def test_rtt_rise_against_its_own_normal(tmp_path, capsys):
     (["--drop-below", "80", "--baseline", "soon"], "--baseline"),
     (["--warn-loss", "5"], "go together"),
     (["--warn-loss", "5", "--crit-loss", "1"], "warn must be below crit"),
+    (["--drop-below", "50,80"], "CRIT bound must be lower"),
+    (["--rtt-rise", "100,50"], "CRIT bound must be higher"),
     ([], "--check needs thresholds"),
 ])
 def test_bad_relative_arguments_are_unknown(tmp_path, capsys, args, fragment):
     code, line = relative(tmp_path, capsys, history([]), *args)
     assert code == 3 and fragment in line, line
+
+
+def test_each_link_has_its_own_usual_interval_and_a_stale_one_is_not_forgotten(tmp_path, capsys):
+    """One folder, one prefix, two links on their own schedules: a TCP line every 5 minutes
+    (port 5201), an hourly one (port 5202, 40 minutes since its latest run: fine). A third link
+    tested until 20 hours ago, whose rows lie more than 2,000 rows back, is judged stale."""
+    now = time.time()
+    rows = []
+    for index in range(2400):  # every 30 s for 20 hours: 4,800 rows after the stale link's
+        moment = now - 60 - (2399 - index) * 30
+        rows.append(row_at(moment, "forward", 9e9))
+        rows.append(row_at(moment + 10, "reverse", 9e9, run_at=moment))
+    for index in range(6):
+        moment = now - 2400 - (5 - index) * 3600
+        rows.append(row_at(moment, "forward", 9e9, port=5202))
+        rows.append(row_at(moment + 10, "reverse", 9e9, port=5202, run_at=moment))
+    stale = []
+    for index in range(4):
+        moment = now - 72000 - (3 - index) * 300
+        stale.append(row_at(moment, "forward", 9e9, port=5203))
+        stale.append(row_at(moment + 10, "reverse", 9e9, port=5203, run_at=moment))
+    rows = stale + sorted(rows, key=lambda row: row["timestamp"])
+    write_ledger(tmp_path, rows)
+    code = iperf_client.main(["report", "-d", str(tmp_path), "--check"] + list(THRESHOLDS))
+    line = capsys.readouterr().out.strip()
+    assert code == 2, line
+    assert line.startswith("CRITICAL - 3 links: 1 CRITICAL, 2 OK; 192.0.2.7:5203: forward: "
+                           "latest test 12"), line  # 1200 min old; max 15 min (its 5 min)
+    assert "192.0.2.7:5202: OK" in line  # 40 min old, its runs hourly: max 180 min
+
+
+def test_an_empty_ledger_is_no_results_for_the_check_too(tmp_path, capsys):
+    (tmp_path / "results.csv").write_text("")
+    code = iperf_client.main(["report", "-d", str(tmp_path), "--check"] + list(THRESHOLDS))
+    assert code == 3 and capsys.readouterr().out.startswith("UNKNOWN - no results")
+
+
+def test_no_rtt_figures_at_all_is_no_reason_for_unknown(tmp_path, capsys):
+    code, line = relative(tmp_path, capsys, history([950.0] * 3), "--rtt-rise", "50,100")
+    assert code == 0 and "forward RTT: no figures to compare" in line, line

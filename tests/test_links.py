@@ -48,6 +48,7 @@ def test_target_spellings(text, expected):
 
 
 @pytest.mark.parametrize("text", ["host:0", "host:99999", "host:x", "[::1", "[::1]5201",
+                                  "1.2.3.4:80:90", "[1.2.3.4]:80",
                                   "-host", "a b", "bad label=host", "CHANGE_TO_IP", ""])
 def test_bad_targets_are_refused(text):
     with pytest.raises(ValueError):
