@@ -16,19 +16,26 @@ import iperf_client  # noqa: E402
 QUICK = ["-t", "1", "-P", "2", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
 
 
+def measured(iperf3, tmp_path, server_extra=(), *args):
+    """The results folder of one quiet, good client run against a real `iperf3 -s` (with
+    `server_extra`) on loopback, stopped afterwards."""
+    server = IperfServer(iperf3, free_port(), server_extra)
+    try:
+        folder = tmp_path / "results"
+        done = run_script(CLIENT_SCRIPT, QUICK + ["-c", "127.0.0.1", "-p", server.port,
+                                                  "-d", folder] + list(args))
+        assert (done.returncode, done.stderr) == (0, "")
+    finally:
+        server.stop()
+    return folder
+
+
 def test_rtt_both_ways_and_old_files_rebuilt_into_the_new_columns(iperf3, tmp_path):
     """Against a daemon that writes JSON (as iperf_server.py starts it), the reverse test's RTT
     is the server's own; then the folder is made what version 2.1 left (a 15-column ledger,
     files without the new metadata) and --rebuild fills the new columns from iperf3's figures
     in the files."""
-    server = IperfServer(iperf3, free_port(), ("--json",))
-    try:
-        folder = tmp_path / "results"
-        done = run_script(CLIENT_SCRIPT, QUICK + ["-c", "127.0.0.1", "-p", server.port,
-                                                  "-d", folder])
-        assert (done.returncode, done.stderr) == (0, "")
-    finally:
-        server.stop()
+    folder = measured(iperf3, tmp_path, ("--json",))
     rows = read_ledger(folder)
     for row in rows:
         low, mean = float(row["min_rtt_ms"]), float(row["mean_rtt_ms"])
@@ -57,30 +64,14 @@ def test_rtt_both_ways_and_old_files_rebuilt_into_the_new_columns(iperf3, tmp_pa
 
 
 def test_without_a_json_daemon_the_reverse_rtt_stays_empty(iperf3, tmp_path):
-    server = IperfServer(iperf3, free_port())
-    try:
-        folder = tmp_path / "results"
-        done = run_script(CLIENT_SCRIPT, QUICK + ["-c", "127.0.0.1", "-p", server.port,
-                                                  "-d", folder])
-        assert done.returncode == 0, done.stderr
-    finally:
-        server.stop()
-    forward, reverse = read_ledger(folder)
+    forward, reverse = read_ledger(measured(iperf3, tmp_path))
     assert float(forward["mean_rtt_ms"]) > 0
     assert reverse["min_rtt_ms"] == reverse["mean_rtt_ms"] == ""  # never 0
 
 
 def test_udp_run_on_loopback_and_its_gauges(iperf3, tmp_path):
-    server = IperfServer(iperf3, free_port())
     prom = tmp_path / "iperf.prom"
-    try:
-        folder = tmp_path / "results"
-        done = run_script(CLIENT_SCRIPT, QUICK + ["-c", "127.0.0.1", "-p", server.port,
-                                                  "-d", folder, "--udp", "20M",
-                                                  "--prometheus-textfile", prom])
-        assert (done.returncode, done.stderr) == (0, "")
-    finally:
-        server.stop()
+    folder = measured(iperf3, tmp_path, (), "--udp", "20M", "--prometheus-textfile", prom)
     rows = read_ledger(folder)
     for row in rows:
         assert row["protocol"] == "udp" and int(row["packets"]) > 20  # 32 KB datagrams on lo
@@ -88,7 +79,7 @@ def test_udp_run_on_loopback_and_its_gauges(iperf3, tmp_path):
         # 20 Mbit/s in all, 10 each for the two streams
         assert 15e6 < float(row["received_bps"]) < 21e6, row
     text = prom.read_text()
-    port = str(server.port)
+    port = rows[0]["port"]
     labels = 'server="127.0.0.1",port="%s",protocol="udp",direction="forward"' % port
     assert "iperf_lost_ratio{%s} " % labels in text
     assert "iperf_jitter_seconds{%s} " % labels in text
