@@ -320,13 +320,26 @@ def owned_option(args):
                 if owned.startswith(name):
                     return arg, "--" + owned
         elif arg.startswith("-") and len(arg) > 1:
-            for index, char in enumerate(arg[1:], start=1):
-                if char in OWNED_SHORT:
-                    return arg, "-" + char
-                if char in SHORT_WITH_VALUE:
-                    skip_next = index == len(arg) - 1
-                    break
+            flags = short_flags(arg)
+            owned = next((char for char in flags if char in OWNED_SHORT), None)
+            if owned:
+                return arg, "-" + owned
+            # An option taking a value, last in the word: the next argument is its value.
+            skip_next = flags[-1] in SHORT_WITH_VALUE and len(flags) == len(arg) - 1
     return None
+
+
+def short_flags(arg):
+    """The flags of a short-option cluster (`-uZ` -> "uZ"), up to and with the first one that
+    takes a value (the rest of the word is that value: `-b5M` -> "b"); "" for anything else."""
+    if not arg.startswith("-") or arg.startswith("--"):
+        return ""
+    flags = ""
+    for char in arg[1:]:
+        flags += char
+        if char in SHORT_WITH_VALUE:
+            break
+    return flags
 
 
 def omit_seconds(args):
@@ -3723,18 +3736,6 @@ def resolve_targets(options):
     return labelled_targets(targets, options.port)
 
 
-def _short_flags(arg):
-    """The flags of a short-option cluster (`-uZ` -> "uZ"), up to one that takes a value."""
-    if not arg.startswith("-") or arg.startswith("--"):
-        return ""
-    flags = ""
-    for char in arg[1:]:
-        flags += char
-        if char in SHORT_WITH_VALUE:
-            break
-    return flags
-
-
 def check_username(username):
     if not username or any(c == "," or c.isspace() for c in username):
         raise IperfError("argument --username: %r is not a user name (no commas or "
@@ -3774,7 +3775,7 @@ def run_settings(options, environ):
         check_credential_lengths(options.iperf3, options.username, password)
         extra = auth_argv(options.username, _absolute(options.rsa_public_key_path)) + extra
         env = dict(environ, **{PASSWORD_VARIABLE: password})
-    udp = options.udp or any(arg == "--udp" or "u" in _short_flags(arg) for arg in extra)
+    udp = options.udp or any(arg == "--udp" or "u" in short_flags(arg) for arg in extra)
     if options.udp:
         # iperf3's -b is each stream's rate: --udp is the test's, shared out over them.
         extra = ["-u", "-b", "%d" % max(1, round(options.udp / options.streams))] + extra

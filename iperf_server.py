@@ -127,13 +127,27 @@ def owned_option(args):
                 if owned.startswith(name):
                     return arg, "--" + owned
         elif arg.startswith("-") and len(arg) > 1:
-            for index, char in enumerate(arg[1:], start=1):
-                if char in OWNED_SHORT:
-                    return arg, "-" + char
-                if char in SHORT_WITH_VALUE:
-                    skip_next = index == len(arg) - 1
-                    break
+            flags = short_flags(arg)
+            owned = next((char for char in flags if char in OWNED_SHORT), None)
+            if owned:
+                return arg, "-" + owned
+            # An option taking a value, last in the word: the next argument is its value.
+            skip_next = flags[-1] in SHORT_WITH_VALUE and len(flags) == len(arg) - 1
     return None
+
+
+def short_flags(arg):
+    """The flags of a short-option cluster (`-1J` -> "1J"), up to and with the first one that
+    takes a value (the rest of the word is that value: `-Bjupiter` -> "B"); "" for anything
+    else."""
+    if not arg.startswith("-") or arg.startswith("--"):
+        return ""
+    flags = ""
+    for char in arg[1:]:
+        flags += char
+        if char in SHORT_WITH_VALUE:
+            break
+    return flags
 
 
 def check_extra_args(extra):
@@ -293,8 +307,7 @@ def guard_args(version, extra):
         guards += ["--snd-timeout", str(SND_TIMEOUT_MS)]
     if not (sets_option(extra, "--json") or sets_option(extra, "--logfile")
             or sets_option(extra, "--json-stream")
-            or any(arg.startswith("-") and not arg.startswith("--") and "J" in arg
-                   for arg in extra)):
+            or any("J" in short_flags(arg) for arg in extra)):
         guards.append("--json")
     return guards
 

@@ -437,6 +437,7 @@ def test_probe_that_timed_out_is_a_failure():
     ((3, 21), ["--logfile", "/tmp/iperf3.log"], ["--snd-timeout", "30000"]),
     ((3, 9), ["-1J"], []),
     ((3, 18), ["--json-stream"], ["--snd-timeout", "30000"]),
+    ((3, 21), ["-BJupiter.example"], ["--snd-timeout", "30000", "--json"]),  # a value, no -J
 ])
 def test_guards_only_where_the_version_has_them(version, extra, guards):
     assert iperf_server.guard_args(version, extra) == guards
