@@ -2267,7 +2267,11 @@ def _judge_direction(rows, name, latest, limits, now, notes, perf):
     else:
         moment, row = latest
         udp = row[Col.PROTOCOL] == "udp"
-        figure, note = (_judge_latest_udp if udp else _judge_latest)(name, row, limits)
+        if row[Col.STATUS] != "ok":  # whatever the protocol
+            note = ("CRITICAL", "%s test failed at %s: %s" % (
+                name, row[Col.TIMESTAMP], one_line(row[Col.ERROR], 200)))
+        else:
+            figure, note = (_judge_latest_udp if udp else _judge_latest)(name, row, limits)
         notes.append(note)
         if now - moment > limits.max_age * 60:
             notes.append(("CRITICAL", "%s: latest test %s old (max %s)" % (
@@ -2293,11 +2297,8 @@ def _perf_limit(value, suffix=""):
 
 
 def _judge_latest(name, row, limits):
-    """(its received bits/s or None, (state, text)) of a direction's latest TCP test."""
+    """(its received bits/s or None, (state, text)) of a direction's latest ok TCP test."""
     values = _floats([row[Col.RECEIVED_BPS]])
-    if row[Col.STATUS] != "ok":
-        return None, ("CRITICAL", "%s test failed at %s: %s" % (
-            name, row[Col.TIMESTAMP], one_line(row[Col.ERROR], 200)))
     if not values:
         return None, ("UNKNOWN", "%s: no throughput figure" % name)
     figure = values[0]
@@ -2308,11 +2309,8 @@ def _judge_latest(name, row, limits):
 
 
 def _judge_latest_udp(name, row, limits):
-    """(its loss % or None, (state, text)) of a direction's latest UDP test: loss and jitter
+    """(its loss % or None, (state, text)) of a direction's latest ok UDP test: loss and jitter
     are what a UDP test is for; its rate is the one asked for (throughput limits are TCP's)."""
-    if row[Col.STATUS] != "ok":
-        return None, ("CRITICAL", "%s test failed at %s: %s" % (
-            name, row[Col.TIMESTAMP], one_line(row[Col.ERROR], 200)))
     loss = _floats([row[Col.LOST_PERCENT]]) if row[Col.LOST_PERCENT] else []
     if not loss:
         return None, ("UNKNOWN", "%s: no UDP loss figure" % name)
@@ -2681,10 +2679,7 @@ def upgrade_ledger(path, header, missing):
         lines = handle.readlines()
     if len(lines) > 1 and not lines[-1].endswith("\n"):
         if not _intact_line(lines[-1], header):
-            log.warning("the ledger %s ended in a line cut short (%s): removed; 'report "
-                        "--rebuild' restores its row from its result file", path,
-                        one_line(lines[-1], 120))
-            lines.pop()
+            _say_cut_line(path, lines.pop())
     pad = "," * len(missing)
     text = csv_line(header + missing) + "".join(
         line.rstrip("\r\n") + pad + "\n" for line in lines[1:] if line.strip())
@@ -2741,9 +2736,13 @@ def _end_cut_line(fd, size, path, header):
     if _intact_line(line, list(header)):
         return size
     os.ftruncate(fd, start)
+    _say_cut_line(path, line)
+    return start
+
+
+def _say_cut_line(path, line):
     log.warning("the ledger %s ended in a line cut short (%s): removed; 'report --rebuild' "
                 "restores its row from its result file", path, one_line(line, 120))
-    return start
 
 
 @contextlib.contextmanager
