@@ -204,6 +204,12 @@ _RUN_TEMPLATE = "{" + ",".join(
 _run_cells = eval("lambda row: (%s,)" % ", ".join(  # noqa: S307 -- built from the constants above
     "row[%d] or 'null'" % index if column in NUMBER_COLUMNS else "row[%d]" % index
     for index, column in enumerate(LEDGER_COLUMNS)))
+# The bufferbloat grade of the delay a test's own load adds (mean RTT minus base RTT), on the
+# DSLReports scale (also 8x8's and LibreQoS's): (grade, the added delay in ms it stays under).
+# Approximate from iperf3's figures: its min RTT is a smoothed sample and no idle probe is taken,
+# so the base reads high under a standing queue and the grade errs towards the better one.
+LATENCY_GRADES = (("A+", 5.0), ("A", 30.0), ("B", 60.0), ("C", 200.0), ("D", 400.0))
+LATENCY_GRADE_WORST = "F"   # 400 ms or more
 FUTURE_SLACK = 300          # seconds a test may seem to lie ahead (clocks of two hosts differ)
 # Names of a file this process already has open: streamed into, never replaced (a rename over
 # /dev/stdout would replace the link, or clobber a file the shell opened for appending).
@@ -1219,6 +1225,17 @@ def _extra_figures(ok_rows):
         "lost_percent": 100.0 * lost / packets if packets else None,
         "bytes": sent, "test_seconds": seconds,
     }
+
+
+def latency_grade(added_delay_ms):
+    """The bufferbloat grade ("A+" to "F", LATENCY_GRADES) of an added delay under load in ms, or
+    None when there is no figure (no RTT: a UDP test, a text daemon's reverse test)."""
+    if added_delay_ms is None or not math.isfinite(added_delay_ms):
+        return None
+    for grade, below in LATENCY_GRADES:
+        if added_delay_ms < below:
+            return grade
+    return LATENCY_GRADE_WORST
 
 
 def directions_of(direction):
