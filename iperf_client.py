@@ -43,6 +43,7 @@ import errno
 import fcntl
 import gc
 import gzip
+import hashlib
 import heapq
 import html
 import io
@@ -101,6 +102,8 @@ PASSWORD_FILE = None                        # file whose first line is the passw
 
 PLACEHOLDER_SERVER = "CHANGE_TO_IP"
 SUMMARY_RULE = "- - - - - - - - - - - - - - - - - - - - - - - - -"  # iperf3's text: totals below
+UDP_DATAGRAM = 1460                         # bytes of iperf3's usual UDP datagram (-l)
+UDP_MIN_DATAGRAMS = 100                     # --udp refuses a rate sending fewer in a test
 TEST_SETUP = 2.0                            # seconds a test takes beyond -t (connect, results)
 BUSY_DELAY = (5.0, 30.0)                    # random pause between busy retries (min, max) s
 KILL_GRACE = 5.0                            # seconds from SIGTERM to SIGKILL for a late iperf3
@@ -111,6 +114,8 @@ LOG_DATE_FORMAT = "%m-%d %H:%M:%S"
 # direction -> (file suffix, extra iperf3 flag); forward runs first.
 DIRECTIONS = (("forward", "_client.json", []), ("reverse", "_server.json", ["-R"]))
 EX_TEMPFAIL = 75
+EX_CANTCREAT = 73  # the tests ran and their files are written, but the ledger refused their rows
+TARGETS_FILE_LIMIT = 1024 * 1024  # a targets file larger than this is no targets file
 PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]*$")
 BUSY_MARK = "server is busy"
 # Options this script sets itself; in extra arguments they would break the run or its parsing.
@@ -174,7 +179,8 @@ RESULT_NAME_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9._-]*?)(?P<run>\d{8}_\d{6})"
                             r"_(?P<side>client|server)\.json(?P<gz>\.gz)?$")
 RUN_FILE_RE = (r"^%s(?P<run>\d{8}_\d{6})(?:_[A-Za-z0-9][A-Za-z0-9._-]*?)?"
                r"(?:_client\.json|_server\.json|_iperf_mon\.log)(?:\.gz)?$")
-LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+LABEL_MAX = 64  # characters of a label: with a prefix, the run's time and a side, a file name
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,%d}$" % (LABEL_MAX - 1))
 QUICK_HEAD = 16 * 1024     # our metadata and iperf3's "start" lie in a file's first bytes
 QUICK_TAIL = 128 * 1024    # iperf3's "end" (with every stream's summary) in its last bytes
 _META_RE = re.compile(r'\A\s*\{\s*"continuous_iperf"\s*:\s*(?=\{)')
@@ -210,6 +216,7 @@ _run_cells = eval("lambda row: (%s,)" % ", ".join(  # noqa: S307 -- built from t
 # so the base reads high under a standing queue and the grade errs towards the better one.
 LATENCY_GRADES = (("A+", 5.0), ("A", 30.0), ("B", 60.0), ("C", 200.0), ("D", 400.0))
 LATENCY_GRADE_WORST = "F"   # 400 ms or more
+SERVER_UNKNOWN = "server unknown"  # a link of failed tests whose server no file names
 FUTURE_SLACK = 300          # seconds a test may seem to lie ahead (clocks of two hosts differ)
 # Names of a file this process already has open: streamed into, never replaced (a rename over
 # /dev/stdout would replace the link, or clobber a file the shell opened for appending).
@@ -443,9 +450,16 @@ def _is_ipv6(host):
 
 def default_label(target, default_port):
     """A target's label in file names when none is given: its host (an IPv6 address's ':' and
-    '%' made '-'), and its port when that is not the default one."""
+    '%' made '-'), and its port when that is not the default one. At most LABEL_MAX characters
+    (a label may have no more): a longer one (a DNS name may have 253) is cut, and ends in a
+    short hash of the whole, so two long names still differ and no file name nears the
+    system's 255-byte limit."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", target.host).strip("-._") or "target"
-    return name + ("_%d" % target.port if target.port != default_port else "")
+    label = name + ("_%d" % target.port if target.port != default_port else "")
+    if len(label) <= LABEL_MAX:
+        return label
+    digest = hashlib.sha256(label.encode("utf-8")).hexdigest()[:8]
+    return "%s-%s" % (label[:LABEL_MAX - len(digest) - 1].rstrip("-._"), digest)
 
 
 def parse_targets_file(lines, default_port, source):
@@ -530,6 +544,17 @@ def one_line(text, limit=500):
     """Collapse whitespace so a message fits one log or CSV line."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text):
+    """`text` with each control character but tab and line break written as \\xNN: ledger
+    cells (an error text, a label, a client name) are anyone's text, and an ESC or a BEL must
+    not reach a terminal or a monitoring view as it is. Used where text reports and the
+    check's line are printed."""
+    return _CONTROL_RE.sub(lambda match: "\\x%02x" % ord(match.group()), text)
 
 
 def format_seconds(value):
@@ -844,6 +869,34 @@ def unreadable_row(file_name, reason):
     return complete_row(row, {}, file_name)
 
 
+def attribute_serverless(rows):
+    """Give each row that names no server (iperf3 names none in the JSON of a test that could
+    not connect, nor did the original script's log) the server and port of its run's other test
+    (same prefix, run and label), else the only server its prefix names, else, when the prefix
+    names none, the only one the folder names. Where that is ambiguous the row keeps no server
+    (see link_display_name). Changes `rows` in place; returns how many it gave a server."""
+    by_run, by_prefix = {}, {}
+    for row in rows:
+        if row[Col.SERVER]:
+            address = (row[Col.SERVER], row[Col.PORT])
+            by_run.setdefault((row[Col.PREFIX], row[Col.RUN], row[Col.LABEL]), set()).add(address)
+            by_prefix.setdefault(row[Col.PREFIX], set()).add(address)
+    everywhere = set().union(*by_prefix.values()) if by_prefix else set()
+    given = 0
+    for row in rows:
+        if row[Col.SERVER]:
+            continue
+        for known in (by_run.get((row[Col.PREFIX], row[Col.RUN], row[Col.LABEL])),
+                      by_prefix.get(row[Col.PREFIX]), everywhere):
+            if known:
+                break
+        if known and len(known) == 1:
+            row[Col.SERVER], port = next(iter(known))
+            row[Col.PORT] = row[Col.PORT] or port
+            given += 1
+    return given
+
+
 def csv_line(values):
     """One CSV line (with its newline) for a sequence of cells."""
     buffer = io.StringIO()
@@ -872,12 +925,21 @@ def header_layout(header):
     column added after the ledger was written), and the names of the header's other columns (a
     newer version's, kept and carried along): (positions, extra). None when the header lacks
     one of BASE_COLUMNS or repeats a name (a damaged header)."""
-    names = [cell.strip() for cell in header]
+    names = header_names(header)
     where = {name: index for index, name in enumerate(names)}
     if len(where) != len(names) or any(name not in where for name in BASE_COLUMNS):
         return None
     return ([where.get(name) for name in LEDGER_COLUMNS],
             [name for name in names if name not in LEDGER_COLUMNS])
+
+
+def header_names(header):
+    """A ledger header's column names: cells stripped, and the first one's UTF-8 byte order
+    mark (a spreadsheet's "CSV UTF-8" writes one) dropped."""
+    names = [cell.strip() for cell in header]
+    if names:
+        names[0] = names[0].lstrip("\ufeff").strip()
+    return names
 
 
 def _mapper(header):
@@ -890,7 +952,7 @@ def _mapper(header):
     positions, extra = layout
     width = len(header)
     order = [width if index is None else index for index in positions]  # width: an empty cell
-    order += [index for index, name in enumerate(header) if name.strip() in extra]
+    order += [index for index, name in enumerate(header_names(header)) if name in extra]
     if order == list(range(width)):
         return None, extra
     getter = operator.itemgetter(*order)
@@ -941,9 +1003,10 @@ def _ledger_from_lines(path, lines, extra=None):
     mapper = (None, []) if tuple(header) == LEDGER_COLUMNS else _mapper(header)
     if mapper is None:
         raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, remedy))
-    if rows and not lines[-1].endswith("\n") and not _intact_line(lines[-1], header):
+    if rows and not lines[-1].endswith("\n"):
         # A run appending it this very moment (a reader may see half a write), or a crash cut
-        # it: no row yet. The next run cuts a dead one off; --rebuild restores it from its file.
+        # it: no row yet, even when its cells look whole (`...,3` may be `...,39` cut short).
+        # The next run cuts a dead one off; --rebuild restores it from its file.
         rows.pop()
     bad = [index for index, row in enumerate(rows) if len(row) != len(header)]
     if bad:
@@ -1074,7 +1137,7 @@ def link_names(links):
     for key, rows in links.items():
         client, server, port, protocol = key
         label = next((row[Col.LABEL] for row in reversed(rows) if row[Col.LABEL]), "")
-        name = target_name(server, port)
+        name = link_display_name(server, port)
         derived = re.sub(r"[^A-Za-z0-9._-]", "-", server).strip("-._")
         if label and label not in (derived, "%s_%s" % (derived, port)):  # not default_label's
             name = "%s (%s)" % (label, name)
@@ -1082,6 +1145,12 @@ def link_names(links):
             name += " UDP"
         names[key] = "%s -> %s" % (client or "?", name) if len(clients) > 1 else name
     return names
+
+
+def link_display_name(server, port):
+    """A link's server as people read it: HOST:PORT, or "server unknown" for tests whose files
+    name no server (see attribute_serverless), never a bare ":"."""
+    return target_name(server, port) if server else SERVER_UNKNOWN
 
 
 def fill_clients(rows, fallback=""):
@@ -2370,7 +2439,10 @@ def judge_relative(rows, name, column, bounds, lower, limits):
         return ("UNKNOWN", "%s %s: no baseline (%d ok tests in the %s before the latest %d)" % (
             name, what, len(base), window, limits.recent)), "%s=U" % label
     normal, now = percentile(base, 0.5), percentile(sorted(recent), 0.5)
-    percent = 100.0 * now / normal if normal else float("inf")
+    if not normal:  # no ratio to a zero (perfdata has no "inf%")
+        return ("UNKNOWN", "%s %s: the %s baseline median is 0: nothing to compare with" % (
+            name, what, window)), "%s=U" % label
+    percent = 100.0 * now / normal
     state = "OK"
     for level, bound in zip(("WARNING", "CRITICAL"), bounds):
         if bound is None:
@@ -2685,7 +2757,7 @@ def ledger_header(path):
             first = handle.read(64 * 1024).split(b"\n", 1)[0].decode("utf-8", "replace")
     except FileNotFoundError:
         return None
-    cells = [cell.strip() for cell in next(csv.reader([first]), [])]
+    cells = header_names(next(csv.reader([first]), []))
     return cells if header_layout(cells) is not None else None
 
 
@@ -2693,28 +2765,19 @@ def upgrade_ledger(path, header, missing):
     """Give a ledger written by an older version the `missing` columns, empty, at the end of
     every line (atomically: a crash leaves the old file). Runs once per ledger."""
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        lines = handle.readlines()
-    if len(lines) > 1 and not lines[-1].endswith("\n"):
-        if not _intact_line(lines[-1], header):
-            _say_cut_line(path, lines.pop())
-    pad = "," * len(missing)
+        text = handle.read()
+    # By CSV records, not lines: a quoted cell may hold a line break.
+    records = [cells for cells in csv.reader(io.StringIO(text)) if cells]
+    if len(records) > 1 and not text.endswith("\n"):
+        cut = text[text.rfind("\n") + 1:]
+        records.pop()  # a row is whole only with its newline: a crash cut this one
+        _say_cut_line(path, cut)
+    pad = [""] * len(missing)
     text = csv_line(header + missing) + "".join(
-        line.rstrip("\r\n") + pad + "\n" for line in lines[1:] if line.strip())
+        csv_line(cells + pad) for cells in records[1:])
     write_atomic(path, text.encode("utf-8", "surrogateescape"))
     log.info("the ledger %s was given the columns %s (it was written by an older version)",
              path, ", ".join(missing))
-
-
-def _intact_line(line, header):
-    """True when a ledger line (by the file's `header`) is a well-formed row."""
-    try:
-        cells = next(csv.reader([line]), [])
-    except csv.Error:
-        return False
-    mapper = _mapper(header)
-    if mapper is None or len(cells) != len(header):
-        return False
-    return well_formed(list(mapper[0](cells)) if mapper[0] else cells)
 
 
 def _append_row(path, row, header):
@@ -2743,15 +2806,15 @@ def _append_row(path, row, header):
 
 
 def _end_cut_line(fd, size, path, header):
-    """The ledger's size once a last line that is no well-formed row is cut off (a crash while
-    appending left it); an intact last line that only lost its newline stays. Logs the cut."""
+    """The ledger's size once a last line without its newline is cut off: a row is appended
+    with its newline in one write, so a crash while appending left it, and its cells cannot
+    tell (a number cut short is still a number). Its result file keeps it for --rebuild.
+    Logs the cut."""
     tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
     start = size - len(tail) + tail.rfind(b"\n") + 1
     if start == 0:
         return size  # the header itself: leave it be
     line = os.pread(fd, size - start, start).decode("utf-8", errors="replace")
-    if _intact_line(line, list(header)):
-        return size
     os.ftruncate(fd, start)
     _say_cut_line(path, line)
     return start
@@ -3058,6 +3121,9 @@ def run_tests(settings, run_ts, stopper):
     status = 0
     rows = []
     ledger = os.path.join(settings.results_dir, LEDGER_NAME)
+    unwritable = ledger_problem(ledger)  # said before the first test; every test still runs
+    if unwritable:
+        log.error("%s", unwritable)
     for target in random.sample(settings.targets, len(settings.targets)):
         for direction, suffix, flags in DIRECTIONS:
             if stopper.signum is not None:
@@ -3072,11 +3138,49 @@ def run_tests(settings, run_ts, stopper):
             rows.append(ledger_row(document, file_name))
             try:
                 append_ledger(ledger, rows[-1])
-            except OSError as exc:
-                raise IperfError("cannot append to the ledger %s: %s (the result files keep the "
-                                 "tests: 'report --rebuild')" % (ledger, exc.strerror or exc))
+            except (OSError, IperfError) as exc:
+                # The result file is the record: the run goes on, says it once, exits 73.
+                if not unwritable:
+                    unwritable = ledger_remedy(ledger, exc)
+                    log.error("%s", unwritable)
+                status = max(status, EX_CANTCREAT)
             status = max(status, _test_status(settings, target, direction, document))
     return rows, status
+
+
+def ledger_problem(path):
+    """Why a run cannot append to the ledger at `path` (see ledger_remedy), or None when it
+    can: it is opened for appending as an append opens it (never following a symlink), and
+    nothing is written. A missing ledger is no problem: the first append creates it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | O_NOFOLLOW)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return ledger_remedy(path, OSError(errno.ENOENT, "a symbolic link to nothing"))
+        return None
+    except OSError as exc:
+        return ledger_remedy(path, exc)
+    os.close(fd)
+    return None
+
+
+def ledger_remedy(path, exc):
+    """One line: the ledger `path` cannot take this run's rows (`exc` says why), what fixes it,
+    and that the tests are kept in their result files for 'report --rebuild'."""
+    culprit = getattr(exc, "filename", None) or path
+    if os.path.islink(culprit):
+        fix = "it is a symbolic link (to %s), which a run never follows: put the file itself " \
+              "there" % os.readlink(culprit)
+    elif os.path.isdir(culprit):
+        fix = "it is a directory: move it away"
+    elif getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM):
+        fix = "give it back to the user of the runs (e.g. after a 'report --rebuild' as root: " \
+              "chown %d:%d %s)" % (os.geteuid(), os.getegid(), culprit)
+    else:
+        fix = "make it writable"
+    return ("cannot append to the ledger %s: %s; %s; every test of this run is still measured "
+            "and kept in its result file: once fixed, 'iperf_client.py report --rebuild' puts "
+            "them in the ledger" % (culprit, getattr(exc, "strerror", None) or exc, fix))
 
 
 def _test_status(settings, target, direction, document):
@@ -3107,7 +3211,8 @@ def finish_run(settings, run_ts, rows, status, stopper):
         deleted = delete_old_files(settings.results_dir, settings.prefix, settings.keep_days)
         log.info("deleted %d files older than %d days (their ledger rows stay)",
                  len(deleted), settings.keep_days)
-    log.info("run %s finished: %s", run_ts, "ok" if status == 0 else "a test failed")
+    log.info("run %s finished: %s", run_ts, "ok" if status == 0 else "a test failed"
+             if status == 1 else "the ledger could not take its rows")
     return status
 
 
@@ -3300,6 +3405,9 @@ def salvage_ledger(path, extra=None):
     for number, line in enumerate(lines):
         if not line.strip():
             continue
+        if not line.endswith("\n") and number:
+            dropped += 1  # a row is whole only with its newline (see _end_cut_line)
+            continue
         try:
             cells = next(csv.reader([line]))
         except (csv.Error, StopIteration):
@@ -3399,8 +3507,13 @@ def rebuild_ledger(folder, jobs=None):
     items += [(None, row) for row in old_rows if row[Col.FILE] not in present]
     items.sort(key=_ledger_order)
     rows = [row for _, row in items]
+    attribute_serverless(rows)
     text = csv_line(LEDGER_COLUMNS + tuple(extra)) + "".join(csv_line(row) for row in rows)
+    owner = os.stat(ledger if os.path.isfile(ledger) else folder)
     write_atomic(ledger, text.encode("utf-8"))
+    if os.geteuid() == 0 and os.path.isfile(ledger):
+        # root's rebuild must not leave the runs (another user) a ledger they cannot append to.
+        os.chown(os.path.realpath(ledger), owner.st_uid, owner.st_gid)
     return len(rows)
 
 
@@ -3591,7 +3704,8 @@ def build_parser():
                     "record them all.",
         epilog="Arguments after -- go to iperf3 unchanged (except the options this script sets: "
                "-c -p -t -P -R -J --logfile). 'iperf_client.py report --help' describes the "
-               "report. Exit status: 0 ok, 1 a test failed, 2 usage, 75 another run held the "
+               "report. Exit status: 0 ok, 1 a test failed, 2 usage, 73 the ledger could not be "
+               "appended to (every test still ran; its files keep it), 75 another run held the "
                "results folder (this run is recorded as skipped), 128+N stopped by signal N.",
     )
     _add_target_flags(parser)
@@ -3708,6 +3822,8 @@ def check_options(parser, options):
     name = options.client_name
     if any(ord(char) < 32 or ord(char) == 127 for char in name):
         parser.error("argument --client-name: %r holds a control character" % name)
+    if options.udp is not None:
+        check_udp_rate(parser, options.udp, options.duration)
     owned = owned_option(options.extra)
     if owned is not None:
         parser.error("iperf3 argument %r is set or ruled out by this script: use its own flags "
@@ -3722,6 +3838,19 @@ def check_options(parser, options):
         check_readable(_absolute(options.rsa_public_key_path), "public key")
     except IperfError as exc:
         parser.error(str(exc))
+
+
+def check_udp_rate(parser, rate, duration):
+    """Refuse (exit 2) a --udp rate that sends fewer than UDP_MIN_DATAGRAMS datagrams a test:
+    the loss and jitter of a handful of packets say nothing about a link."""
+    datagrams = rate * duration / 8.0 / UDP_DATAGRAM
+    if datagrams < UDP_MIN_DATAGRAMS:
+        least = math.ceil(UDP_MIN_DATAGRAMS * UDP_DATAGRAM * 8.0 / duration / 1000.0)
+        parser.error("argument --udp: %s bits/s for %d s sends about %s datagrams of %d bytes: "
+                     "too few for loss and jitter to mean anything; give at least %dK (%d "
+                     "datagrams a test) or a longer --duration" % (
+                         format_seconds(rate), duration, format_seconds(round(datagrams, 1)),
+                         UDP_DATAGRAM, least, UDP_MIN_DATAGRAMS))
 
 
 def resolve_targets(options):
@@ -3740,8 +3869,7 @@ def resolve_targets(options):
             raise ValueError("argument -c/--server: %s" % exc)
     for path in files:
         try:
-            with open(_absolute(path), encoding="utf-8") as handle:
-                lines = handle.readlines()
+            lines = read_targets_file(_absolute(path))
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError("cannot read the targets file %s: %s" % (
                 path, getattr(exc, "strerror", None) or exc))
@@ -3750,6 +3878,20 @@ def resolve_targets(options):
         raise ValueError("no server configured: give --server HOST or --targets FILE (or set "
                          "IPERF_SERVER in the script)")
     return labelled_targets(targets, options.port)
+
+
+def read_targets_file(path):
+    """A targets file's lines. Only a regular file of at most TARGETS_FILE_LIMIT bytes is read
+    (a FIFO would hang a cron run, /dev/zero fill its memory); a byte order mark is skipped.
+    Raises OSError, UnicodeDecodeError."""
+    with open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) \
+            as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = handle.read(TARGETS_FILE_LIMIT + 1)
+    if len(data) > TARGETS_FILE_LIMIT:
+        raise OSError(errno.EFBIG, "larger than %d bytes" % TARGETS_FILE_LIMIT)
+    return data.decode("utf-8-sig").splitlines(keepends=True)
 
 
 def check_username(username):
@@ -3973,10 +4115,12 @@ def report_main(argv):
             until = parse_when(options.until, now) if options.until is not None else None
         except ValueError as exc:
             parser.error(str(exc))
+        if since is not None and until is not None and since >= until:
+            parser.error("--since %s is not before --until %s: the period is empty" % (
+                options.since, options.until))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    folders = [os.path.abspath(os.path.expanduser(folder))
-               for folder in options.results_dir or [RESULTS_DIR]]
+    folders = distinct_folders(options.results_dir or [RESULTS_DIR])
     # Hundreds of thousands of rows are lists that live until the end: the cyclic garbage
     # collector would walk them again and again for nothing (it doubles the report's time).
     gc_was_enabled = gc.isenabled()
@@ -4005,6 +4149,23 @@ def report_main(argv):
         signal.signal(signal.SIGTERM, previous)
         if gc_was_enabled:
             gc.enable()
+
+
+def distinct_folders(texts):
+    """The results folders given on the command line, absolute, each once: `A`, `A/` and a
+    symbolic link to A are one folder, whose every test would else count twice (a repeat is
+    said on stderr)."""
+    folders, seen = [], {}
+    for text in texts:
+        folder = os.path.abspath(os.path.expanduser(text))
+        real = os.path.realpath(folder)
+        if real in seen:
+            say("warning: %s is the results folder %s, given already: it is read once" % (
+                text, seen[real]))
+            continue
+        seen[real] = folder
+        folders.append(folder)
+    return folders
 
 
 def _report(options, folders, since, until, now):
@@ -4051,7 +4212,7 @@ def _write_report(out, options, rows, folder, since, until):
     else:
         lines = text_report(rows, summary, folder, options.prefix, since, until, received,
                             time.time())
-        out.write("\n".join(lines) + "\n")
+        out.write(printable("\n".join(lines)) + "\n")
     out.flush()
 
 
@@ -4066,7 +4227,7 @@ def _write_links_report(out, options, links, folder, since, until):
     else:
         lines = links_text_report(links, names, options.direction, folder, options.prefix,
                                   since, until, time.time())
-        out.write("\n".join(lines) + "\n")
+        out.write(printable("\n".join(lines)) + "\n")
     out.flush()
 
 
@@ -4140,7 +4301,7 @@ def check_main(options, folders, since, until, now):
                 if options.prefix is not None else "")
         else:
             state, line = _check_rows(options, rows, now)
-    sys.stdout.write(line + "\n")
+    sys.stdout.write(printable(line) + "\n")
     sys.stdout.flush()
     return CHECK_EXIT[state]
 
@@ -4156,27 +4317,47 @@ def _check_rows(options, rows, now):
         max_age=options.max_age)  # None: each link's own usual interval (judge_link)
     directions = directions_of(options.direction)
     if len(links) > 1:
-        return check_links(links, link_names(links), directions, limits, now)
-    return check_result(rows, directions, limits, now)
+        state, line = check_links(links, link_names(links), directions, limits, now)
+    else:
+        state, line = check_result(rows, directions, limits, now)
+    unjudged = thresholds_unjudged({key[3] for key in links}, limits)
+    if unjudged:  # failed and stale tests are still judged: a CRITICAL stays CRITICAL
+        state = max(state, "UNKNOWN", key=CHECK_RANK.index)
+        line = "%s - %s; %s" % (state, unjudged, line.split(" - ", 1)[1])
+    return state, line
+
+
+def thresholds_unjudged(protocols, limits):
+    """None, or what to say when no selected link has the figures the thresholds given judge
+    (a UDP-only folder checked by throughput or RTT, a TCP-only one by loss): the check would
+    else say OK having judged nothing."""
+    tcp = any(value is not None for value in (limits.warn_bps, limits.crit_bps, limits.drop,
+                                              limits.rise))
+    udp = limits.warn_loss is not None or limits.crit_loss is not None
+    if "tcp" not in protocols and not udp:
+        return ("no TCP link: --warn-below/--crit-below, --drop-below and --rtt-rise judge "
+                "none of these UDP links (give --warn-loss and --crit-loss)")
+    if "udp" not in protocols and not tcp:
+        return ("no UDP link: --warn-loss/--crit-loss judge none of these TCP links (give "
+                "--warn-below and --crit-below, or --drop-below)")
+    return None
 
 
 def _latest_rows(folder, options, since, until):
     """The selected rows among the ledger's latest: enough for the latest test of each link
     and direction seen there, and the usual interval (INTERVAL_ROWS), read from the ledger's
-    end only, reading further back only when the selection finds too little there. Links last
-    tested before that window (a target since removed) are left out. Raises IperfError,
-    OSError."""
+    end only, reading further back only when the selection finds too little there. A link
+    whose last test is more than CHECK_REACH older than the ledger's latest (a target since
+    removed) is left out, however many rows were read. Raises IperfError, OSError."""
     ledger = os.path.join(folder, LEDGER_NAME)
     if not os.path.exists(ledger):
         return _ledger_rows(folder)  # none yet, or a missing ledger said as report says it
     wanted = INTERVAL_ROWS
     directions = set(directions_of(options.direction))
-    # --drop-below, --rtt-rise: back to the baseline's start (and a day, for a link that
-    # stopped being tested a while ago).
     # Back a day at least, so that a link tested then but no more is judged (stale), not
     # forgotten; with --drop-below or --rtt-rise, back to the baseline's start and a day.
     relative = options.drop_below is not None or options.rtt_rise is not None
-    reach = time.time() - CHECK_REACH - (options.baseline_seconds if relative else 0)
+    back = CHECK_REACH + (options.baseline_seconds if relative else 0)
     while True:
         tail, whole = read_ledger_tail(ledger, wanted)
         rows = select_link(select_rows(tail, options.prefix, since, until, options.direction),
@@ -4184,12 +4365,36 @@ def _latest_rows(folder, options, since, until):
         found = collections.defaultdict(set)
         for row in rows:
             found[_LINK_KEY(row)].add(row[Col.DIRECTION])
+        newest = latest_moment(tail)
         oldest = row_time(tail[0][Col.TIMESTAMP]) if tail else None
         if whole or (len(rows) >= INTERVAL_ROWS and found and all(
                 seen >= directions for seen in found.values()) and (
-                oldest is not None and oldest <= reach)):
-            return rows
+                oldest is not None and oldest <= newest - back)):
+            return links_within(rows, newest - CHECK_REACH)
         wanted *= 4
+
+
+def latest_moment(rows, now=None):
+    """The latest test's start among `rows` (Unix seconds), but never later than `now`: a test
+    dated in the future (a clock off) must not push every other link out of the check."""
+    now = time.time() if now is None else now
+    moments = [moment for moment in map(row_time, (row[Col.TIMESTAMP] for row in rows))
+               if moment is not None]
+    return min(max(moments), now) if moments else now
+
+
+def links_within(rows, reach):
+    """The rows of the links whose last row (a test or a skipped run) started at `reach` or
+    later: the links --check judges. A link last tested before then was taken out of the
+    schedule; the check forgets it after CHECK_REACH."""
+    last = {}
+    for row in rows:
+        moment = row_time(row[Col.TIMESTAMP])
+        key = _LINK_KEY(row)
+        if moment is not None and moment > last.get(key, float("-inf")):
+            last[key] = moment
+    kept = {key for key, moment in last.items() if moment >= reach}
+    return [row for row in rows if _LINK_KEY(row) in kept]
 
 
 def _print_commands(settings):
