@@ -2415,8 +2415,7 @@ def judge_relative(rows, name, column, bounds, lower, limits):
     seconds before them. With `lower` (throughput), WARNING / CRITICAL when it is below
     bounds[0] / bounds[1] % of the baseline; else (RTT under load) when it is more than that %
     above it. Raised only when each of the latest `consecutive` tests is beyond the bound too,
-    so that one dip does not page anyone. UNKNOWN when the baseline holds fewer tests than
-    `recent`."""
+    so that one dip does not page anyone. UNKNOWN when the baseline has < `recent` tests."""
     what = "throughput" if lower else "RTT"
     tests = []
     for row in rows:
