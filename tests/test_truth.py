@@ -335,7 +335,7 @@ def test_a_long_host_name_makes_no_file_name_too_long(tmp_path, fake_iperf3):
         assert iperf_client.LABEL_RE.match(row["label"])
 
 
-# --- 9. the smaller ones ---------------------------------------------------------------------------
+# --- 9. the smaller ones --------------------------------------------------------------------------
 
 def test_the_upgrade_keeps_a_quoted_cell_that_spans_lines(tmp_path, fake_iperf3):
     folder = tmp_path / "results"
