@@ -3172,6 +3172,8 @@ def ledger_remedy(path, exc):
               "there" % os.readlink(culprit)
     elif os.path.isdir(culprit):
         fix = "it is a directory: move it away"
+    elif getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on its file system"
     elif getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM):
         fix = "give it back to the user of the runs (e.g. after a 'report --rebuild' as root: " \
               "chown %d:%d %s)" % (os.geteuid(), os.getegid(), culprit)

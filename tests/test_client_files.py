@@ -22,16 +22,20 @@ def ledger_rows(path):
         return list(csv.reader(handle))
 
 
-def test_append_after_a_last_line_without_newline_keeps_both_rows(tmp_path):
+def test_append_after_a_last_line_without_newline_cuts_it(tmp_path, caplog, monkeypatch):
+    """A row is whole only with its newline (issue 19: `...,3` may be `...,39` cut short): the
+    line is cut off and said; its result file keeps it for --rebuild."""
+    monkeypatch.setattr(iperf_client.log, "propagate", True)  # an in-process main() unset it
     ledger = tmp_path / "results.csv"
     iperf_client.append_ledger(str(ledger), ROW)
-    ledger.write_bytes(ledger.read_bytes().rstrip(b"\n"))  # as an editor may save it
+    ledger.write_bytes(ledger.read_bytes().rstrip(b"\n"))
     reverse = list(ROW)
     reverse[iperf_client.Col.DIRECTION] = "reverse"
     iperf_client.append_ledger(str(ledger), reverse)
     rows = ledger_rows(ledger)
-    assert [row[iperf_client.Col.DIRECTION] for row in rows[1:]] == ["forward", "reverse"]
+    assert [row[iperf_client.Col.DIRECTION] for row in rows[1:]] == ["reverse"]
     assert all(len(row) == len(iperf_client.LEDGER_COLUMNS) for row in rows)
+    assert "cut short" in caplog.text
 
 
 def test_a_short_write_is_cut_back_off(tmp_path, monkeypatch):
