@@ -1138,8 +1138,9 @@ def link_names(links):
         client, server, port, protocol = key
         label = next((row[Col.LABEL] for row in reversed(rows) if row[Col.LABEL]), "")
         name = link_display_name(server, port)
-        derived = re.sub(r"[^A-Za-z0-9._-]", "-", server).strip("-._")
-        if label and label not in (derived, "%s_%s" % (derived, port)):  # not default_label's
+        target = Target(server, int(port) if port.isdigit() else 0, "")
+        if label and label not in (default_label(target, target.port),  # not default_label's
+                                   default_label(target, None)):
             name = "%s (%s)" % (label, name)
         if protocol == "udp":
             name += " UDP"
@@ -3152,14 +3153,18 @@ def ledger_problem(path):
     can: it is opened for appending as an append opens it (never following a symlink), and
     nothing is written. A missing ledger is no problem: the first append creates it."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | O_NOFOLLOW)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         if os.path.islink(path):
             return ledger_remedy(path, OSError(errno.ENOENT, "a symbolic link to nothing"))
         return None
     except OSError as exc:
         return ledger_remedy(path, exc)
-    os.close(fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device takes no ledger
+            return ledger_remedy(path, OSError(errno.EINVAL, "not a regular file"))
+    finally:
+        os.close(fd)
     return None
 
 
@@ -3172,6 +3177,8 @@ def ledger_remedy(path, exc):
               "there" % os.readlink(culprit)
     elif os.path.isdir(culprit):
         fix = "it is a directory: move it away"
+    elif os.path.exists(culprit) and not os.path.isfile(culprit):
+        fix = "it is not a regular file (a FIFO, a device): move it away"
     elif getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         fix = "free space on its file system"
     elif getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM):
@@ -4348,7 +4355,7 @@ def _latest_rows(folder, options, since, until):
     """The selected rows among the ledger's latest: enough for the latest test of each link
     and direction seen there, and the usual interval (INTERVAL_ROWS), read from the ledger's
     end only, reading further back only when the selection finds too little there. A link
-    whose last test is more than CHECK_REACH older than the ledger's latest (a target since
+    whose last test is more than CHECK_REACH older than the selection's latest (a target since
     removed) is left out, however many rows were read. Raises IperfError, OSError."""
     ledger = os.path.join(folder, LEDGER_NAME)
     if not os.path.exists(ledger):
@@ -4366,12 +4373,13 @@ def _latest_rows(folder, options, since, until):
         found = collections.defaultdict(set)
         for row in rows:
             found[_LINK_KEY(row)].add(row[Col.DIRECTION])
-        newest = latest_moment(tail)
         oldest = row_time(tail[0][Col.TIMESTAMP]) if tail else None
         if whole or (len(rows) >= INTERVAL_ROWS and found and all(
                 seen >= directions for seen in found.values()) and (
-                oldest is not None and oldest <= newest - back)):
-            return links_within(rows, newest - CHECK_REACH)
+                oldest is not None and oldest <= latest_moment(tail) - back)):
+            # The day runs back from the selection's latest test, not from now: a client
+            # whose runs all stopped (or the one link --server names) stays judged, stale.
+            return links_within(rows, latest_moment(rows) - CHECK_REACH)
         wanted *= 4
 
 

@@ -234,10 +234,23 @@ def test_a_removed_target_drops_out_of_the_check_after_a_day(tmp_path, capsys, d
 
 
 def test_a_client_that_stopped_stays_critical(tmp_path, capsys):
-    """Every link stale (the client's cron died): the check still judges them, CRITICAL."""
-    write_ledger(tmp_path, every_five_minutes(0.05, end_age=3 * 86400))
+    """Every link stale (the client's cron died): the check still judges them, CRITICAL; so is
+    a removed target that --server names on its own."""
+    now = time.time()
+    gone = [moved(row_at(now - 5 * 86400 - 600, "forward", 9e9), "192.0.2.99"),
+            moved(row_at(now - 5 * 86400 - 570, "reverse", 9e9), "192.0.2.99")]
+    write_ledger(tmp_path, gone + every_five_minutes(0.05, end_age=3 * 86400))
     code, line = check(capsys, "-d", tmp_path, *THRESHOLDS)
+    assert code == 2 and "old (max" in line and "192.0.2.99" not in line, line
+    write_ledger(tmp_path, gone + every_five_minutes(0.05))
+    code, line = check(capsys, "-d", tmp_path, *THRESHOLDS, "--server", "192.0.2.99")
     assert code == 2 and "old (max" in line, line
+
+
+def test_a_fifo_named_like_the_ledger_is_said_not_waited_for(tmp_path):
+    os.mkfifo(str(tmp_path / "results.csv"))
+    problem = iperf_client.ledger_problem(str(tmp_path / "results.csv"))
+    assert "not a regular file" in problem and "report --rebuild" in problem
 
 
 # --- 4. a folder given twice --------------------------------------------------------------------
@@ -333,6 +346,11 @@ def test_a_long_host_name_makes_no_file_name_too_long(tmp_path, fake_iperf3):
         assert os.path.isfile(str(tmp_path / row["file"])), row["file"]
         assert len(row["label"]) <= 64 and len(row["file"].encode()) < 255
         assert iperf_client.LABEL_RE.match(row["label"])
+    # A label cut by default_label is still the default one: links are named by host:port.
+    links = iperf_client.group_links(iperf_client.fill_clients(
+        iperf_client.read_ledger(str(tmp_path / "results.csv"))))
+    assert sorted(iperf_client.link_names(links).values()) == sorted([
+        "%s:5201" % longest, "%s:5202" % also_long])
 
 
 # --- 9. the smaller ones --------------------------------------------------------------------------
