@@ -16,8 +16,8 @@ import time
 import pytest
 
 import iperf_client
-from conftest import (BASE_ROW, CLIENT_SCRIPT, FAKE_RESULT, LEDGER_COLUMNS, assert_one_line_error,
-                      read_ledger, row_at, run_script, write_ledger)
+from conftest import (BASE_ROW, CANNOT_CONNECT, CLIENT_SCRIPT, FAKE_RESULT, LEDGER_COLUMNS,
+                      assert_one_line_error, read_ledger, row_at, run_script, says, write_ledger)
 
 QUICK = ["-t", "1", "-P", "1", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
 THRESHOLDS = ("--warn-below", "5000", "--crit-below", "1000")  # Mbit/s
@@ -72,7 +72,7 @@ def test_rebuilt_failures_of_old_files_keep_their_link(tmp_path, start_iperf3_se
     as_the_original_left_it(folder)
     refused = json.loads((folder / json_files(folder)[-1]).read_text())
     assert refused["start"]["connected"] == [] and "connecting_to" not in refused["start"]
-    assert "Connection refused" in refused["error"]
+    assert says(refused["error"], CANNOT_CONNECT + ("Connection refused",))
     done = report("-d", folder, "--rebuild", "--format", "csv")
     assert done.returncode == 0, done.stderr
     rows = read_ledger(folder)
