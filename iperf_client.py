@@ -3767,8 +3767,9 @@ def _add_target_flags(parser):
                         help="port of a target that names none (default: %(default)s)")
     parser.add_argument("--udp", type=_rate, default=UDP_RATE, metavar="RATE",
                         help="UDP tests at RATE bits/s in all (K, M, G allowed, e.g. 50M; "
-                             "iperf3 -u, and -b RATE/streams for each stream) instead of TCP "
-                             "(default: %(default)s)")
+                             "iperf3 -u, and -b RATE/streams for each stream) instead of TCP; "
+                             "refused below %d datagrams a test (default: %%(default)s)"
+                             % UDP_MIN_DATAGRAMS)
     parser.add_argument("--client-name", default=CLIENT_NAME, metavar="NAME",
                         help="this host's name in results and reports (default: its host name)")
 
