@@ -215,6 +215,7 @@ def shaped_bed(iperf3):
         bed.destroy()
 
 
+@pytest.mark.netns
 def test_a_shaped_loaded_link_grades_by_its_queue_and_worse_than_loopback(
         shaped_bed, start_iperf3_server, tmp_path):
     """On the bed, the queue a test fills adds delay; the textfile's added delay is the
