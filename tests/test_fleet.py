@@ -221,8 +221,15 @@ def test_a_shaped_loaded_link_grades_by_its_queue_and_worse_than_loopback(
     """On the bed, the queue a test fills adds delay; the textfile's added delay is the
     ledger's mean minus minimum RTT and its grade that figure's. The shaper's queue bounds the
     delay it can add (30 ms + the 50 ms round trip, plus a burst of 4 ms): the figure lies
-    between 0 and that; and since iperf3's minimum is read under load, against the path's own
-    50 ms the delay is larger (the grade is approximate, never better than that)."""
+    between 0 and that, and never above the delay against the path's own 50 ms (iperf3's
+    minimum is read under load: the grade is approximate, never worse than the truth).
+
+    With `-i 0.1` the forward test (the client's own sockets) samples its RTT during slow
+    start, before the queue fills: its minimum is the path's (measured 50.6-53.0 ms), so its
+    added delay is the queue's (measured 29-48 ms, A or B, where loopback's is A+, under 1 ms).
+    The reverse test's RTT is the server's, sampled every second whatever -i says: its minimum
+    is read under load (measured 59-67 ms, added 39-52 ms; without -i 0.1 the forward one read
+    71-100 ms and added 5-17 ms), so only its consistency is asserted."""
     loopback = loopback_grades(start_iperf3_server(["--json"]).port, tmp_path)
     server = shaped_bed.exec_in(shaped_bed.server_ns, [
         sys.executable, SERVER_SCRIPT, "--pidfile", tmp_path / "iperf.pid", "--log-file",
@@ -232,7 +239,7 @@ def test_a_shaped_loaded_link_grades_by_its_queue_and_worse_than_loopback(
     done = shaped_bed.exec_in(shaped_bed.client_ns, [
         sys.executable, CLIENT_SCRIPT, "-c", netbed.SERVER_ADDR, "-p", "5201", "-t", "4",
         "-P", "2", "-d", tmp_path / "bed", "--client-name", CLIENT_NAME, "--timeout-margin", "5",
-        "--prometheus-textfile", prom], check=False, timeout=120)
+        "--prometheus-textfile", prom, "--", "-i", "0.1"], check=False, timeout=120)
     assert_quiet_success(done)
     rows = read_ledger(tmp_path / "bed")
     graded = assert_grades_match_the_ledger(prom.read_text(), rows)
@@ -247,8 +254,15 @@ def test_a_shaped_loaded_link_grades_by_its_queue_and_worse_than_loopback(
         assert 0 < added_ms <= against_path <= queue_ms + 10, row
         assert GRADE_ORDER.index(grade) <= GRADE_ORDER.index(
             iperf_client.latency_grade(against_path))
-        assert GRADE_ORDER.index(grade) > GRADE_ORDER.index(loopback[row["direction"]][1]), (
-            graded, loopback)
+    added_ms, grade = graded["forward"]
+    assert float(by_direction(rows)["forward"]["min_rtt_ms"]) < 2 * ONE_WAY_MS + 10, rows
+    assert 20 <= added_ms <= queue_ms, rows  # the queue's delay: 20 ms at least, a round trip in
+    assert GRADE_ORDER.index(grade) > GRADE_ORDER.index(loopback["forward"][1]), (
+        graded, loopback)
+
+
+def by_direction(rows):
+    return {row["direction"]: row for row in rows}
 
 
 # --- the shipped rules and dashboard, on real node_exporter and Prometheus ---------------------
