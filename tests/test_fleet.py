@@ -433,6 +433,12 @@ def test_every_rule_loads_and_evaluates_healthy(fleet):
 
     rules = wait_until(evaluated, timeout=60, interval=0.5)
     assert rules, http_json(fleet.prometheus_url + "/api/v1/rules")
+    alerts = [rule for rule in rules if rule["type"] == "alerting"]
+    assert len(alerts) >= 8
+    for rule in alerts:  # each names its link, for whoever is paged
+        for text in (rule["annotations"]["summary"], rule["annotations"]["description"]):
+            for label in ("client", "label", "server", "port"):
+                assert "$labels.%s" % label in text, (rule["name"], text)
     # The records of the latest hour and the floor are computed from the client's series.
     for record in ("iperf_link:received_bits_per_second:median1h",
                    "iperf_link:floor_bits_per_second", "iperf_link:last_test_age_seconds"):
