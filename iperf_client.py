@@ -274,14 +274,24 @@ PROMETHEUS_METRICS = (
     ("iperf_jitter_seconds", "jitter_ms",
      "UDP jitter of the latest test (iperf3's running estimate, RFC 1889), seconds."),
     ("iperf_lost_ratio", "lost_percent", "UDP packets lost in the latest test, 0 to 1."),
+    ("iperf_added_delay_seconds", None,
+     "Delay the latest test's own load added: its mean RTT minus its lowest RTT, seconds "
+     "(approximate: iperf3's lowest RTT is a smoothed figure and no idle probe is taken)."),
+    ("iperf_latency_grade", None,
+     "1 for the grade (label grade, A+ to F, the DSLReports bufferbloat scale) of the latest "
+     "test's added delay; approximate, see iperf_added_delay_seconds."),
     ("iperf_success", "status", "1 when the latest test succeeded, 0 when it failed."),
+    ("iperf_consecutive_failures", None,
+     "Failed tests in a row up to the latest one (0 after a success), as counted in this file."),
     ("iperf_last_run_timestamp_seconds", "timestamp",
      "Start of the latest run (its first test), Unix seconds."),
 )
 # The figures of the latest test, and their factor from the ledger's unit (ms, %) to the
 # metric's base unit (Prometheus names seconds and ratios).
 PROMETHEUS_VALUES = ((0, 1), (1, 1), (2, 1), (3, 1e-3), (4, 1e-3), (5, 1e-3), (6, 1e-2))
-PROMETHEUS_LABELS = ("server", "port", "protocol", "direction")  # protocol: only "udp" is said
+# client: the ledger's client column (the run's --client-name); label: the target's label.
+# protocol: only "udp" is said (TCP's series keep the labels of 2.2); grade: the grade's only.
+PROMETHEUS_LABELS = ("client", "label", "server", "port", "protocol", "direction", "grade")
 _PROM_SAMPLE_RE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)\s*$")
 _PROM_LABEL_RE = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
 CHECK_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
@@ -2145,14 +2155,17 @@ def _prom_number(cell):
         return repr(values[0]) if values else None
 
 
-def run_samples(rows):
+def run_samples(rows, failures=None):
     """The samples of one run: `rows` are its ledger rows, one per test that ran, labelled by
-    each row's own server and port (a run of several targets gives each its series) and, for
-    UDP tests, protocol="udp" (TCP's series keep the labels they always had).
+    each row's own client, target label, server and port (a run of several targets gives each
+    its series) and, for UDP tests, protocol="udp" (TCP's series keep the labels they had).
+    `failures` maps a test's series key (_prom_test_key) to its failures in a row before this
+    run, read back from the file.
 
     A failed test gives success 0 and no figures (0 bits/s would be a lie that drags averages
     down); a figure the test does not have (RTT of a UDP test) gives no series.
     """
+    failures = failures or {}
     samples, starts = [], {}
     for row in rows:
         target = _prom_target(row)
@@ -2163,21 +2176,48 @@ def run_samples(rows):
         labels = dict(target, direction=row[Col.DIRECTION])
         ok = row[Col.STATUS] == "ok"
         samples.append(("iperf_success", labels, "1" if ok else "0"))
+        in_a_row = 0 if ok else failures.get(_prom_test_key(labels), 0) + 1
+        samples.append(("iperf_consecutive_failures", labels, str(in_a_row)))
         for index, factor in PROMETHEUS_VALUES if ok else ():
             metric, column, _ = PROMETHEUS_METRICS[index]
             cell = row[LEDGER_COLUMNS.index(column)]
             value = _prom_number(cell) if factor == 1 else _prom_scaled(cell, factor)
             if value is not None:
                 samples.append((metric, labels, value))
+        samples += _grade_samples(row, labels) if ok else []
     return [("iperf_last_run_timestamp_seconds", target, _prom_number(str(moment)))
             for moment, target in starts.values()] + samples
 
 
+def _grade_samples(row, labels):
+    """The added delay under load of a test's row (mean RTT minus lowest, the report's figure)
+    and its grade, as samples; none without both RTT figures (UDP, a text daemon's reverse)."""
+    mean, low = _floats([row[Col.MEAN_RTT_MS]]), _floats([row[Col.MIN_RTT_MS]])
+    if not (mean and low):
+        return []
+    added_ms = max(0.0, mean[0] - low[0])
+    return [("iperf_added_delay_seconds", labels, repr(float("%.12g" % (added_ms / 1000.0)))),
+            ("iperf_latency_grade", dict(labels, grade=latency_grade(added_ms)), "1")]
+
+
 def _prom_target(row):
-    target = {"server": row[Col.SERVER], "port": row[Col.PORT]}
+    target = {"client": row[Col.CLIENT], "label": row[Col.LABEL], "server": row[Col.SERVER],
+              "port": row[Col.PORT]}
     if row[Col.PROTOCOL] == "udp":
         target["protocol"] = "udp"
     return target
+
+
+def _prom_link_key(labels):
+    """The link a series belongs to: (client, server, port, protocol). A series written by
+    version 2.2 has no client label: None. The target's label is left out, so a renamed target
+    replaces its series."""
+    return (labels.get("client"), labels.get("server"), labels.get("port"),
+            labels.get("protocol", "tcp"))
+
+
+def _prom_test_key(labels):
+    return _prom_link_key(labels) + (labels.get("direction"),)
 
 
 def _prom_scaled(cell, factor):
@@ -2186,23 +2226,31 @@ def _prom_scaled(cell, factor):
     return repr(float("%.12g" % (values[0] * factor))) if values else None
 
 
+def _replaced(labels, tested, links):
+    """True for an existing series that this run's tests replace: one of a link and direction
+    tested (or the link's series without a direction), and, once, version 2.2's series of the
+    same server, port and protocol, which had no client label."""
+    link = _prom_link_key(labels)
+    if link[0] is None and link[1:] in {known[1:] for known in links}:
+        return True
+    return link in links and ("direction" not in labels or _prom_test_key(labels) in tested)
+
+
 def prometheus_text(existing, rows):
-    """The new textfile: `existing` (the file's text, "" when new) with the series of the
-    servers and ports (and protocol) of this run's `rows` replaced by their samples; other
+    """The new textfile: `existing` (the file's text, "" when new) with the series of this run's
+    links (client, server, port and protocol of its `rows`) replaced by their samples; other
     clients' series are kept. A direction this run did not test (stopped by a signal) keeps its
-    last series."""
-    def target_of(labels):
-        return (labels.get("server"), labels.get("port"), labels.get("protocol", "tcp"))
-    tested = {target_of(_prom_target(row)) + (row[Col.DIRECTION],) for row in rows}
-    targets = {test[:3] for test in tested}
-    kept = []
+    last series. A test's failures in a row carry on from the file's count."""
+    tested = {_prom_test_key(dict(_prom_target(row), direction=row[Col.DIRECTION]))
+              for row in rows}
+    links = {test[:4] for test in tested}
+    kept, failures = [], {}
     for metric, labels, value in parse_textfile(existing):
-        target = target_of(labels)
-        if target in targets and ("direction" not in labels
-                                  or target + (labels["direction"],) in tested):
-            continue
-        kept.append((metric, labels, value))
-    samples = kept + run_samples(rows)
+        if not _replaced(labels, tested, links):
+            kept.append((metric, labels, value))
+        elif metric == "iperf_consecutive_failures" and value.isdigit():
+            failures[_prom_test_key(labels)] = int(value)
+    samples = kept + run_samples(rows, failures)
     lines = []
     for metric, _, help_text in PROMETHEUS_METRICS:
         lines += ["# HELP %s %s" % (metric, help_text), "# TYPE %s gauge" % metric]

@@ -80,7 +80,8 @@ def test_udp_run_on_loopback_and_its_gauges(iperf3, tmp_path):
         assert 15e6 < float(row["received_bps"]) < 21e6, row
     text = prom.read_text()
     port = rows[0]["port"]
-    labels = 'server="127.0.0.1",port="%s",protocol="udp",direction="forward"' % port
+    labels = 'client="%s",label="127.0.0.1",server="127.0.0.1",port="%s",protocol="udp",' \
+        'direction="forward"' % (rows[0]["client"], port)
     assert "iperf_lost_ratio{%s} " % labels in text
     assert "iperf_jitter_seconds{%s} " % labels in text
     assert "iperf_rtt_seconds{" not in text  # UDP has none
@@ -94,8 +95,9 @@ def test_rtt_gauges_are_seconds():
                direction="forward", status="ok", received_bps="5", protocol="tcp",
                min_rtt_ms="10.5", mean_rtt_ms="25.0")
     text = iperf_client.prometheus_text("", [[row[c] for c in iperf_client.LEDGER_COLUMNS]])
-    assert 'iperf_rtt_seconds{server="h",port="1",direction="forward"} 0.025' in text
-    assert 'iperf_min_rtt_seconds{server="h",port="1",direction="forward"} 0.0105' in text
+    labels = 'client="",label="",server="h",port="1",direction="forward"'
+    assert 'iperf_rtt_seconds{%s} 0.025' % labels in text
+    assert 'iperf_min_rtt_seconds{%s} 0.0105' % labels in text
     assert "protocol=" not in text  # TCP series keep the labels they always had
 
 

@@ -5,6 +5,7 @@ iperf3 only where many quick runs are needed."""
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -228,11 +229,12 @@ def test_a_run_writes_every_targets_prometheus_series(tmp_path, fake_iperf3):
                       "--prometheus-textfile", prom)
     assert done.returncode == 0, done.stderr
     text = prom.read_text()
-    for server, port in (("h1", "5201"), ("h2", "5300")):
+    client = 'client="%s"' % socket.gethostname()
+    for server, port, label in (("h1", "5201", "h1"), ("h2", "5300", "h2_5300")):
+        link = '%s,label="%s",server="%s",port="%s"' % (client, label, server, port)
         for direction in ("forward", "reverse"):
-            assert 'iperf_success{server="%s",port="%s",direction="%s"} 1' % (
-                server, port, direction) in text
-        assert 'iperf_last_run_timestamp_seconds{server="%s",port="%s"}' % (server, port) in text
+            assert 'iperf_success{%s,direction="%s"} 1' % (link, direction) in text
+        assert 'iperf_last_run_timestamp_seconds{%s}' % link in text
 
 
 # --- old ledgers --------------------------------------------------------------------------------

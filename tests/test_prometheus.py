@@ -34,6 +34,7 @@ def read_textfile(path):
         assert family.type == "gauge" and family.documentation, family.name
         for sample in family.samples:
             labels = sample.labels
+            assert {"client", "label", "server", "port"} <= set(labels), sample  # 2.3: who, what
             key = (labels["server"], labels["port"], labels.get("direction"))
             found.setdefault(sample.name, {})[key] = sample.value
     return found
@@ -132,7 +133,7 @@ def ledger_rows(server_port, direction_status):
             "port": str(server_port[1]), "streams": "2", "duration": "1", "status": status,
             "error": "" if status == "ok" else "boom", "sent_bps": "1000.5",
             "received_bps": "999.25", "retransmits": "" if direction == "reverse" else "4",
-            "attempts": "1", "file": "f"}
+            "attempts": "1", "file": "f", "client": "me", "label": "lab"}
         rows.append([cells.get(column, "") for column in iperf_client.LEDGER_COLUMNS])
     return rows
 
@@ -155,10 +156,10 @@ def test_a_direction_not_tested_keeps_its_last_series():
     text = iperf_client.prometheus_text("", both)
     stopped = ledger_rows(("h", 1), [("forward", "error")])  # a run stopped by a signal
     text = iperf_client.prometheus_text(text, stopped)
-    assert 'iperf_success{server="h",port="1",direction="forward"} 0' in text
-    assert 'iperf_success{server="h",port="1",direction="reverse"} 1' in text
-    assert 'iperf_received_bits_per_second{server="h",port="1",direction="reverse"} 999.25' \
-        in text
+    link = 'client="me",label="lab",server="h",port="1"'
+    assert 'iperf_success{%s,direction="forward"} 0' % link in text
+    assert 'iperf_success{%s,direction="reverse"} 1' % link in text
+    assert 'iperf_received_bits_per_second{%s,direction="reverse"} 999.25' % link in text
     assert 'direction="forward"} 999.25' not in text
 
 
