@@ -1307,12 +1307,11 @@ def given_settings(ours):
     """True when our arguments `ours` set one of the daemon's settings (beyond the port, which
     names the server): only then can --status say that the daemon runs other settings."""
     unset = object()
-    parser = build_parser()
+    settings = ("iperf3", "bind", "rsa_private_key_path", "authorized_users_path",
+                "legacy_clients")
     # argparse fills in a default only where the namespace has no value yet.
-    given = vars(parser.parse_args(ours, argparse.Namespace(**{
-        action.dest: unset for action in parser._actions})))
-    return any(given[name] is not unset for name in (
-        "iperf3", "bind", "rsa_private_key_path", "authorized_users_path", "legacy_clients"))
+    given = build_parser().parse_args(ours, argparse.Namespace(**dict.fromkeys(settings, unset)))
+    return any(getattr(given, name) is not unset for name in settings)
 
 
 def split_extra(argv):
