@@ -83,9 +83,7 @@ SHORT_WITH_VALUE = "pficbtnklPwBMSLOFATCIX"
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted at the log's name is not followed
 BUSY_MARK = "server is busy"  # the same words in every iperf3 from 3.1 to 3.21
 CONTROL_CLOSED_MARK = "control socket has closed unexpectedly"
-# How a client says its connection was dropped after the server accepted it (3.21 drops a
-# login-less probe this way after real logins); "unable to connect" is no such answer.
-DROPPED_MARKS = ("Bad file descriptor", "Connection reset by peer", "Broken pipe")
+CONNECT_FAILED_MARK = "unable to connect"  # the one error that says no connection was made
 SND_TIMEOUT_MS = 30000  # --snd-timeout guard: a reverse test's client gone this long is dropped
 PKCS1_PADDING_SINCE = (3, 17)  # iperf3 pads logins with OAEP from 3.17; --use-pkcs1-padding
 GUARD_OPTIONS = {"--snd-timeout": 1, "--json": 0}  # what guard_args may add: option, values
@@ -295,9 +293,11 @@ def classify_probe(returncode, stdout, stderr, timed_out, authenticating=False):
     none, so against an authenticating server it is always refused; iperf3 3.7-3.18 say "test
     authorization failed", 3.21 only closes the control connection ("control socket has closed
     unexpectedly") or, after real logins, drops it ("unable to write to stream socket: Bad file
-    descriptor", "Connection reset by peer"): "dropped", an answer only if the port is still
-    listened on (3.9 says "Bad file descriptor" of a server that is down too; the caller
-    looks). A hung server does not answer at all: the probe times out.
+    descriptor", "Connection reset by peer", "Transport endpoint is not connected"): any
+    prompt error but "unable to connect" is "dropped", an answer only if the port is still
+    listened on (3.9 says "unable to send control message: Bad file descriptor" of a server
+    that is down; the caller looks). A hung server does not answer at all: the probe times
+    out.
     """
     if timed_out:
         return "fail", "no answer within %g s (hung or stopped?)" % PROBE_TIMEOUT
@@ -310,8 +310,7 @@ def classify_probe(returncode, stdout, stderr, timed_out, authenticating=False):
         return "ok", "answered (authentication required)"
     if authenticating and CONTROL_CLOSED_MARK in error:
         return "ok", "answered (authentication required)"
-    if authenticating and "unable to connect" not in error and \
-            any(mark in error for mark in DROPPED_MARKS):
+    if authenticating and CONNECT_FAILED_MARK not in error:
         return "dropped", error
     return "fail", error
 

@@ -298,6 +298,7 @@ def test_a_hung_authenticating_daemon_is_still_replaced(watched, credentials):
 @pytest.mark.parametrize("error", [
     "unable to write to stream socket: Bad file descriptor",
     "unable to receive control message: Connection reset by peer",
+    "unable to write to stream socket: Transport endpoint is not connected",
 ])
 def test_a_dropped_probe_is_an_answer_only_from_a_listening_authenticating_server(error):
     stdout = '{"start": {}, "end": {}, "error": "%s"}' % error
