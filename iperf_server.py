@@ -1065,8 +1065,8 @@ class Watchdog:
                                established_peers(self.port) if busy else (), restarted=True)
         log.warning("iperf3 is running (pid %d, port %d)", pid, self.port)
         if recent >= RESTART_ALARM:
-            # Each run ends healthy, so nothing else would tell: two crontab lines sharing a
-            # pidfile with other settings, or an iperf3 that dies every minute.
+            # Each run ends healthy, so nothing else would tell: an iperf3 that dies every
+            # minute (two crontab lines sharing a pidfile are refused by check_not_shared).
             self.alarm = ("iperf3 was started %d times in the last %d minutes (last: %s): a "
                           "restart loop?" % (recent, RESTART_WINDOW // 60, reason))
             log.error("%s", self.alarm)
@@ -1248,8 +1248,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def default_file_text(path):
     """How --help names a default file that follows the port."""
-    return "%s on port %d, %s on another port" % (path, IPERF_PORT,
-                                                  port_file(path, 0).replace("-0", "-PORT"))
+    stem, extension = os.path.splitext(path)
+    return "%s on port %d, %s-PORT%s on another port" % (path, IPERF_PORT, stem, extension)
 
 
 def build_parser():

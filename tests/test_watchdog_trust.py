@@ -308,6 +308,19 @@ def test_a_dropped_probe_is_an_answer_only_from_a_listening_authenticating_serve
     assert iperf_server.classify_probe(1, refused, "", False, True)[0] == "fail"
 
 
+def test_a_dropped_probe_counts_only_while_the_port_is_listened_on(fake_iperf3, iperf3_server):
+    """3.9 says "Bad file descriptor" of a server that is down: no answer then."""
+    fake = fake_iperf3("""
+        print(json.dumps({"start": {}, "end": {},
+                          "error": "unable to send control message: Bad file descriptor"}))
+        sys.exit(1)
+    """)
+    watchdog = iperf_server.Watchdog(str(fake), "/nonexistent/iperf.pid", free_port(), None, [],
+                                     10, True, auth=("private.pem", "users"))
+    assert watchdog.probe()[0] == "fail"
+    assert watchdog.probe(port=iperf3_server.port)[0] == "ok"
+
+
 # --- --status and the client's login hint ---------------------------------------------------------
 
 def test_status_without_the_crontab_flags_adds_no_settings_note(host):
