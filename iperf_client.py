@@ -707,8 +707,9 @@ def explain_error(error, stderr="", version=None, logged_in=False):
                    "iperf3 %s, and no flag changes it: use iperf3 3.17+ on the server or an "
                    "iperf3 older than 3.16 here" % _version_text(version))
     else:
-        padding = ("an iperf3 3.17+ server refuses clients older than 3.17 unless it runs "
-                   "with --use-pkcs1-padding (iperf_server.py --legacy-clients)")
+        padding = ("if the server runs iperf3 3.17 or newer, it refuses clients older than "
+                   "3.17 unless it runs with --use-pkcs1-padding (iperf_server.py "
+                   "--legacy-clients)")
     return ("login refused by the server (wrong user name or password, the wrong public key, "
             "this host's clock more than the server's --time-skew-threshold (10 s) off, or %s): "
             "%s" % (padding, text))

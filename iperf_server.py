@@ -42,6 +42,8 @@ import time
 __version__ = "2.2.0"  # the project's version: both scripts and the package
 
 # --- Settings an admin may edit (each one is also a command-line flag) ----------------------------
+# The two files below are IPERF_PORT's; a server on another port gets its own, named after the
+# port (~/iperf-5202.pid, ~/iperf_monitor-5202.log), so that one crontab line per port just works.
 IPERF_PID_FILE = os.path.expanduser("~/iperf.pid")  # where iperf3 writes its PID (absolute)
 IPERF_MONITOR_LOG = os.path.expanduser("~/iperf_monitor.log")  # this script's log
 IPERF_EXECUTABLE = "iperf3"  # iperf3 executable: a name looked up on PATH, or a path
@@ -60,6 +62,10 @@ PROBE_TIMEOUT = 5.0  # seconds a health probe may take before the server counts 
 STOP_TIMEOUT = 3.0  # seconds between SIGTERM and SIGKILL when stopping the daemon
 RESTART_ALARM = 5  # this many starts within RESTART_WINDOW: say so on stderr (a restart loop?)
 RESTART_WINDOW = 15 * 60  # seconds
+# Settings asked for by runs this recent count as a watchdog that is still there: two of them
+# alive with different settings share a pidfile (cron runs each every minute; a run may wait
+# up to LOCK_TIMEOUT for the other).
+SHARED_WINDOW = 3 * 60  # seconds
 LOCK_TIMEOUT = 50.0  # seconds to wait for another run of this script (cron runs every 60 s)
 
 EXIT_OK = 0
@@ -77,6 +83,7 @@ SHORT_WITH_VALUE = "pficbtnklPwBMSLOFATCIX"
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted at the log's name is not followed
 BUSY_MARK = "server is busy"  # the same words in every iperf3 from 3.1 to 3.21
 CONTROL_CLOSED_MARK = "control socket has closed unexpectedly"
+CONNECT_FAILED_MARK = "unable to connect"  # the one error that says no connection was made
 SND_TIMEOUT_MS = 30000  # --snd-timeout guard: a reverse test's client gone this long is dropped
 PKCS1_PADDING_SINCE = (3, 17)  # iperf3 pads logins with OAEP from 3.17; --use-pkcs1-padding
 GUARD_OPTIONS = {"--snd-timeout": 1, "--json": 0}  # what guard_args may add: option, values
@@ -148,6 +155,15 @@ def short_flags(arg):
         if char in SHORT_WITH_VALUE:
             break
     return flags
+
+
+def port_file(path, port):
+    """The default file `path` (IPERF_PID_FILE, IPERF_MONITOR_LOG) of the server on `port`:
+    IPERF_PORT's keeps its name; another port's gets "-PORT" before the extension."""
+    if port == IPERF_PORT:
+        return path
+    stem, extension = os.path.splitext(path)
+    return "%s-%d%s" % (stem, port, extension)
 
 
 def check_extra_args(extra):
@@ -270,12 +286,18 @@ def probe_error(returncode, stdout, stderr):
 
 
 def classify_probe(returncode, stdout, stderr, timed_out, authenticating=False):
-    """Turn a probe's outcome into (verdict, detail); verdict is "ok", "busy" or "fail".
+    """Turn a probe's outcome into (verdict, detail); verdict is "ok", "busy", "fail" or
+    "dropped".
 
     A refused login is an answer: the server is alive and checks credentials. The probe has
     none, so against an authenticating server it is always refused; iperf3 3.7-3.18 say "test
     authorization failed", 3.21 only closes the control connection ("control socket has closed
-    unexpectedly"). A hung server does not answer at all: the probe times out.
+    unexpectedly") or, after real logins, drops it ("unable to write to stream socket: Bad file
+    descriptor", "Connection reset by peer", "Transport endpoint is not connected"): any
+    prompt error but "unable to connect" is "dropped", an answer only if the port is still
+    listened on (3.9 says "unable to send control message: Bad file descriptor" of a server
+    that is down; the caller looks). A hung server does not answer at all: the probe times
+    out.
     """
     if timed_out:
         return "fail", "no answer within %g s (hung or stopped?)" % PROBE_TIMEOUT
@@ -288,6 +310,8 @@ def classify_probe(returncode, stdout, stderr, timed_out, authenticating=False):
         return "ok", "answered (authentication required)"
     if authenticating and CONTROL_CLOSED_MARK in error:
         return "ok", "answered (authentication required)"
+    if authenticating and CONNECT_FAILED_MARK not in error:
+        return "dropped", error
     return "fail", error
 
 
@@ -310,6 +334,16 @@ def guard_args(version, extra):
             or any("J" in short_flags(arg) for arg in extra)):
         guards.append("--json")
     return guards
+
+
+def iperf3_logfile(args):
+    """The value of iperf3's --logfile in `args` (`--logfile F`, `--logfile=F`, or an
+    abbreviation getopt_long would accept), or None."""
+    for i, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        if len(name) > 2 and name.startswith("--") and "--logfile".startswith(name):
+            return value if equals else (args[i + 1] if i + 1 < len(args) else None)
+    return None
 
 
 def sets_option(args, long_option):
@@ -848,11 +882,17 @@ class Watchdog:
         self.probe_enabled = probe
         self.state_file = pidfile + ".state"
         self.lock_file = pidfile + ".lock"
+        self.legacy_clients = legacy_clients
         self.settings_argv = daemon_argv(executable, pidfile, port, bind, extra, auth,
                                          legacy_clients)
-        self.argv = self.settings_argv + guard_args(self.version, extra)
+        self.argv = self.argv_for(pidfile, port)
         self.address = probe_address(bind)
         self.alarm = None  # set when the run ends healthy but a person should look
+
+    def argv_for(self, pidfile, port):
+        """The whole argv of a daemon of these settings with this pidfile and port."""
+        return daemon_argv(self.executable, pidfile, port, self.bind, self.extra, self.auth,
+                           self.legacy_clients) + guard_args(self.version, self.extra)
 
     def find_daemon(self):
         """(pid, argv) of the live iperf3 our pidfile names, else (None, None)."""
@@ -874,28 +914,71 @@ class Watchdog:
             return "fail", "cannot run %s: %s" % (self.executable, exc.strerror)
         verdict, detail = classify_probe(done.returncode, done.stdout, done.stderr, False,
                                          authenticating)
-        if verdict == "fail" and "unable to send control message" in detail and \
+        if verdict in ("fail", "dropped") and "unable to send control message" in detail and \
                 established_peers(port or self.port):
             # iperf3 3.9 never says "busy": a busy server resets its probe's connection.
             return "busy", "busy running a test (%s)" % detail
+        if verdict == "dropped":
+            # It took the connection and dropped the login-less probe: alive, if it still
+            # listens (a dead one would not).
+            if port_listening(address or self.address, port or self.port, None):
+                return "ok", "answered (authentication required; it dropped the probe: %s)" \
+                    % detail
+            return "fail", detail
         return verdict, detail
 
     def remember(self, pid, verdict, detail, busy_since=None, busy_peers=(), restarted=False):
         """Keep what the next run needs: the last verdict, since when and with whom the
         server has been busy, and when it was (re)started lately."""
         now = time.time()
-        restarts = [when for when in read_state(self.state_file).get("restarts", [])
+        state = read_state(self.state_file)
+        restarts = [when for when in state.get("restarts", [])
                     if isinstance(when, (int, float)) and now - when < RESTART_WINDOW]
         try:
             save_state(self.state_file, {
                 "pid": pid, "verdict": verdict, "detail": detail, "checked": now,
                 "busy_since": busy_since, "busy_peers": sorted(busy_peers),
                 "restarts": restarts + [now] if restarted else restarts,
+                "wanted": state.get("wanted", []),
             })
         except IperfError as exc:
             # The server itself is fine: only the busy clock and the restart count suffer.
             log.warning("%s: a busy server's age and restart loops go untracked", exc)
         return len(restarts) + 1 if restarted else len(restarts)
+
+    def note_settings(self):
+        """Record in the state file that a run asked for these settings now; return the
+        settings other runs asked for within SHARED_WINDOW, and whether this run's own were
+        among them (then two watchdogs are alive and share the pidfile)."""
+        now = time.time()
+        state = read_state(self.state_file)
+        wanted = [entry for entry in state.get("wanted", [])
+                  if isinstance(entry, list) and len(entry) == 2
+                  and isinstance(entry[0], list) and isinstance(entry[1], (int, float))
+                  and now - entry[1] < SHARED_WINDOW]
+        others = [argv for argv, _ in wanted if argv != self.settings_argv]
+        seen = len(others) < len(wanted)
+        state["wanted"] = [[argv, when] for argv, when in wanted
+                           if argv != self.settings_argv] + [[self.settings_argv, now]]
+        try:
+            save_state(self.state_file, state)
+        except IperfError as exc:
+            log.warning("%s: a second watchdog sharing this pidfile goes unnoticed", exc)
+        return others, seen
+
+    def check_not_shared(self, pid, argv, others, seen):
+        """Raise IperfError when the daemon our pidfile names is another watchdog's: it listens
+        on another port than ours, or its settings were asked for lately by a run of another
+        watchdog while ours were too. Its daemon is left alone."""
+        port = option_value(argv, "-p", "--port") or str(IPERF_PORT)
+        if port == str(self.port) and not (
+                seen and any(same_command(argv, other) for other in others)):
+            return
+        raise IperfError(
+            "pidfile %s is shared with another watchdog: its iperf3 (pid %d, port %s) runs "
+            "other settings and is left alone; give each crontab line its own --pidfile (to "
+            "change this server's settings instead, stop it first with --stop)"
+            % (self.pidfile, pid, port))
 
     def stop_all(self, reason):
         """Stop the daemon the pidfile names and any of ours that lost its pidfile."""
@@ -905,11 +988,16 @@ class Watchdog:
         remove_file(self.pidfile)
 
     def spawn(self):
-        """Start the daemon and wait until it is really up; `-D`'s exit code means nothing
-        (the parent exits 0 before the child writes the pidfile or binds the port)."""
+        """Start the daemon of our settings; returns its PID (see launch)."""
         self.check_port_can_be_had()  # again: something may have taken it meanwhile
+        return self.launch(self.argv, self.pidfile, self.port)
+
+    def launch(self, argv, pidfile, port):
+        """Start the daemon `argv` (writing `pidfile`, listening on `port`) and wait until it
+        is really up; `-D`'s exit code means nothing (the parent exits 0 before the child
+        writes the pidfile or binds the port). Returns its PID, raises IperfError."""
         try:
-            done = run_command(self.argv, START_TIMEOUT)
+            done = run_command(argv, START_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise IperfError("%s did not return within %g s" % (self.executable, START_TIMEOUT))
         except OSError as exc:
@@ -922,18 +1010,19 @@ class Watchdog:
             raise IperfError("iperf3 failed to start: %s" % said[0])
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            pid, _ = self.find_daemon()
-            if pid and port_listening(self.address, self.port, self.bind):
+            pid = read_pidfile(pidfile)
+            pid = pid if daemon_argv_of(pid, pidfile) else None
+            if pid and port_listening(self.address, port, self.bind):
                 return pid
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         if said:
             raise IperfError("iperf3 failed to start: %s" % said[0])
-        raise IperfError("iperf3 did not come up within %g s (%s); for its own reason, pass "
-                         "-- --logfile /tmp/iperf3.log" % (
-                             START_TIMEOUT, "no pidfile" if not pid else
-                             "not listening on port %d" % self.port))
+        raise IperfError("iperf3 did not come up within %g s (%s); for its own reason, %s" % (
+            START_TIMEOUT, "no pidfile" if not pid else "not listening on port %d" % port,
+            "see its --logfile" if sets_option(argv, "--logfile")
+            else "pass -- --logfile /tmp/iperf3.log"))
 
     def check_port_can_be_had(self):
         """Raise IperfError when the port is taken by anything but our own daemons: checked
@@ -950,14 +1039,21 @@ class Watchdog:
                                              "; the running iperf3 is left as it is"
                                              if pids else ""))
 
-    def start(self, reason):
-        # Whatever would keep the new daemon from starting is found before the running one
-        # is stopped: new settings that cannot work leave the working server alone.
+    def check_can_start(self):
+        """Raise IperfError for what would keep our daemon from starting, found before a
+        running one is stopped: new settings that cannot work leave the working server alone."""
         if self.auth:
             check_auth_files(self.executable, self.version_output, *self.auth)
-        # iperf3 would fork, fail to write its pidfile, and say nothing.
+        # iperf3 would fork, fail to write its pidfile or its log, and say nothing (3.7 and
+        # 3.9 then spin without listening).
         check_writable_folder(os.path.dirname(self.pidfile), "the pidfile")
+        logfile = iperf3_logfile(self.extra)
+        if logfile and os.path.isabs(logfile):
+            check_writable_folder(os.path.dirname(logfile), "iperf3's --logfile")
         self.check_port_can_be_had()
+
+    def start(self, reason):
+        self.check_can_start()
         log.warning("starting iperf3: %s", reason)
         self.stop_all(reason)
         pid = self.spawn()
@@ -969,15 +1065,72 @@ class Watchdog:
                                established_peers(self.port) if busy else (), restarted=True)
         log.warning("iperf3 is running (pid %d, port %d)", pid, self.port)
         if recent >= RESTART_ALARM:
-            # Each run ends healthy, so nothing else would tell: two crontab lines sharing a
-            # pidfile with other settings, or an iperf3 that dies every minute.
+            # Each run ends healthy, so nothing else would tell: an iperf3 that dies every
+            # minute (two crontab lines sharing a pidfile are refused by check_not_shared).
             self.alarm = ("iperf3 was started %d times in the last %d minutes (last: %s): a "
                           "restart loop?" % (recent, RESTART_WINDOW // 60, reason))
             log.error("%s", self.alarm)
         return pid
 
+    def side_port(self):
+        """A port nothing listens on right now, at our address: where new settings are tried."""
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind((self.address, 0))
+                return sock.getsockname()[1]
+        except OSError as exc:
+            raise IperfError("cannot find a free port to try the new settings on: %s"
+                             % (exc.strerror or exc))
+
+    def try_settings(self):
+        """Start a daemon of our settings on a free side port (its own pidfile beside ours),
+        probe it and stop it: raises IperfError, with iperf3's reason, when the new settings
+        cannot serve. The working daemon meanwhile goes on serving our port."""
+        port, pidfile = self.side_port(), self.pidfile + ".trial"
+        try:
+            pid = self.launch(self.argv_for(pidfile, port), pidfile, port)
+            verdict, detail = self.probe(port=port) if self.probe_enabled else ("ok", "")
+            if verdict == "fail":
+                raise IperfError("iperf3 started (pid %d) but its probe failed: %s"
+                                 % (pid, detail))
+        finally:
+            for trial in our_daemons(pidfile):
+                stop_process(trial, pidfile, "the trial of new settings is over")
+            remove_file(pidfile)
+
+    def change_settings(self, pid, argv):
+        """Replace the daemon `pid` (running `argv`) with one of our settings, once they are
+        proven on a side port; if they are refused, before or after the old daemon stopped,
+        the old settings serve the port again and IperfError says why."""
+        try:
+            self.check_can_start()
+            self.try_settings()
+        except IperfError as exc:
+            verdict, detail = self.probe() if self.probe_enabled else ("ok", "")
+            if verdict == "fail":  # the old daemon is no better: it is restarted as it was
+                self.restore(argv, "its probe failed: %s" % detail)
+            raise IperfError("settings change refused, iperf3 (pid %d) keeps the old "
+                             "settings: %s" % (self.find_daemon()[0] or pid, exc))
+        try:
+            return self.start("settings changed (running: %s; wanted: %s)"
+                              % (" ".join(argv), " ".join(self.settings_argv)))
+        except IperfError as exc:
+            pid = self.restore(argv, "the new settings failed")
+            raise IperfError("settings change refused, iperf3 (pid %d) runs the old settings "
+                             "again: %s" % (pid, exc))
+
+    def restore(self, argv, reason):
+        """Start the daemon `argv` (the old settings) again; returns its PID."""
+        log.warning("restarting iperf3 with the old settings: %s", reason)
+        self.stop_all(reason)
+        pid = self.launch(argv, self.pidfile, self.port)
+        self.remember(pid, "ok", "restarted with the old settings", restarted=True)
+        return pid
+
     def ensure_running(self):
         """The cron job: find the daemon, judge it, and start or restart it when needed."""
+        others, seen = self.note_settings()
         pid, argv = self.find_daemon()
         if pid is None:
             stray = our_daemons(self.pidfile)
@@ -989,8 +1142,8 @@ class Watchdog:
                                   % self.pidfile)
             return self.start("not running")
         if not same_command(argv, self.settings_argv):
-            return self.start("settings changed (running: %s; wanted: %s)"
-                              % (" ".join(argv), " ".join(self.settings_argv)))
+            self.check_not_shared(pid, argv, others, seen)
+            return self.change_settings(pid, argv)
         if not self.probe_enabled:
             log.debug("iperf3 is running (pid %d); not probed", pid)
             return pid
@@ -1018,8 +1171,10 @@ class Watchdog:
                               % (format_duration(busy_for), self.max_busy_seconds / 60))
         return self.start("iperf3 (pid %d) failed its health probe: %s" % (pid, detail))
 
-    def status(self):
-        """Return (exit code, one line) for --status; starts and stops nothing."""
+    def status(self, compare_settings=True):
+        """Return (exit code, one line) for --status; starts and stops nothing.
+        `compare_settings`: whether the flags given name the daemon's settings (else an admin
+        typed --status without the crontab line's flags, and nothing is known to differ)."""
         pid, argv = self.find_daemon()
         if pid is None:
             stray = our_daemons(self.pidfile)
@@ -1045,8 +1200,7 @@ class Watchdog:
             verdict, detail = state.get("verdict"), state.get("detail")
             when = "last probe %s ago" % format_duration(time.time() - state.get("checked", 0))
         notes = []
-        if argv and not same_command(argv, self.settings_argv):
-            # Only a note: an admin may type --status without the crontab line's flags.
+        if compare_settings and argv and not same_command(argv, self.settings_argv):
             notes.append("its settings differ from these flags")
         lost = pid != read_pidfile(self.pidfile)
         if lost:
@@ -1092,6 +1246,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
+def default_file_text(path):
+    """How --help names a default file that follows the port."""
+    stem, extension = os.path.splitext(path)
+    return "%s on port %d, %s-PORT%s on another port" % (path, IPERF_PORT, stem, extension)
+
+
 def build_parser():
     parser = OneLineParser(
         prog=program_name(),
@@ -1099,10 +1259,10 @@ def build_parser():
                     "minute). Arguments after -- are passed to iperf3 unchanged.",
         epilog="exit codes: 0 healthy server running, 1 no healthy server could be had, "
                "2 usage; --status: 0 healthy, 1 unhealthy, 3 not running")
-    parser.add_argument("--pidfile", default=IPERF_PID_FILE,
-                        help="iperf3's pidfile (default: %(default)s)")
-    parser.add_argument("--log-file", default=IPERF_MONITOR_LOG,
-                        help="this script's log (default: %(default)s)")
+    parser.add_argument("--pidfile", help="iperf3's pidfile; give each watchdog its own "
+                        "(default: %s)" % default_file_text(IPERF_PID_FILE))
+    parser.add_argument("--log-file", help="this script's log (default: %s)"
+                        % default_file_text(IPERF_MONITOR_LOG))
     parser.add_argument("--iperf3", default=IPERF_EXECUTABLE, metavar="PATH",
                         help="iperf3 executable (default: %(default)s)")
     parser.add_argument("-p", "--port", type=_port, default=IPERF_PORT,
@@ -1140,6 +1300,17 @@ def build_parser():
                         help="log less (on a terminal: errors only)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser
+
+
+def given_settings(ours):
+    """True when our arguments `ours` set one of the daemon's settings (beyond the port, which
+    names the server): only then can --status say that the daemon runs other settings."""
+    unset = object()
+    settings = ("iperf3", "bind", "rsa_private_key_path", "authorized_users_path",
+                "legacy_clients")
+    # argparse fills in a default only where the namespace has no value yet.
+    given = build_parser().parse_args(ours, argparse.Namespace(**dict.fromkeys(settings, unset)))
+    return any(getattr(given, name) is not unset for name in settings)
 
 
 def split_extra(argv):
@@ -1266,6 +1437,9 @@ def _main(argv):
     ours, extra = split_extra(argv)
     parser = build_parser()
     args = parser.parse_args(ours)
+    args.pidfile = args.pidfile or port_file(IPERF_PID_FILE, args.port)
+    args.log_file = args.log_file or port_file(IPERF_MONITOR_LOG, args.port)
+    args.settings_given = len(extra) > len(IPERF_EXTRA_ARGS) or given_settings(ours)
     try:
         check_extra_args(extra)
     except UsageError as exc:
@@ -1326,7 +1500,7 @@ def watch(args, extra, errors_shown):
     watchdog = Watchdog(executable, pidfile, args.port, args.bind, extra, args.max_busy,
                         args.probe, auth, args.legacy_clients, version_output)
     if args.status:
-        code, line = watchdog.status()
+        code, line = watchdog.status(args.settings_given)
         print(line)
         return code
     with FileLock(watchdog.lock_file, LOCK_TIMEOUT):
