@@ -100,6 +100,7 @@ PASSWORD_FILE = None                        # file whose first line is the passw
 
 # --- Constants: the run ---------------------------------------------------------------------------
 
+SCRIPT_NAME = "iperf_client.py"  # program_name() when run by another name than iperf*
 PLACEHOLDER_SERVER = "CHANGE_TO_IP"
 SUMMARY_RULE = "- - - - - - - - - - - - - - - - - - - - - - - - -"  # iperf3's text: totals below
 UDP_DATAGRAM = 1460                         # bytes of iperf3's usual UDP datagram (-l)
@@ -109,8 +110,6 @@ BUSY_DELAY = (5.0, 30.0)                    # random pause between busy retries 
 KILL_GRACE = 5.0                            # seconds from SIGTERM to SIGKILL for a late iperf3
 VERSION_TIMEOUT = 5.0                       # seconds `iperf3 --version` may take
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
-LOG_FORMAT = "%(asctime)s %(name)-12s %(levelname)-8s %(message)s"
-LOG_DATE_FORMAT = "%m-%d %H:%M:%S"
 # direction -> (file suffix, extra iperf3 flag); forward runs first.
 DIRECTIONS = (("forward", "_client.json", []), ("reverse", "_server.json", ["-R"]))
 EX_TEMPFAIL = 75
@@ -307,31 +306,66 @@ INTERVAL_ROWS = 2000        # the usual interval is read from the ledger's lates
 log = logging.getLogger("iperf_client")
 
 
-# --- Errors ---------------------------------------------------------------------------------------
+# --- Shared with iperf_server.py / iperf_client.py ------------------------------------------------
+# Both scripts hold this block byte for byte (they are copied to hosts one at a time, so neither
+# can import the other); tests/test_contract.py fails when the two copies differ. Change both.
+
+LOG_FORMAT = "%(asctime)s %(name)-12s %(levelname)-8s %(message)s"  # a log file's lines
+LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # with year and zone: lines of two hosts compare
+
 
 class IperfError(Exception):
-    """An expected failure, with a message fit for a person; `status` is the exit code."""
+    """An expected failure, with a message fit for a person (one line); `status` is the exit
+    code it ends the script with."""
 
     def __init__(self, message, status=1):
         super().__init__(message)
         self.status = status
 
 
-class LedgerError(IperfError):
-    """The ledger is missing or damaged: `report --rebuild` is the remedy."""
+def program_name():
+    """How the script was invoked: the installed command's name (iperf-client, iperf-server) or
+    the file's (SCRIPT_NAME). Every line the script writes on stderr starts with it."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("iperf") else SCRIPT_NAME
 
 
-class Terminated(Exception):
-    """SIGTERM arrived during a report: unwinds it like Ctrl-C does (see report_main)."""
+def say(message):
+    """One line on stderr, after the program's name."""
+    sys.stderr.write("%s: %s\n" % (program_name(), message))
 
 
-# --- Pure helpers: the run ------------------------------------------------------------------------
+def say_error(message):
+    """A fatal line, "<program>: error: ...", as argparse's own."""
+    say("error: %s" % message)
+
+
+def say_warning(message):
+    """A warning line, "<program>: warning: ..."."""
+    say("warning: %s" % message)
+
+
+def one_line(text, limit=500):
+    """Collapse whitespace so a message fits one log or CSV line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def split_extra(argv):
+    """Split our arguments from iperf3's: those after the first `--` are added to
+    IPERF_EXTRA_ARGS (the same in both scripts)."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], list(IPERF_EXTRA_ARGS) + argv[cut + 1:]
+    return argv, list(IPERF_EXTRA_ARGS)
+
 
 def owned_option(args):
-    """The first argument in `args` that sets an option this script owns, and that option's
-    own spelling: (argument, option), or None. Knows what iperf3's getopt_long accepts:
-    attached values (`-t5`, `--time=5`), abbreviations (`--rev`) and clusters of short flags
-    (`-ZR`); the value that follows an option taking one is no option."""
+    """The first argument in `args` that sets an option this script owns (OWNED_SHORT,
+    OWNED_LONG), and that option's own spelling: (argument, option), or None. Knows what
+    iperf3's getopt_long accepts: attached values (`-p5201`, `--port=5201`), abbreviations
+    (`--rev`) and clusters of short flags (`-ZR`); the value that follows an option taking one
+    is no option."""
     skip_next = False
     for arg in args:
         if skip_next:
@@ -354,7 +388,8 @@ def owned_option(args):
 
 def short_flags(arg):
     """The flags of a short-option cluster (`-uZ` -> "uZ"), up to and with the first one that
-    takes a value (the rest of the word is that value: `-b5M` -> "b"); "" for anything else."""
+    takes a value (the rest of the word is that value: `-b5M` -> "b", `-Bjupiter` -> "B"); ""
+    for anything else."""
     if not arg.startswith("-") or arg.startswith("--"):
         return ""
     flags = ""
@@ -364,6 +399,39 @@ def short_flags(arg):
             break
     return flags
 
+
+def parse_version(text):
+    """The version tuple in `iperf3 --version` output ("iperf 3.12 (cJSON ...)" -> (3, 12)),
+    or None when the text holds none."""
+    match = re.search(r"\biperf (\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    if not match:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
+def stderr_message(stderr):
+    """iperf3's own message on stderr: the text of its "iperf3: error - ..." line, else its
+    last line ("" when it said nothing)."""
+    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+    for line in lines:
+        if "error - " in line:
+            return one_line(line.split("error - ", 1)[1])
+    return one_line(lines[-1]) if lines else ""
+
+# --- End of the block shared with iperf_server.py / iperf_client.py -------------------------------
+
+
+# --- Errors ---------------------------------------------------------------------------------------
+
+class LedgerError(IperfError):
+    """The ledger is missing or damaged: `report --rebuild` is the remedy."""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived during a report: unwinds it like Ctrl-C does (see report_main)."""
+
+
+# --- Pure helpers: the run ------------------------------------------------------------------------
 
 def omit_seconds(args):
     """The `-O/--omit` seconds found in iperf3 arguments (0 when absent or unreadable), in any
@@ -550,12 +618,6 @@ def parse_json_output(text):
     return None
 
 
-def one_line(text, limit=500):
-    """Collapse whitespace so a message fits one log or CSV line."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -570,15 +632,6 @@ def printable(text):
 def format_seconds(value):
     """`60` rather than `60.0`, `2.5` stays `2.5`."""
     return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def parse_version(text):
-    """The version tuple in `iperf3 --version` output ("iperf 3.12 (cJSON ...)" -> (3, 12)),
-    or None when the text holds none."""
-    match = re.search(r"\biperf (\d+)\.(\d+)(?:\.(\d+))?", text or "")
-    if not match:
-        return None
-    return tuple(int(part) for part in match.groups() if part is not None)
 
 
 def _version_text(version):
@@ -624,16 +677,6 @@ def result_document(stdout, stderr, returncode, timed_out=None, stopped_by=None,
     if reasons:
         document["error"] = "; ".join(reasons)
     return document
-
-
-def stderr_message(stderr):
-    """iperf3's own message on stderr: the text of its "iperf3: error - ..." line, else its
-    last line ("" when it said nothing)."""
-    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
-    for line in lines:
-        if "error - " in line:
-            return one_line(line.split("error - ", 1)[1])
-    return one_line(lines[-1]) if lines else ""
 
 
 def summaries(document):
@@ -3633,18 +3676,6 @@ def _quiet_worker():
 
 # --- Command line: a run --------------------------------------------------------------------------
 
-def say(message):
-    """One line on stderr, after the program's name (see program_name)."""
-    sys.stderr.write("%s: %s\n" % (program_name(), message))
-
-
-def program_name():
-    """How the script was invoked: the installed command's name (iperf-client) or the file's.
-    Every line this script writes on stderr starts with it."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return name if name.startswith("iperf") else "iperf_client.py"
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error message (cron mails it; the usage block is noise)."""
 
@@ -3861,15 +3892,6 @@ def _add_auth_flags(parser):
                              "owner may read (default: $IPERF3_PASSWORD)")
 
 
-def split_extra(argv):
-    """Split our arguments from iperf3's: those after the first `--` are added to
-    IPERF_EXTRA_ARGS (as in iperf_server.py)."""
-    if "--" in argv:
-        cut = argv.index("--")
-        return argv[:cut], list(IPERF_EXTRA_ARGS) + argv[cut + 1:]
-    return argv, list(IPERF_EXTRA_ARGS)
-
-
 def check_options(parser, options):
     """Refuse what argparse's types cannot see; exits 2 with one line. Changes nothing (but
     sets options.target_list, the targets read and labelled)."""
@@ -4012,6 +4034,16 @@ def _absolute(path):
     return os.path.abspath(os.path.expanduser(path))
 
 
+class StderrFormatter(logging.Formatter):
+    """A log record as a line on stderr in say_error's and say_warning's format: "<program>:
+    error: ..." (and "warning: ..."), as argparse's own; progress (-v) after the name alone."""
+
+    def format(self, record):
+        kind = ("error: " if record.levelno >= logging.ERROR else
+                "warning: " if record.levelno >= logging.WARNING else "")
+        return "%s: %s%s" % (program_name(), kind, record.getMessage())
+
+
 def _setup_logging(options):
     """stderr gets only what a person must act on (a failed test, a skipped run) by default, so
     cron mails nothing for a good run; -v adds progress of the run, -vv every command, -q silences
@@ -4021,7 +4053,7 @@ def _setup_logging(options):
     else:
         level = (logging.ERROR, logging.INFO, logging.DEBUG)[min(options.verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(program_name() + ": %(message)s"))
+    handler.setFormatter(StderrFormatter())
     handler.setLevel(level)
     log.setLevel(logging.DEBUG)
     log.propagate = False

@@ -56,6 +56,8 @@ LEGACY_CLIENTS = False  # iperf3 3.17+ server: accept the logins of clients olde
 MAX_BUSY_MINUTES = 10.0  # restart a server that has answered "busy" for longer than this
 
 # --- Constants ------------------------------------------------------------------------------------
+
+SCRIPT_NAME = "iperf_server.py"  # program_name() when run by another name than iperf*
 OPENSSL_EXECUTABLE = "openssl"  # used by --make-keys only
 START_TIMEOUT = 5.0  # seconds to wait for a spawned daemon to write its pidfile and listen
 PROBE_TIMEOUT = 5.0  # seconds a health probe may take before the server counts as hung
@@ -93,36 +95,66 @@ WILDCARDS = {"0.0.0.0", "::"}  # bind addresses that mean "every address"
 log = logging.getLogger("iperf_server")
 
 
-# --- Errors ---------------------------------------------------------------------------------------
+# --- Shared with iperf_server.py / iperf_client.py ------------------------------------------------
+# Both scripts hold this block byte for byte (they are copied to hosts one at a time, so neither
+# can import the other); tests/test_contract.py fails when the two copies differ. Change both.
+
+LOG_FORMAT = "%(asctime)s %(name)-12s %(levelname)-8s %(message)s"  # a log file's lines
+LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # with year and zone: lines of two hosts compare
+
 
 class IperfError(Exception):
-    """An expected failure, with a message fit for a person (one line)."""
+    """An expected failure, with a message fit for a person (one line); `status` is the exit
+    code it ends the script with."""
+
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
 
 
-class UsageError(IperfError):
-    """Bad flags or settings: exit 2."""
+def program_name():
+    """How the script was invoked: the installed command's name (iperf-client, iperf-server) or
+    the file's (SCRIPT_NAME). Every line the script writes on stderr starts with it."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("iperf") else SCRIPT_NAME
 
 
-# --- Pure helpers ---------------------------------------------------------------------------------
+def say(message):
+    """One line on stderr, after the program's name."""
+    sys.stderr.write("%s: %s\n" % (program_name(), message))
 
-def parse_pidfile(content):
-    """Return the PID held in a pidfile's raw bytes, or None when it holds none.
 
-    iperf3 3.10+ writes "%d" with no newline, older versions add a NUL; other builds and admins
-    leave newlines or spaces. Empty or anything else is garbage: None (a stale pidfile).
-    """
-    text = content.replace(b"\0", b" ").strip()
-    if not text.isdigit():
-        return None
-    pid = int(text)
-    return pid if pid > 0 else None
+def say_error(message):
+    """A fatal line, "<program>: error: ...", as argparse's own."""
+    say("error: %s" % message)
+
+
+def say_warning(message):
+    """A warning line, "<program>: warning: ..."."""
+    say("warning: %s" % message)
+
+
+def one_line(text, limit=500):
+    """Collapse whitespace so a message fits one log or CSV line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def split_extra(argv):
+    """Split our arguments from iperf3's: those after the first `--` are added to
+    IPERF_EXTRA_ARGS (the same in both scripts)."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], list(IPERF_EXTRA_ARGS) + argv[cut + 1:]
+    return argv, list(IPERF_EXTRA_ARGS)
 
 
 def owned_option(args):
-    """The first argument in `args` that sets an option this script owns, and that option's
-    own spelling: (argument, option), or None. Knows what iperf3's getopt_long accepts:
-    attached values (`-p5201`, `--port=5201`), abbreviations (`--pidf`) and clusters of short
-    flags (`-VsD`); the value that follows an option taking one is no option."""
+    """The first argument in `args` that sets an option this script owns (OWNED_SHORT,
+    OWNED_LONG), and that option's own spelling: (argument, option), or None. Knows what
+    iperf3's getopt_long accepts: attached values (`-p5201`, `--port=5201`), abbreviations
+    (`--rev`) and clusters of short flags (`-ZR`); the value that follows an option taking one
+    is no option."""
     skip_next = False
     for arg in args:
         if skip_next:
@@ -144,9 +176,9 @@ def owned_option(args):
 
 
 def short_flags(arg):
-    """The flags of a short-option cluster (`-1J` -> "1J"), up to and with the first one that
-    takes a value (the rest of the word is that value: `-Bjupiter` -> "B"); "" for anything
-    else."""
+    """The flags of a short-option cluster (`-uZ` -> "uZ"), up to and with the first one that
+    takes a value (the rest of the word is that value: `-b5M` -> "b", `-Bjupiter` -> "B"); ""
+    for anything else."""
     if not arg.startswith("-") or arg.startswith("--"):
         return ""
     flags = ""
@@ -155,6 +187,51 @@ def short_flags(arg):
         if char in SHORT_WITH_VALUE:
             break
     return flags
+
+
+def parse_version(text):
+    """The version tuple in `iperf3 --version` output ("iperf 3.12 (cJSON ...)" -> (3, 12)),
+    or None when the text holds none."""
+    match = re.search(r"\biperf (\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    if not match:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
+def stderr_message(stderr):
+    """iperf3's own message on stderr: the text of its "iperf3: error - ..." line, else its
+    last line ("" when it said nothing)."""
+    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+    for line in lines:
+        if "error - " in line:
+            return one_line(line.split("error - ", 1)[1])
+    return one_line(lines[-1]) if lines else ""
+
+# --- End of the block shared with iperf_server.py / iperf_client.py -------------------------------
+
+
+# --- Errors ---------------------------------------------------------------------------------------
+
+class UsageError(IperfError):
+    """Bad flags or settings: exit 2."""
+
+    def __init__(self, message):
+        super().__init__(message, EXIT_USAGE)
+
+
+# --- Pure helpers ---------------------------------------------------------------------------------
+
+def parse_pidfile(content):
+    """Return the PID held in a pidfile's raw bytes, or None when it holds none.
+
+    iperf3 3.10+ writes "%d" with no newline, older versions add a NUL; other builds and admins
+    leave newlines or spaces. Empty or anything else is garbage: None (a stale pidfile).
+    """
+    text = content.replace(b"\0", b" ").strip()
+    if not text.isdigit():
+        return None
+    pid = int(text)
+    return pid if pid > 0 else None
 
 
 def port_file(path, port):
@@ -235,30 +312,11 @@ def probe_address(bind):
     return bind.split("%", 1)[0]  # "ADDR%dev" binds to a device too; connect to the address
 
 
-def parse_version(text):
-    """The version tuple in `iperf3 --version` output ("iperf 3.12 (cJSON ...)" -> (3, 12)),
-    or None when the text holds none."""
-    match = re.search(r"\biperf (\d+)\.(\d+)(?:\.(\d+))?", text or "")
-    if not match:
-        return None
-    return tuple(int(part) for part in match.groups() if part is not None)
-
-
 def version_text(version):
     return ".".join(map(str, version)) if version else "of unknown version"
 
 
-def stderr_message(stderr):
-    """iperf3's own message on stderr: the text of its "iperf3: error - ..." line, else its
-    last line ("" when it said nothing)."""
-    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
-    for line in lines:
-        if "error - " in line:
-            return " ".join(line.split("error - ", 1)[1].split())
-    return " ".join(lines[-1].split()) if lines else ""
-
-
-def has_figures(document):
+def probe_finished(document):
     """True when a probe's JSON holds the figures of a finished test."""
     end = document.get("end")
     return isinstance(end, dict) and all(
@@ -280,7 +338,7 @@ def probe_error(returncode, stdout, stderr):
         return stderr_message(stderr) or "probe printed no result (exit code %s)" % returncode
     if document.get("error") is not None:
         return str(document["error"])
-    if has_figures(document):
+    if probe_finished(document):
         return None
     return stderr_message(stderr) or "iperf3 reported no result (exit code %s)" % returncode
 
@@ -368,7 +426,7 @@ def format_duration(seconds):
 
 # --- Effects: processes ---------------------------------------------------------------------------
 
-def run_command(argv, timeout):
+def run_captured(argv, timeout):
     """Run one command and return its subprocess.CompletedProcess: an argv list (never a
     shell), logged at DEBUG first (no secret ever travels in an argv here), stdin closed, its
     output captured as text, a hard timeout. Raises OSError and subprocess.TimeoutExpired as
@@ -396,7 +454,8 @@ def process_info(pid):
         argv = [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]] if raw else []
         return state, argv
     try:
-        out = run_command(["ps", "-o", "stat=", "-o", "args=", "-p", str(pid)], 5).stdout.strip()
+        out = run_captured(["ps", "-o", "stat=", "-o", "args=", "-p", str(pid)],
+                           5).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
     if not out:
@@ -408,7 +467,7 @@ def process_info(pid):
 def all_pids():
     if os.path.isdir("/proc/self"):
         return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    out = run_command(["ps", "-A", "-o", "pid="], 5).stdout
+    out = run_captured(["ps", "-A", "-o", "pid="], 5).stdout
     return [int(word) for word in out.split()]
 
 
@@ -486,7 +545,7 @@ def process_uptime(pid):
     except (OSError, ValueError, IndexError):
         pass
     try:
-        out = run_command(["ps", "-o", "etimes=", "-p", str(pid)], 5).stdout
+        out = run_captured(["ps", "-o", "etimes=", "-p", str(pid)], 5).stdout
         return float(out.strip())
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
@@ -757,7 +816,7 @@ class FileLock:
 def read_version(executable):
     """What `iperf3 --version` prints (read once per run: about 2 ms)."""
     try:
-        done = run_command([executable, "--version"], 10)
+        done = run_captured([executable, "--version"], 10)
         return done.stdout + done.stderr
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise IperfError("cannot run %s --version: %s" % (executable, exc))
@@ -790,7 +849,7 @@ def check_auth_files(executable, version_output, private_key, users_file):
                          % (private_key, private_key))
 
 
-def read_password(stdin):
+def ask_password(stdin):
     """The password from the terminal without echo, or the first line of a non-terminal stdin."""
     if stdin.isatty():
         first = getpass.getpass("Password: ")
@@ -846,7 +905,7 @@ def make_keys(folder, openssl=OPENSSL_EXECUTABLE):
         commands = [[openssl, "genrsa", "-out", made[0], "2048"],
                     [openssl, "rsa", "-in", made[0], "-pubout", "-out", made[1]]]
         for command in commands:
-            done = run_command(command, 60)
+            done = run_captured(command, 60)
             if done.returncode != 0:
                 said = done.stderr.strip().splitlines()
                 raise IperfError("%s failed: %s" % (" ".join(command[:2]),
@@ -907,7 +966,7 @@ class Watchdog:
             authenticating = self.auth is not None
         argv = probe_argv(self.executable, address or self.address, port or self.port)
         try:
-            done = run_command(argv, PROBE_TIMEOUT)
+            done = run_captured(argv, PROBE_TIMEOUT)
         except subprocess.TimeoutExpired:
             return classify_probe(None, "", "", timed_out=True)
         except OSError as exc:
@@ -997,7 +1056,7 @@ class Watchdog:
         is really up; `-D`'s exit code means nothing (the parent exits 0 before the child
         writes the pidfile or binds the port). Returns its PID, raises IperfError."""
         try:
-            done = run_command(argv, START_TIMEOUT)
+            done = run_captured(argv, START_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise IperfError("%s did not return within %g s" % (self.executable, START_TIMEOUT))
         except OSError as exc:
@@ -1228,17 +1287,6 @@ def _port(text):
     return int(text)
 
 
-def program_name():
-    """How the script was invoked: the installed command's name (iperf-server) or the file's."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return name if name.startswith("iperf") else "iperf_server.py"
-
-
-def say(kind, message):
-    """One line on stderr, "<program>: error: ..." or "...: warning: ...", as argparse's own."""
-    print("%s: %s: %s" % (program_name(), kind, message), file=sys.stderr)
-
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse with a one-line error message (cron mails it; the usage block is noise)."""
 
@@ -1313,15 +1361,6 @@ def given_settings(ours):
     return any(getattr(given, name) is not unset for name in settings)
 
 
-def split_extra(argv):
-    """Split our arguments from iperf3's: those after the first `--` are added to
-    IPERF_EXTRA_ARGS (as in iperf_client.py)."""
-    if "--" in argv:
-        cut = argv.index("--")
-        return argv[:cut], list(IPERF_EXTRA_ARGS) + argv[cut + 1:]
-    return argv, list(IPERF_EXTRA_ARGS)
-
-
 class LogFileHandler(logging.handlers.WatchedFileHandler):
     """The log file, following logrotate's renames, opened without following a symlink planted
     at its name; a write that fails (a full disk) is said once on stderr, then logging to the
@@ -1341,8 +1380,8 @@ class LogFileHandler(logging.handlers.WatchedFileHandler):
     def handleError(self, record):
         error = sys.exc_info()[1]
         self.setLevel(logging.CRITICAL + 10)
-        say("warning", "cannot write the log %s: %s; not logging there any more"
-            % (self.baseFilename, getattr(error, "strerror", None) or error))
+        say_warning("cannot write the log %s: %s; not logging there any more"
+                    % (self.baseFilename, getattr(error, "strerror", None) or error))
 
 
 def setup_logging(log_file, verbose, quiet):
@@ -1366,7 +1405,7 @@ def setup_logging(log_file, verbose, quiet):
     except OSError as exc:
         raise IperfError("cannot write log file %s: %s" % (log_file, exc.strerror))
     file_handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(name)-12s %(levelname)-8s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+        LOG_FORMAT, LOG_DATE_FORMAT))
     file_handler.setLevel(level)
     log.addHandler(file_handler)
     if sys.stderr.isatty():
@@ -1396,10 +1435,10 @@ def run_reporting_errors(action):
         action()
         return EXIT_OK
     except UsageError as exc:
-        say("error", exc)
+        say_error(exc)
         return EXIT_USAGE
     except IperfError as exc:
-        say("error", exc)
+        say_error(exc)
         return EXIT_FAILED
 
 
@@ -1410,7 +1449,7 @@ def add_user_command(parser, args):
 
     def add():
         try:
-            password = read_password(sys.stdin)
+            password = ask_password(sys.stdin)
         except (EOFError, KeyboardInterrupt):
             raise UsageError("no password given")
         except UnicodeError:
@@ -1460,7 +1499,7 @@ def _main(argv):
     except IperfError as exc:
         log.error("%s", exc)
         if not errors_shown:
-            say("error", exc)
+            say_error(exc)
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         log.warning("interrupted")
@@ -1469,7 +1508,7 @@ def _main(argv):
         where = " %s" % exc.filename if exc.filename else ""
         log.error("%s%s: %s", exc.strerror, where, exc)
         if not errors_shown:
-            say("error", "%s%s" % (where.strip() + ": " if where else "", exc.strerror or exc))
+            say_error("%s%s" % (where.strip() + ": " if where else "", exc.strerror or exc))
         return EXIT_FAILED
 
 
@@ -1510,7 +1549,7 @@ def watch(args, extra, errors_shown):
             return EXIT_OK
         watchdog.ensure_running()
     if watchdog.alarm and not errors_shown:
-        say("warning", watchdog.alarm)
+        say_warning(watchdog.alarm)
     return EXIT_OK
 
 

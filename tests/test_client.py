@@ -322,7 +322,7 @@ def test_crash_or_failure_is_recorded_as_json(fake_iperf3, tmp_path, body, expec
                                       "--iperf3", fake_iperf3(body)])
     assert_clean(proc)
     assert proc.returncode == 1
-    assert [line.split(":")[1].split()[0] for line in proc.stderr.splitlines()] == [
+    assert [line.split(": ", 2)[2].split()[0] for line in proc.stderr.splitlines()] == [
         "forward", "reverse"]
     rows = read_ledger(tmp_path)
     assert [(r["status"], r["attempts"]) for r in rows] == [("error", "2"), ("error", "2")]
