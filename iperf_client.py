@@ -96,6 +96,14 @@ USERNAME = None                             # iperf3 user name, when the server 
 RSA_PUBLIC_KEY_PATH = None                  # the server's public key, with USERNAME
 PASSWORD_FILE = None                        # file whose first line is the password (mode 0600);
 #                                             else the IPERF3_PASSWORD environment variable
+REPORT_DIRECTION = "both"                   # report --direction: forward, reverse or both
+REPORT_FORMAT = "text"                      # report --format: text, csv or json
+RECENT_TESTS = 3                            # report --check --recent: the latest tests that
+#                                             --drop-below and --rtt-rise compare
+BASELINE_SPAN = "7d"                        # report --check --baseline: the span before them
+#                                             that is the link's normal
+CONSECUTIVE_TESTS = 3                       # report --check --consecutive: a relative alert
+#                                             needs this many tests in a row
 
 
 # --- Constants: the run ---------------------------------------------------------------------------
@@ -298,9 +306,6 @@ CHECK_RANK = ("OK", "UNKNOWN", "WARNING", "CRITICAL")  # the worst state wins
 MAX_AGE_RUNS = 3            # default --max-age: this many usual intervals between runs
 MAX_AGE_FALLBACK = 15.0     # minutes, when the ledger holds too few runs to tell the interval
 CHECK_REACH = 86400         # --check judges the links tested in the ledger's latest day
-RECENT_TESTS = 3            # --recent: the latest tests that --drop-below/--rtt-rise compare
-BASELINE_SPAN = "7d"        # --baseline: the span before them that is the link's normal
-CONSECUTIVE_TESTS = 3       # --consecutive: a relative alert needs this many tests in a row
 INTERVAL_ROWS = 2000        # the usual interval is read from the ledger's latest rows
 
 log = logging.getLogger("iperf_client")
@@ -4098,9 +4103,10 @@ def build_report_parser(parser_class=_Parser):
                         help="only TCP or only UDP tests (default: both, as separate links)")
     parser.add_argument("--since", metavar="WHEN", help="only tests started at or after WHEN")
     parser.add_argument("--until", metavar="WHEN", help="only tests started before WHEN")
-    parser.add_argument("--direction", choices=("forward", "reverse", "both"), default="both",
+    parser.add_argument("--direction", choices=("forward", "reverse", "both"),
+                        default=REPORT_DIRECTION,
                         help="which tests (default: %(default)s)")
-    parser.add_argument("--format", choices=("text", "csv", "json"), default="text",
+    parser.add_argument("--format", choices=("text", "csv", "json"), default=REPORT_FORMAT,
                         help="text for a person, csv (the selected ledger rows) or json "
                              "(summary and rows) (default: %(default)s)")
     parser.add_argument("--rebuild", action="store_true",

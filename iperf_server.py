@@ -54,6 +54,7 @@ RSA_PRIVATE_KEY_PATH = None  # with AUTHORIZED_USERS_PATH: only authorised clien
 AUTHORIZED_USERS_PATH = None  # "username,sha256hex" lines; made by --add-user
 LEGACY_CLIENTS = False  # iperf3 3.17+ server: accept the logins of clients older than 3.17
 MAX_BUSY_MINUTES = 10.0  # restart a server that has answered "busy" for longer than this
+HEALTH_PROBE = True  # probe the server with a tiny test each run (--no-probe: False)
 
 # --- Constants ------------------------------------------------------------------------------------
 
@@ -1337,7 +1338,7 @@ def build_parser():
                         help="with authentication on iperf3 3.17+: accept the logins of clients "
                              "older than 3.17 (iperf3 --use-pkcs1-padding; 3.21 clients are "
                              "then refused)")
-    parser.add_argument("--no-probe", dest="probe", action="store_false",
+    parser.add_argument("--no-probe", dest="probe", action="store_false", default=HEALTH_PROBE,
                         help="do not run a health probe (a tiny test) against the server")
     parser.add_argument("--max-busy", type=_minutes, default=MAX_BUSY_MINUTES, metavar="MINUTES",
                         help="restart a server that has been busy this long "
