@@ -150,7 +150,7 @@ O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a symlink planted at a file's name 
 RunSettings = collections.namedtuple("RunSettings", (
     "iperf3", "targets", "client", "protocol", "interval", "lock_wait", "duration", "streams",
     "extra", "iperf3_env", "username", "results_dir", "prefix", "retries", "busy_wait", "jitter",
-    "timeout_margin", "compress", "keep_days", "prometheus_textfile", "quiet"))
+    "timeout_margin", "compress", "keep_days", "prometheus_textfile", "quiet", "iperf3_version"))
 
 
 # --- Constants: the ledger and the result files ---------------------------------------------------
@@ -634,8 +634,9 @@ def printable(text):
     return _CONTROL_RE.sub(lambda match: "\\x%02x" % ord(match.group()), text)
 
 
-def format_seconds(value):
-    """`60` rather than `60.0`, `2.5` stays `2.5`."""
+def plain_number(value):
+    """A number as people write it: `60` rather than `60.0`, `2.5` stays `2.5` (seconds, bits/s,
+    percentages alike)."""
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
@@ -668,7 +669,7 @@ def result_document(stdout, stderr, returncode, timed_out=None, stopped_by=None,
         document = {}
     reasons = []
     if timed_out is not None:
-        reasons.append("timed out after %s s" % format_seconds(timed_out))
+        reasons.append("timed out after %s s" % plain_number(timed_out))
     if stopped_by:
         reasons.append("interrupted by %s" % stopped_by)
     if own_error:
@@ -701,7 +702,7 @@ def summaries(document):
 def has_figures(document):
     """True when both summaries the ledger reads carry a rate (a finite number)."""
     rates = [part.get("bits_per_second") for part in summaries(document)]
-    return all(_number(rate) and math.isfinite(rate) for rate in rates)
+    return all(_finite(rate) is not None for rate in rates)
 
 
 def missing_result_error(document, returncode, stderr=""):
@@ -798,11 +799,14 @@ def _finite(value):
     return float(value)
 
 
-def _number(value):
+def is_json_number(value):
+    """True for a JSON number (an int or a float, not a bool), finite or not."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def number_cell(value):
     """A CSV cell for a number from the JSON: exact repr, empty when absent or not a number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return ""
-    return repr(value)
+    return repr(value) if is_json_number(value) else ""
 
 
 def iso_time(seconds, utc_offset=None):
@@ -810,7 +814,7 @@ def iso_time(seconds, utc_offset=None):
     `utc_offset` seconds east of UTC when given, else in this process's local time."""
     try:
         moment = datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc)
-        if _number(utc_offset):
+        if is_json_number(utc_offset):
             zone = datetime.timezone(datetime.timedelta(seconds=int(utc_offset)))
             return moment.astimezone(zone).isoformat(timespec="seconds")
         return moment.astimezone().isoformat(timespec="seconds")
@@ -835,7 +839,7 @@ def ledger_row(document, file_name):
     meta = document.get("continuous_iperf")
     meta = meta if isinstance(meta, dict) else {}
     start = _dig(document, "start", "timestamp", "timesecs")
-    if not _number(start):
+    if not is_json_number(start):
         start = meta.get("start")
     error = document.get("error")
     if error is None:
@@ -845,7 +849,7 @@ def ledger_row(document, file_name):
     row = {
         # In the zone the test ran in (its metadata says), so a ledger rebuilt elsewhere, or
         # under another TZ, is the same row for row.
-        "timestamp": iso_time(start, meta.get("utc_offset")) if _number(start) else "",
+        "timestamp": iso_time(start, meta.get("utc_offset")) if is_json_number(start) else "",
         "run": meta.get("run", ""),
         "prefix": meta.get("prefix", ""),
         "direction": meta.get("direction", ""),
@@ -855,9 +859,9 @@ def ledger_row(document, file_name):
         "duration": meta.get("duration", ""),
         "status": "error" if error is not None else "ok",
         "error": one_line(error) if error is not None else "",
-        "sent_bps": _number(sent.get("bits_per_second")),
-        "received_bps": _number(received.get("bits_per_second")),
-        "retransmits": _number(sent.get("retransmits")),
+        "sent_bps": number_cell(sent.get("bits_per_second")),
+        "received_bps": number_cell(received.get("bits_per_second")),
+        "retransmits": number_cell(sent.get("retransmits")),
         "attempts": meta.get("attempts", ""),
         "file": file_name,
         "client": meta.get("client", ""),
@@ -890,7 +894,7 @@ def test_figures(document, meta):
     udp = _dig(document, "end", "sum")
     if protocol == "udp" and isinstance(udp, dict):
         for key in ("jitter_ms", "lost_percent", "lost_packets", "packets"):
-            figures[key] = _number(udp.get(key))
+            figures[key] = number_cell(udp.get(key))
     return figures
 
 
@@ -2433,7 +2437,10 @@ def judge_link(rows, directions, limits, now):
     if limits.max_age is None:  # two links of one folder may run on different schedules
         limits = limits._replace(max_age=default_max_age(rows))
     for name in directions:
-        _judge_direction(rows, name, latest.get(name), limits, now, notes, perf)
+        direction_notes, direction_perf = _judge_direction(rows, name, latest.get(name), limits,
+                                                           now)
+        notes += direction_notes
+        perf += direction_perf
     newest = max(moment for moment, _ in latest.values())
     age = ("%s ago" % _in_minutes(max(0.0, now - newest)) if newest <= now + FUTURE_SLACK
            else "%s in the future" % _in_minutes(newest - now))
@@ -2442,9 +2449,10 @@ def judge_link(rows, directions, limits, now):
     return state, notes, perf, age
 
 
-def _judge_direction(rows, name, latest, limits, now, notes, perf):
-    """Add a direction's notes and performance data: its latest test (moment, row) or None,
-    its age, and the relative checks asked for."""
+def _judge_direction(rows, name, latest, limits, now):
+    """(notes [(state, text)], performance data items) of a direction: its latest test
+    (moment, row) or None, its age, and the relative checks asked for."""
+    notes, perf = [], []
     figure, udp = None, False
     if latest is None:
         notes.append(("UNKNOWN", "%s: no result" % name))
@@ -2474,6 +2482,7 @@ def _judge_direction(rows, name, latest, limits, now, notes, perf):
             note, item = judge_relative(rows, name, column, bounds, lower, limits)
             notes.append(note)
             perf.append(item)
+    return notes, perf
 
 
 def _perf_limit(value, suffix=""):
@@ -2535,11 +2544,11 @@ def judge_relative(rows, name, column, bounds, lower, limits):
     if len(base) < limits.recent:
         return ("UNKNOWN", "%s %s: no baseline (%d ok tests in the %s before the latest %d)" % (
             name, what, len(base), window, limits.recent)), "%s=U" % label
-    normal, now = percentile(base, 0.5), percentile(sorted(recent), 0.5)
+    normal, latest = percentile(base, 0.5), percentile(sorted(recent), 0.5)
     if not normal:  # no ratio to a zero (perfdata has no "inf%")
         return ("UNKNOWN", "%s %s: the %s baseline median is 0: nothing to compare with" % (
             name, what, window)), "%s=U" % label
-    percent = 100.0 * now / normal
+    percent = 100.0 * latest / normal
     state = "OK"
     for level, bound in zip(("WARNING", "CRITICAL"), bounds):
         if bound is None:
@@ -2548,11 +2557,11 @@ def judge_relative(rows, name, column, bounds, lower, limits):
         beyond = (lambda value: value < limit) if lower else (lambda value: value > limit)
         streak = next((index for index, (_, value) in enumerate(reversed(tests))
                        if not beyond(value)), len(tests))
-        if beyond(now) and streak >= limits.consecutive:
+        if beyond(latest) and streak >= limits.consecutive:
             state = level
     shown = human_bps if lower else _ms
     text = "%s %s: median of the latest %d %s = %.1f%% of the %s baseline median %s (%d test%s)" % (
-        name, what, limits.recent, shown(now), percent, window, shown(normal), len(base),
+        name, what, limits.recent, shown(latest), percent, window, shown(normal), len(base),
         "" if len(base) == 1 else "s")
     return (state, text), "%s=%.1f%%;%s;%s" % (label, percent, *(
         "" if bound is None else ("%s:" % _perf_number(bound)) if lower
@@ -2684,7 +2693,7 @@ def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_G
             else:
                 continue
             log.warning("%s: sending SIGTERM to %s", "stopping" if result.stopped_by
-                        else "hard limit of %s s reached" % format_seconds(limit), argv[0])
+                        else "hard limit of %s s reached" % plain_number(limit), argv[0])
             result.stdout, result.stderr = _end_process(proc, argv[0], grace)
             break
     finally:
@@ -2716,28 +2725,47 @@ def _end_process(proc, name, grace):
         return "", ""
 
 
-_versions = {}  # executable -> its version tuple (or None), read once per process
+class Iperf3Version:
+    """The version tuple (or None) of one iperf3 executable: calling the object reads
+    `--version` the first time it is needed (only for a failed test or a long credential: an
+    explanation or a verdict may depend on it, a success's never does), then keeps it. One
+    run's (see RunSettings), so nothing outlives the run."""
 
+    def __init__(self, executable):
+        self.executable = executable
+        self._read = []
 
-def iperf3_version(executable):
-    """The version of `executable`, read from `--version` the first time it is needed (only
-    for a failed test: its explanation or verdict may depend on it, a success's never does)."""
-    if executable not in _versions:
-        outcome = run_command([executable, "--version"], VERSION_TIMEOUT)
-        _versions[executable] = parse_version(outcome.stdout)
-    return _versions[executable]
+    def __call__(self):
+        if not self._read:
+            outcome = run_command([self.executable, "--version"], VERSION_TIMEOUT)
+            self._read.append(parse_version(outcome.stdout))
+        return self._read[0]
 
 
 # --- Effects: files -------------------------------------------------------------------------------
 
-def _file_mode():
-    """Mode for results, ledger and logs: the user's umask, but never writable by others."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+def file_mode():
+    """Mode for results, ledger and logs: the process's umask, but never writable by others.
+    Asked for when a file is made: Linux tells the umask in /proc (4.7+); elsewhere it is set
+    and set back, which only this moment's caller sees."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            umask = next(int(line.split()[1], 8) for line in status
+                         if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask & ~0o002
 
 
-FILE_MODE = _file_mode()
+def _silence_stdout():
+    """Point stdout at /dev/null, so that Python's final flush into a closed pipe does not
+    complain either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
 
 
 def write_atomic(path, data):
@@ -2759,7 +2787,7 @@ def write_atomic(path, data):
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp, FILE_MODE)
+        os.chmod(temp, file_mode())
         os.replace(temp, path)
     except BaseException:
         try:
@@ -2814,14 +2842,15 @@ def _stream_into(path, data):
 
 
 def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
+    """Make a rename into `folder` durable (write_atomic's promise after a crash). Raises
+    OSError, but for EINVAL from fsync: a filesystem that cannot fsync a directory (some FUSE
+    and network ones) says so, and there a rename is as durable as it can be made."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
     finally:
         os.close(fd)
 
@@ -2878,7 +2907,7 @@ def upgrade_ledger(path, header, missing):
 
 
 def _append_row(path, row, header):
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, FILE_MODE)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, file_mode())
     try:
         size = os.fstat(fd).st_size
         cells = dict(zip(LEDGER_COLUMNS, row))
@@ -2922,15 +2951,39 @@ def _say_cut_line(path, line):
                 "restores its row from its result file", path, one_line(line, 120))
 
 
+def locked(path, wait, stopper=None, on_wait=None, flags=os.O_RDWR | os.O_CREAT | O_NOFOLLOW):
+    """Open `path` (a lock file, made 0600 with the default `flags`; a folder with O_RDONLY)
+    and take an exclusive flock on it: the one way this script locks. Waits up to `wait`
+    seconds (None: as long as it takes), calling `on_wait()` first when another holds it; a
+    stopper that has seen a signal ends the wait. Returns the open fd (close it to let go), or
+    None when the wait ended first. Raises OSError."""
+    fd = os.open(path, flags, 0o600)
+    try:
+        if flock_within(fd, 0):
+            return fd
+        if on_wait is not None:
+            on_wait()
+        if wait is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return fd
+        if flock_within(fd, wait, stopper):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
 @contextlib.contextmanager
 def ledger_lock(folder, wait=LEDGER_LOCK_WAIT):
     """Hold the ledger's lock (a lock file of its own in `folder`) for the `with` block; waits
     up to `wait` seconds for it. Raises IperfError when it stays held."""
     path = os.path.join(folder, LEDGER_LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o600)
+    fd = locked(path, wait)
+    if fd is None:
+        raise IperfError("the ledger's lock %s stayed held for %s s" % (path, wait))
     try:
-        if not flock_within(fd, wait):
-            raise IperfError("the ledger's lock %s stayed held for %s s" % (path, wait))
         yield
     finally:
         os.close(fd)
@@ -2963,10 +3016,10 @@ def write_textfile(path, rows, wait=10.0):
     file, replaces its own series and renames a new file into place. Raises OSError.
     """
     folder = os.path.dirname(path) or "."
-    fd = os.open(folder, os.O_RDONLY)
+    fd = locked(folder, wait, flags=os.O_RDONLY)
+    if fd is None:
+        raise OSError(errno.EWOULDBLOCK, "its folder stayed locked for %s s" % wait)
     try:
-        if not flock_within(fd, wait):
-            raise OSError(errno.EWOULDBLOCK, "its folder stayed locked for %s s" % wait)
         existing = ""
         if output_target(path)[0] == "replace":  # a FIFO is not read: it would wait for ever
             try:
@@ -2980,9 +3033,9 @@ def write_textfile(path, rows, wait=10.0):
 
 
 def open_log(path):
-    """A run's log file, opened for appending: created with FILE_MODE (never world-writable,
+    """A run's log file, opened for appending: created with file_mode() (never world-writable,
     whatever the umask) and never through a symlink planted at its predictable name."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, FILE_MODE)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, file_mode())
     return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
 
@@ -2993,12 +3046,14 @@ class RunLogHandler(logging.StreamHandler):
     def __init__(self, path):
         super().__init__(open_log(path))
         self.path = path
+        self.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+        self.setLevel(logging.DEBUG)
 
     def handleError(self, record):
         error = sys.exc_info()[1]
         self.setLevel(logging.CRITICAL + 10)
-        say("cannot write the log %s: %s; not logging there any more"
-            % (self.path, getattr(error, "strerror", None) or error))
+        say_warning("cannot write the log %s: %s; not logging there any more"
+                    % (self.path, getattr(error, "strerror", None) or error))
 
     def close(self):
         super().close()
@@ -3008,19 +3063,23 @@ class RunLogHandler(logging.StreamHandler):
             pass
 
 
+@contextlib.contextmanager
+def logging_to(handler):
+    """`log`'s records also go to `handler` for the `with` block; then it is detached and
+    closed, whatever happened: a run's handlers live as long as the run, never longer."""
+    log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
 def take_lock(folder):
     """Take the exclusive lock of a results folder, waiting for a run in progress (said on
     stderr); return its open fd (keep it open). For --rebuild."""
-    path = os.path.join(folder, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o600)
-    try:
-        if not flock_within(fd, 0):
-            say("waiting for the run in progress in %s" % folder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return locked(os.path.join(folder, LOCK_NAME), None,
+                  on_wait=lambda: say("waiting for the run in progress in %s" % folder))
 
 
 def read_password(password_file, environ):
@@ -3104,31 +3163,29 @@ def run(settings, stopper):
                          % (settings.results_dir, exc.strerror))
     started = time.monotonic()
     lock_fd = take_run_lock(settings, stopper)
-    handler = None
     try:
         labels = [target.label for target in settings.targets] if several(settings) else [""]
         run_ts = run_timestamp(settings.results_dir, settings.prefix, labels)
         log_path = os.path.join(settings.results_dir, settings.prefix + run_ts + "_iperf_mon.log")
-        handler = RunLogHandler(log_path)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
-        handler.setLevel(logging.DEBUG)
-        log.addHandler(handler)
-        log.info("run %s: %s, %s s x %s streams, iperf3 %s, version %s", run_ts,
-                 ", ".join("%s (%s)" % (target_name(target.host, target.port), target.label)
-                           for target in settings.targets), settings.duration, settings.streams,
-                 settings.iperf3, __version__)
-        say_when_too_long(settings, time.monotonic() - started)
-        if settings.jitter > 0:
-            delay = random.uniform(0, settings.jitter)
-            log.info("jitter: sleeping %.1f s", delay)
-            stopper.sleep(delay)
-        rows, status = run_tests(settings, run_ts, stopper)
-        return finish_run(settings, run_ts, rows, status, stopper)
+        with logging_to(RunLogHandler(log_path)):
+            return run_logged(settings, stopper, run_ts, started)
     finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
         os.close(lock_fd)
+
+
+def run_logged(settings, stopper, run_ts, started):
+    """The run's tests and their rows, with its log file open (see run)."""
+    log.info("run %s: %s, %s s x %s streams, iperf3 %s, version %s", run_ts,
+             ", ".join("%s (%s)" % (target_name(target.host, target.port), target.label)
+                       for target in settings.targets), settings.duration, settings.streams,
+             settings.iperf3, __version__)
+    say_when_too_long(settings, time.monotonic() - started)
+    if settings.jitter > 0:
+        delay = random.uniform(0, settings.jitter)
+        log.info("jitter: sleeping %.1f s", delay)
+        stopper.sleep(delay)
+    rows, status = run_tests(settings, run_ts, stopper)
+    return finish_run(settings, run_ts, rows, status, stopper)
 
 
 def several(settings):
@@ -3156,23 +3213,15 @@ def take_run_lock(settings, stopper):
     report counts it) and raises IperfError with status 75."""
     wait = lock_wait(settings)
     path = os.path.join(settings.results_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | O_NOFOLLOW, 0o600)
-    try:
-        if flock_within(fd, 0):
-            return fd
-        log.info("another run holds %s: waiting up to %s s", settings.results_dir,
-                 format_seconds(wait))
-        if flock_within(fd, wait, stopper):
-            return fd
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
+    fd = locked(path, wait, stopper, on_wait=lambda: log.info(
+        "another run holds %s: waiting up to %s s", settings.results_dir, plain_number(wait)))
+    if fd is not None:
+        return fd
     if stopper.signum is not None:
         raise IperfError("stopped by %s while waiting for the run in progress in %s"
                          % (stopper.name, settings.results_dir), 128 + stopper.signum)
     reason = ("another run held the results folder for the %s s this run could wait (lock %s; "
-              "see --lock-wait, --interval)" % (format_seconds(wait), path))
+              "see --lock-wait, --interval)" % (plain_number(wait), path))
     record_skipped(settings, reason)
     raise IperfError("%s: this run was skipped; its tests are in the ledger as skipped" % reason,
                      EX_TEMPFAIL)
@@ -3200,12 +3249,12 @@ def say_when_too_long(settings, waited):
     if needed > left:
         log.error("this run needs about %s s (%d target%s x %d tests x (%s s + %s s set-up)%s) "
                   "but has %s s left of its %s s interval (--interval): it will overrun",
-                  format_seconds(needed), len(settings.targets),
+                  plain_number(needed), len(settings.targets),
                   "" if len(settings.targets) == 1 else "s", len(DIRECTIONS),
-                  format_seconds(settings.duration + omit_seconds(settings.extra)),
-                  format_seconds(TEST_SETUP), " + jitter %s s" % format_seconds(settings.jitter)
-                  if settings.jitter else "", format_seconds(max(0.0, left)),
-                  format_seconds(settings.interval))
+                  plain_number(settings.duration + omit_seconds(settings.extra)),
+                  plain_number(TEST_SETUP), " + jitter %s s" % plain_number(settings.jitter)
+                  if settings.jitter else "", plain_number(max(0.0, left)),
+                  plain_number(settings.interval))
 
 
 def run_tests(settings, run_ts, stopper):
@@ -3296,7 +3345,7 @@ def _test_status(settings, target, direction, document):
     log.error("%s test%s failed: %s", direction, " of %s (%s)" % (
         target.label, target_name(target.host, target.port)) if several(settings) else "",
         explain_error(document["error"], document["continuous_iperf"]["stderr"],
-                      iperf3_version(settings.iperf3) if logged_in else None, logged_in))
+                      settings.iperf3_version() if logged_in else None, logged_in))
     return 1
 
 
@@ -3430,7 +3479,7 @@ def _busy(settings, document):
     iperf3 must not cost a --version call per attempt)."""
     error = document.get("error", "")
     hidden = any(mark in error for mark in HIDDEN_BUSY_MARKS)
-    return is_busy(document, iperf3_version(settings.iperf3) if hidden else None)
+    return is_busy(document, settings.iperf3_version() if hidden else None)
 
 
 def _pause_for_busy_server(deadline, busy_wait, stopper, rng):
@@ -3663,7 +3712,7 @@ def keep_damaged_copy(ledger):
     for attempt in range(1, 1000):
         name = stamp if attempt == 1 else "%s-%d" % (stamp, attempt)
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, FILE_MODE)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, file_mode())
         except FileExistsError:
             continue
         with os.fdopen(fd, "wb") as copy, open(ledger, "rb") as original:
@@ -3898,12 +3947,8 @@ def _add_auth_flags(parser):
 
 
 def check_options(parser, options):
-    """Refuse what argparse's types cannot see; exits 2 with one line. Changes nothing (but
-    sets options.target_list, the targets read and labelled)."""
-    try:
-        options.target_list = resolve_targets(options)
-    except ValueError as exc:
-        parser.error(str(exc))
+    """Refuse what argparse's types cannot see; exits 2 with one line. Reads no file (the
+    targets file is read by run_settings), runs nothing, changes nothing."""
     name = options.client_name
     if any(ord(char) < 32 or ord(char) == 127 for char in name):
         parser.error("argument --client-name: %r holds a control character" % name)
@@ -3934,7 +3979,7 @@ def check_udp_rate(parser, rate, duration):
         parser.error("argument --udp: %s bits/s for %d s sends about %s datagrams of %d bytes: "
                      "too few for loss and jitter to mean anything; give at least %dK (%d "
                      "datagrams a test) or a longer --duration" % (
-                         format_seconds(rate), duration, format_seconds(round(datagrams, 1)),
+                         plain_number(rate), duration, plain_number(round(datagrams, 1)),
                          UDP_DATAGRAM, least, UDP_MIN_DATAGRAMS))
 
 
@@ -3993,14 +4038,17 @@ def check_readable(path, what):
         raise IperfError("cannot read %s %s: %s" % (what, path, exc.strerror))
 
 
-def check_credential_lengths(executable, username, password):
-    """Raise IperfError where this iperf3 refuses the credentials' length: 3.7 and older take at
-    most 20 characters of each (a parameter error at every test). Asks for the version only
-    when a credential is that long."""
+def check_credential_lengths(settings):
+    """Raise IperfError where the run's iperf3 refuses its credentials' length: 3.7 and older
+    take at most 20 characters of each (a parameter error at every test). An effect of the run,
+    not of the validators: runs `iperf3 --version`, only when a credential is that long."""
+    if settings.username is None:
+        return
+    username, password = settings.username, settings.iperf3_env[PASSWORD_VARIABLE]
     longest = max(len(username), len(password))
     if longest <= CREDENTIAL_LIMIT:
         return
-    version = iperf3_version(executable)
+    version = settings.iperf3_version()
     if version is not None and version < CREDENTIAL_LIMIT_UNTIL:
         raise IperfError("iperf3 %s takes user names and passwords of at most %d characters; "
                          "this %s has %d" % (_version_text(version), CREDENTIAL_LIMIT,
@@ -4009,13 +4057,17 @@ def check_credential_lengths(executable, username, password):
 
 
 def run_settings(options, environ):
-    """The RunSettings of checked flags (see check_options): paths made absolute, and with a
-    user name, the login's iperf3 arguments and the environment that carries its password
-    (read here: raises IperfError when there is none)."""
+    """The RunSettings of checked flags (see check_options): the targets (the targets file is
+    read here), paths made absolute, and with a user name, the login's iperf3 arguments and
+    the environment that carries its password (read here). Runs nothing. Raises IperfError
+    (exit 2) for targets or a password that cannot be had."""
+    try:
+        targets = resolve_targets(options)
+    except ValueError as exc:
+        raise IperfError(str(exc), 2)
     extra, env = list(options.extra), None
     if options.username is not None:
         password = read_password(options.password_file, environ)
-        check_credential_lengths(options.iperf3, options.username, password)
         extra = auth_argv(options.username, _absolute(options.rsa_public_key_path)) + extra
         env = dict(environ, **{PASSWORD_VARIABLE: password})
     udp = options.udp or any(arg == "--udp" or "u" in short_flags(arg) for arg in extra)
@@ -4023,7 +4075,7 @@ def run_settings(options, environ):
         # iperf3's -b is each stream's rate: --udp is the test's, shared out over them.
         extra = ["-u", "-b", "%d" % max(1, round(options.udp / options.streams))] + extra
     return RunSettings(
-        iperf3=options.iperf3, targets=options.target_list,
+        iperf3=options.iperf3, targets=targets, iperf3_version=Iperf3Version(options.iperf3),
         client=options.client_name or socket.gethostname(),
         protocol="udp" if udp else "tcp", interval=options.interval,
         lock_wait=options.lock_wait, duration=options.duration, streams=options.streams,
@@ -4049,10 +4101,26 @@ class StderrFormatter(logging.Formatter):
         return "%s: %s%s" % (program_name(), kind, record.getMessage())
 
 
-def _setup_logging(options):
-    """stderr gets only what a person must act on (a failed test, a skipped run) by default, so
-    cron mails nothing for a good run; -v adds progress of the run, -vv every command, -q silences
-    even failures (the exit code and the files still tell)."""
+def _print_commands(settings):
+    """--dry-run: each target's two iperf3 commands, one a line."""
+    try:
+        for target in settings.targets:
+            for _, _, flags in DIRECTIONS:
+                print(command_line(iperf3_argv(
+                    settings.iperf3, target.host, target.port, settings.duration,
+                    settings.streams, bool(flags), settings.extra,
+                    server_output=bool(flags) and settings.protocol == "tcp")))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `--dry-run | head`: the reader has what it wanted
+        _silence_stdout()
+    return 0
+
+
+def stderr_handler(options):
+    """The run's handler for stderr (see logging_to): only what a person must act on (a failed
+    test, a skipped run) by default, so cron mails nothing for a good run; -v adds progress of
+    the run, -vv every command, -q silences even failures (the exit code and the files still
+    tell)."""
     if options.quiet:
         level = logging.CRITICAL + 10
     else:
@@ -4060,9 +4128,6 @@ def _setup_logging(options):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(StderrFormatter())
     handler.setLevel(level)
-    log.setLevel(logging.DEBUG)
-    log.propagate = False
-    log.addHandler(handler)
     return handler
 
 
@@ -4158,7 +4223,7 @@ def _add_check_flags(parser):
                        help="CRITICAL when a direction's latest test started longer ago "
                             "(default: %d x the usual interval between runs in the ledger, or "
                             "%s minutes while it holds fewer than three runs)"
-                            % (MAX_AGE_RUNS, format_seconds(MAX_AGE_FALLBACK)))
+                            % (MAX_AGE_RUNS, plain_number(MAX_AGE_FALLBACK)))
 
 
 def _check_report_options(parser, options):
@@ -4175,15 +4240,15 @@ def _check_report_options(parser, options):
                          "--warn-loss PCT and --crit-loss PCT, or --drop-below / --rtt-rise")
         if options.warn_below is not None and options.warn_below < options.crit_below:
             parser.error("--warn-below %s is below --crit-below %s: warn must be above crit" % (
-                format_seconds(options.warn_below), format_seconds(options.crit_below)))
+                plain_number(options.warn_below), plain_number(options.crit_below)))
         if options.warn_loss is not None and options.warn_loss > options.crit_loss:
             parser.error("--warn-loss %s is above --crit-loss %s: warn must be below crit" % (
-                format_seconds(options.warn_loss), format_seconds(options.crit_loss)))
+                plain_number(options.warn_loss), plain_number(options.crit_loss)))
         for flag, pair, lower in (("--drop-below", options.drop_below, True),
                                   ("--rtt-rise", options.rtt_rise, False)):
             if pair is not None and pair[1] is not None and (pair[1] >= pair[0]) == lower:
                 parser.error("%s %s,%s: the CRIT bound must be %s than the WARN one" % (
-                    flag, format_seconds(pair[0]), format_seconds(pair[1]),
+                    flag, plain_number(pair[0]), plain_number(pair[1]),
                     "lower" if lower else "higher"))
         if options.html or options.rebuild:
             parser.error("--check does not go with --html or --rebuild")
@@ -4494,31 +4559,6 @@ def links_within(rows, reach):
     return [row for row in rows if _LINK_KEY(row) in kept]
 
 
-def _print_commands(settings):
-    """--dry-run: each target's two iperf3 commands, one a line."""
-    try:
-        for target in settings.targets:
-            for _, _, flags in DIRECTIONS:
-                print(command_line(iperf3_argv(
-                    settings.iperf3, target.host, target.port, settings.duration,
-                    settings.streams, bool(flags), settings.extra,
-                    server_output=bool(flags) and settings.protocol == "tcp")))
-        sys.stdout.flush()
-    except BrokenPipeError:  # `--dry-run | head`: the reader has what it wanted
-        _silence_stdout()
-    return 0
-
-
-def _silence_stdout():
-    """Point stdout at /dev/null, so that Python's final flush into a closed pipe does not
-    complain either."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        pass
-
-
 def _raise_terminated(signum, frame):
     raise Terminated()
 
@@ -4541,15 +4581,26 @@ def main(argv=None):
         check_options(parser, options)
         try:
             settings = run_settings(options, os.environ)
+            check_credential_lengths(settings)
         except IperfError as exc:
             parser.error(str(exc))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     if options.dry_run:
         return _print_commands(settings)
-    handler = _setup_logging(options)
+    log.setLevel(logging.DEBUG)  # the handlers choose what each shows
+    log.propagate = False
     stopper = Stopper()
     stopper.install()
+    try:
+        with logging_to(stderr_handler(options)):
+            return run_with_exit_code(settings, stopper)
+    finally:
+        stopper.restore()
+
+
+def run_with_exit_code(settings, stopper):
+    """run(), its expected failures logged (one line on stderr): returns the exit code."""
     try:
         return run(settings, stopper)
     except IperfError as exc:
@@ -4559,9 +4610,6 @@ def main(argv=None):
         log.error("%s%s", "cannot write %s: " % exc.filename if exc.filename else "",
                   exc.strerror or exc)
         return 1
-    finally:
-        stopper.restore()
-        log.removeHandler(handler)
 
 
 if __name__ == "__main__":
