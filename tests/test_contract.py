@@ -3,6 +3,7 @@ byte for byte the same; every flag's default is a setting in the admin's block; 
 log files and fatal lines look alike; the client's validators only validate."""
 
 import argparse
+import errno
 import ast
 import os
 import re
@@ -239,3 +240,33 @@ def test_importing_the_client_leaves_the_umask_alone():
 def test_the_client_holds_no_module_caches():
     assert not hasattr(iperf_client, "_versions")
     assert not hasattr(iperf_client, "FILE_MODE")
+
+
+# --- The client's effects: one way to lock, an fsync that keeps its promise ---
+
+def test_every_flock_is_taken_by_one_helper():
+    """ledger_lock, write_textfile, take_lock and the run's lock all go through locked()."""
+    tree = ast.parse(CLIENT_SCRIPT.read_text())
+    takers = sorted(node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+                    and any(isinstance(call, ast.Attribute) and call.attr == "flock"
+                            for call in ast.walk(node)))
+    assert takers == ["flock_within", "locked"]
+
+
+@pytest.mark.parametrize("error, raised", [(errno.EIO, True), (errno.ENOSPC, True),
+                                           (errno.EINVAL, False)])
+def test_fsync_of_the_folder_fails_loudly_but_where_it_cannot_be_done(tmp_path, monkeypatch,
+                                                                      error, raised):
+    def failing(fd):
+        raise OSError(error, os.strerror(error))
+    monkeypatch.setattr(iperf_client.os, "fsync", failing)
+    if raised:
+        with pytest.raises(OSError):
+            iperf_client._fsync_dir(str(tmp_path))
+    else:
+        iperf_client._fsync_dir(str(tmp_path))
+
+
+def test_a_folder_that_cannot_be_opened_is_no_silent_success(tmp_path):
+    with pytest.raises(OSError):
+        iperf_client._fsync_dir(str(tmp_path / "gone"))
