@@ -423,6 +423,7 @@ def stderr_message(stderr):
             return one_line(line.split("error - ", 1)[1])
     return one_line(lines[-1]) if lines else ""
 
+
 # --- End of the block shared with iperf_server.py / iperf_client.py -------------------------------
 
 
@@ -436,7 +437,7 @@ class Terminated(Exception):
     """SIGTERM arrived during a report: unwinds it like Ctrl-C does (see report_main)."""
 
 
-# --- Pure helpers: the run ------------------------------------------------------------------------
+# --- iperf3: pure helpers (arguments, results, versions) ------------------------------------------
 
 def omit_seconds(args):
     """The `-O/--omit` seconds found in iperf3 arguments (0 when absent or unreadable), in any
@@ -828,7 +829,329 @@ def local_utc_offset(seconds):
     return int(moment.utcoffset().total_seconds())
 
 
-# --- Pure helpers: the ledger ---------------------------------------------------------------------
+# --- iperf3: running it ---------------------------------------------------------------------------
+
+class Stopper:
+    """Remembers the first SIGTERM/SIGINT/SIGHUP so the run can stop iperf3 and clean up.
+
+    The handler only records the signal: an exception raised at a random point could cut a
+    result file or the ledger in half, so the loops poll `signum` instead.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+
+    def install(self):
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+    def sleep(self, seconds):
+        """Sleep up to `seconds`, returning early when a signal arrived."""
+        deadline = time.monotonic() + seconds
+        while self.signum is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.2))
+
+
+class CommandResult:
+    """What one command did: exit code, output, and why it was ended early, if it was."""
+
+    def __init__(self, returncode=None, stdout="", stderr="", timed_out=None, stopped_by=None,
+                 failure=None):
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.timed_out = timed_out
+        self.stopped_by = stopped_by
+        self.failure = failure
+
+
+def _signal_group(proc, signum):
+    try:
+        os.killpg(proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _die_with_parent():
+    """A preexec_fn that has the kernel SIGKILL the child when this process dies, however it
+    dies (SIGKILL included: no handler of ours runs then), so that no iperf3 outlives its hard
+    limit or keeps a server busy. Linux only; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+    return arm
+
+
+def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_GRACE):
+    """Run one command (iperf3) and return a CommandResult; never leaves the process running.
+
+    The argv is logged at DEBUG first. stdin is /dev/null, output captured. The command runs in
+    its own session, so a terminal's Ctrl-C reaches only us; after `limit` seconds, or when
+    `stopper` saw a signal, its group gets SIGTERM (iperf3 then prints its partial JSON) and,
+    `grace` seconds later, SIGKILL. `progress(elapsed)` is called about twice a second.
+    """
+    log.debug("running: %s", command_line(argv))
+    try:
+        proc = subprocess.Popen(
+            [str(arg) for arg in argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=env, start_new_session=True, universal_newlines=True,
+            errors="replace", preexec_fn=_die_with_parent(),
+        )
+    except OSError as exc:
+        return CommandResult(failure="cannot run %s: %s" % (argv[0], exc.strerror or exc))
+    started = time.monotonic()
+    result = CommandResult()
+    try:
+        while True:
+            try:
+                result.stdout, result.stderr = proc.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            elapsed = time.monotonic() - started
+            if progress is not None:
+                progress(elapsed)
+            if stopper is not None and stopper.signum is not None:
+                result.stopped_by = stopper.name
+            elif elapsed >= limit:
+                result.timed_out = limit
+            else:
+                continue
+            log.warning("%s: sending SIGTERM to %s", "stopping" if result.stopped_by
+                        else "hard limit of %s s reached" % plain_number(limit), argv[0])
+            result.stdout, result.stderr = _end_process(proc, argv[0], grace)
+            break
+    finally:
+        if proc.poll() is None:  # an unexpected exception: still leave nothing behind
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+    result.returncode = proc.returncode
+    return result
+
+
+def _end_process(proc, name, grace):
+    """SIGTERM to the command's group (iperf3 then prints its partial JSON), SIGKILL `grace`
+    seconds later; returns what it printed (stdout, stderr)."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        log.warning("%s ignored SIGTERM for %s s: sending SIGKILL", name, grace)
+    _signal_group(proc, signal.SIGKILL)
+    try:
+        return proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        # Something that left the process group still holds the output pipes.
+        log.warning("%s: output still open after SIGKILL; giving up on it", name)
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        return "", ""
+
+
+class Iperf3Version:
+    """The version tuple (or None) of one iperf3 executable: calling the object reads
+    `--version` the first time it is needed (only for a failed test or a long credential: an
+    explanation or a verdict may depend on it, a success's never does), then keeps it. One
+    run's (see RunSettings), so nothing outlives the run."""
+
+    def __init__(self, executable):
+        self.executable = executable
+        self._read = []
+
+    def __call__(self):
+        if not self._read:
+            outcome = run_command([self.executable, "--version"], VERSION_TIMEOUT)
+            self._read.append(parse_version(outcome.stdout))
+        return self._read[0]
+
+
+# --- Files: written whole or not at all, and locks ------------------------------------------------
+
+def file_mode():
+    """Mode for results, ledger and logs: the process's umask, but never writable by others.
+    Asked for when a file is made: Linux tells the umask in /proc (4.7+); elsewhere it is set
+    and set back, which only this moment's caller sees."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            umask = next(int(line.split()[1], 8) for line in status
+                         if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask & ~0o002
+
+
+def _silence_stdout():
+    """Point stdout at /dev/null, so that Python's final flush into a closed pipe does not
+    complain either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
+
+
+def write_atomic(path, data):
+    """Write bytes to `path` so a reader sees the old file or the whole new one, never half,
+    and never damage what is there (see output_target).
+
+    A temporary file in the same folder, fsync, rename; the temporary file is removed on error.
+    A character device or a FIFO gets the bytes streamed into it instead. Raises OSError.
+    """
+    how, path = output_target(path)
+    if how == "stream":
+        _stream_into(path, data)
+        return
+    folder = os.path.dirname(path) or "."
+    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, file_mode())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def output_target(path):
+    """How write_atomic writes `path`: ("replace", the regular file to replace) or ("stream",
+    path) for a character device, a FIFO or this process's own open file (/dev/stdout).
+
+    A symlink to a regular file: the file it names is replaced and the link kept. Anything else
+    that exists and is not a regular file (a directory, a socket, a block device, a dangling
+    symlink) is never replaced: raises OSError.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise OSError(errno.ENOENT, "it is a symbolic link to nothing: not replaced")
+        return "replace", path
+    if _OPEN_FILE_ALIAS_RE.match(os.path.abspath(path)) or stat.S_ISCHR(info.st_mode) or \
+            stat.S_ISFIFO(info.st_mode):
+        return "stream", path
+    if stat.S_ISREG(info.st_mode):
+        return "replace", os.path.realpath(path) if os.path.islink(path) else path
+    kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a socket"
+            if stat.S_ISSOCK(info.st_mode) else "a block device" if stat.S_ISBLK(info.st_mode)
+            else "not a regular file")
+    raise OSError(errno.EEXIST, "it is %s, not a regular file: not replaced" % kind)
+
+
+def _stream_into(path, data):
+    """Write `data` into a device, FIFO or open file; a FIFO without a reader is an error, not
+    a hang (cron would wait for ever)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise OSError(exc.errno, "a FIFO that no process reads")
+        raise
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder):
+    """Make a rename into `folder` durable (write_atomic's promise after a crash). Raises
+    OSError, but for EINVAL from fsync: a filesystem that cannot fsync a directory (some FUSE
+    and network ones) says so, and there a rename is as durable as it can be made."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def locked(path, wait, stopper=None, on_wait=None, flags=os.O_RDWR | os.O_CREAT | O_NOFOLLOW):
+    """Open `path` (a lock file, made 0600 with the default `flags`; a folder with O_RDONLY)
+    and take an exclusive flock on it: the one way this script locks. Waits up to `wait`
+    seconds (None: as long as it takes), calling `on_wait()` first when another holds it; a
+    stopper that has seen a signal ends the wait. Returns the open fd (close it to let go), or
+    None when the wait ended first. Raises OSError."""
+    fd = os.open(path, flags, 0o600)
+    try:
+        if flock_within(fd, 0):
+            return fd
+        if on_wait is not None:
+            on_wait()
+        if wait is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return fd
+        if flock_within(fd, wait, stopper):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def flock_within(fd, seconds, stopper=None):
+    """Take an exclusive flock on `fd`, trying for up to `seconds`; True when taken. A stopper
+    that has seen a signal ends the wait."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline or (stopper is not None and stopper.signum is not None):
+            return False
+        if stopper is not None:
+            stopper.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        else:
+            time.sleep(0.05)
+
+
+# --- The ledger: pure helpers ---------------------------------------------------------------------
 
 def ledger_row(document, file_name):
     """The ledger row (a list, see Col) for one result document.
@@ -1132,6 +1455,351 @@ def _ledger_order(item):
     if start is None:
         start = run_time(row[Col.RUN]) or 0.0
     return (start, row[Col.DIRECTION] != "forward", row[Col.FILE])
+
+
+# --- The ledger: appending to it ------------------------------------------------------------------
+
+def append_ledger(path, row):
+    """Append one row (see Col) to the ledger, with the header first when the file is new or
+    empty, its cells in the order of the file's own header (a newer version's extra columns
+    stay empty). A ledger of an older version first gets the columns added since (see
+    upgrade_ledger). Holds the ledger's lock: a skipped run may append while a run goes on.
+
+    The row is written whole or not at all: a short write (a full disk) is cut back off and
+    raises. A last line without its newline gets one first, so the new row is never glued onto
+    it; when that line is no row at all (a crash cut it short), it is cut off instead and said:
+    its result file still holds it, for `report --rebuild`.
+    """
+    with ledger_lock(os.path.dirname(path)):
+        header = ledger_header(path)
+        missing = [name for name in ADDED_COLUMNS if name not in (header or LEDGER_COLUMNS)]
+        if missing:
+            upgrade_ledger(path, header, missing)
+            header = header + missing
+        _append_row(path, row, header or LEDGER_COLUMNS)
+
+
+def ledger_header(path):
+    """The ledger's header cells, or None when it is new, empty or its header is damaged
+    (rows then go in the standard order)."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.read(64 * 1024).split(b"\n", 1)[0].decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    cells = header_names(next(csv.reader([first]), []))
+    return cells if header_layout(cells) is not None else None
+
+
+def upgrade_ledger(path, header, missing):
+    """Give a ledger written by an older version the `missing` columns, empty, at the end of
+    every line (atomically: a crash leaves the old file). Runs once per ledger."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        text = handle.read()
+    # By CSV records, not lines: a quoted cell may hold a line break.
+    records = [cells for cells in csv.reader(io.StringIO(text)) if cells]
+    if len(records) > 1 and not text.endswith("\n"):
+        cut = text[text.rfind("\n") + 1:]
+        records.pop()  # a row is whole only with its newline: a crash cut this one
+        _say_cut_line(path, cut)
+    pad = [""] * len(missing)
+    text = csv_line(header + missing) + "".join(
+        csv_line(cells + pad) for cells in records[1:])
+    write_atomic(path, text.encode("utf-8", "surrogateescape"))
+    log.info("the ledger %s was given the columns %s (it was written by an older version)",
+             path, ", ".join(missing))
+
+
+def _append_row(path, row, header):
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, file_mode())
+    try:
+        size = os.fstat(fd).st_size
+        cells = dict(zip(LEDGER_COLUMNS, row))
+        text = csv_line([cells.get(column, "") for column in header])
+        if size == 0:
+            text = csv_line(LEDGER_COLUMNS) + text
+        elif os.pread(fd, 1, size - 1) != b"\n":
+            size = _end_cut_line(fd, size, path, header)
+            if os.pread(fd, 1, size - 1) != b"\n":
+                text = "\n" + text
+        data = text.encode("utf-8")
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _end_cut_line(fd, size, path, header):
+    """The ledger's size once a last line without its newline is cut off: a row is appended
+    with its newline in one write, so a crash while appending left it, and its cells cannot
+    tell (a number cut short is still a number). Its result file keeps it for --rebuild.
+    Logs the cut."""
+    tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
+    start = size - len(tail) + tail.rfind(b"\n") + 1
+    if start == 0:
+        return size  # the header itself: leave it be
+    line = os.pread(fd, size - start, start).decode("utf-8", errors="replace")
+    os.ftruncate(fd, start)
+    _say_cut_line(path, line)
+    return start
+
+
+def _say_cut_line(path, line):
+    log.warning("the ledger %s ended in a line cut short (%s): removed; 'report --rebuild' "
+                "restores its row from its result file", path, one_line(line, 120))
+
+
+@contextlib.contextmanager
+def ledger_lock(folder, wait=LEDGER_LOCK_WAIT):
+    """Hold the ledger's lock (a lock file of its own in `folder`) for the `with` block; waits
+    up to `wait` seconds for it. Raises IperfError when it stays held."""
+    path = os.path.join(folder, LEDGER_LOCK_NAME)
+    fd = locked(path, wait)
+    if fd is None:
+        raise IperfError("the ledger's lock %s stayed held for %s s" % (path, wait))
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- The ledger: reading it and rebuilding it -----------------------------------------------------
+
+def read_ledger(path, extra=None):
+    """The ledger's rows as lists of strings in LEDGER_COLUMNS order, read by its header (any
+    order of our columns; a newer version's extra columns are left out, or, when `extra` is a
+    list, their names put in it and their cells kept at the end of each row).
+
+    Raises LedgerError when it is missing or damaged (salvage_ledger keeps what it can).
+    """
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            lines = handle.readlines()
+    except FileNotFoundError:
+        raise LedgerError("no ledger %s: run 'iperf_client.py report --rebuild' to regenerate "
+                          "it from the result files" % path)
+    except OSError as exc:
+        raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
+    return _ledger_from_lines(path, lines, extra)
+
+
+def read_ledger_tail(path, wanted):
+    """The ledger's last rows, at least `wanted` of them where it has that many (in ledger
+    order), and whether they reach back to its first row. Reads the header and the file's
+    end only, so its time and memory do not grow with the ledger. Raises as read_ledger."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.readline()
+            first = handle.tell()
+            position = size = os.fstat(handle.fileno()).st_size
+            data, block = b"", 64 * 1024
+            while position > first and data.count(b"\n") <= wanted:
+                step = min(block, position - first)
+                position -= step
+                handle.seek(position)
+                data = handle.read(step) + data
+                block *= 2
+    except FileNotFoundError:
+        raise LedgerError("no ledger %s: run 'iperf_client.py report --rebuild' to regenerate "
+                          "it from the result files" % path)
+    except OSError as exc:
+        raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
+    if not size:
+        return [], True  # a ledger cut to nothing (a full disk at its first write): no rows
+    lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
+    if position > first:
+        lines = lines[1:]  # the first one is what remains of a line cut by the seek
+    lines = [line for line in lines if line.strip()]
+    header = header.decode("utf-8", errors="replace")
+    return _ledger_from_lines(path, [header] + lines[-wanted:]), position <= first or not size
+
+
+def salvage_ledger(path, extra=None):
+    """Every well-formed row of a damaged ledger, line by line, and the number of lines that
+    could not be kept. A row whose result file --keep-days deleted exists nowhere else, so a
+    damaged header or one bad line must not cost the others. The header says where each column
+    stands when it can; else the standard order is assumed. (Cells never hold a line break:
+    errors are folded onto one line.) `extra` as in read_ledger."""
+    rows, dropped = [], 0
+    getter, names, width = None, [], len(LEDGER_COLUMNS)
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        lines = handle.readlines()
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        if not line.endswith("\n") and number:
+            dropped += 1  # a row is whole only with its newline (see _end_cut_line)
+            continue
+        try:
+            cells = next(csv.reader([line]))
+        except (csv.Error, StopIteration):
+            cells = []
+        if number == 0:
+            mapper = _mapper(cells) if tuple(cells) != LEDGER_COLUMNS else (None, [])
+            if mapper is not None:
+                (getter, names), width = mapper, len(cells)
+                continue
+            if sum(cell.strip() in BASE_COLUMNS for cell in cells) >= len(BASE_COLUMNS) // 2:
+                continue  # a damaged header: the standard order is the best guess
+        if getter and len(cells) == width:
+            row = list(getter(cells))
+        elif len(cells) == len(BASE_COLUMNS) and width == len(LEDGER_COLUMNS) and not getter:
+            row = cells = cells + [""] * len(ADDED_COLUMNS)  # a 2.1 ledger's header was lost
+        else:
+            row = cells
+        if len(cells) == width and well_formed(row):
+            rows.append(row if extra is not None else row[:len(LEDGER_COLUMNS)])
+        else:
+            dropped += 1
+    if extra is not None:
+        extra[:] = names
+    return rows, dropped
+
+
+def read_result_file(path, with_start=False):
+    """The ledger row (a list) of one result file, plain or gzipped; never raises.
+
+    Large files are read by their head and tail only (see quick_document), with a full parse
+    as the fallback; a file that cannot be read gives an "unreadable result" error row. With
+    `with_start`, returns (the test's start in Unix seconds or None, row): the rebuild's order.
+    """
+    name = os.path.basename(path)
+    head = tail = data = None
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as handle:
+                data = handle.read()
+            if len(data) > QUICK_HEAD + QUICK_TAIL:
+                head, tail = data[:QUICK_HEAD], data[-QUICK_TAIL:]
+        else:
+            with open(path, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size > QUICK_HEAD + QUICK_TAIL:
+                    head = handle.read(QUICK_HEAD)
+                    handle.seek(-QUICK_TAIL, os.SEEK_END)
+                    tail = handle.read()
+                else:
+                    data = handle.read()
+        document = quick_document(head, tail) if head is not None else None
+        if document is None:
+            if data is None:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            document = json.loads(data)
+            if not isinstance(document, dict):
+                raise ValueError("not a JSON object")
+        row = complete_row(ledger_row(document, name), document, name)
+    except Exception as exc:  # noqa: B902 -- whatever a file holds is a row, never a crash
+        reason = getattr(exc, "strerror", None) or exc
+        row = unreadable_row(name, reason)
+        return (None, row) if with_start else row
+    if not with_start:
+        return row
+    meta = document.get("continuous_iperf")
+    start = meta.get("start") if isinstance(meta, dict) else None
+    if isinstance(start, bool) or not isinstance(start, (int, float)):
+        start = None
+    return start, row
+
+
+def _rebuild_item(path):
+    return read_result_file(path, with_start=True)
+
+
+def rebuild_ledger(folder, jobs=None):
+    """Regenerate `folder`'s ledger from its result files, atomically; return the row count.
+
+    Rows of the old ledger whose file is gone (deleted by --keep-days) are kept: the ledger
+    outlives the raw files. Files are read in parallel when there are many.
+    """
+    names = sorted(name for name in os.listdir(folder) if RESULT_NAME_RE.match(name))
+    # A file and its gzipped twin (gzip -k) are one test: the plain one is read.
+    plain = set(names)
+    names = [name for name in names if not (name.endswith(".gz") and name[:-3] in plain)]
+    items = _read_result_files([os.path.join(folder, name) for name in names], jobs)
+    present = set(names)
+    for name in names:  # a run's file and its gzipped twin count as one
+        present.add(name[:-3] if name.endswith(".gz") else name + ".gz")
+    ledger = os.path.join(folder, LEDGER_NAME)
+    extra = []
+    old_rows = _old_ledger_rows(ledger, extra)
+    # A newer version's extra columns stay, after ours, with the cells it wrote.
+    extra_of = {row[Col.FILE]: row[len(LEDGER_COLUMNS):] for row in old_rows} if extra else {}
+    blank = [""] * len(extra)
+    items = [(start, row + extra_of.get(row[Col.FILE], blank)) for start, row in items]
+    items += [(None, row) for row in old_rows if row[Col.FILE] not in present]
+    items.sort(key=_ledger_order)
+    rows = [row for _, row in items]
+    attribute_serverless(rows)
+    text = csv_line(LEDGER_COLUMNS + tuple(extra)) + "".join(csv_line(row) for row in rows)
+    owner = os.stat(ledger if os.path.isfile(ledger) else folder)
+    write_atomic(ledger, text.encode("utf-8"))
+    if os.geteuid() == 0 and os.path.isfile(ledger):
+        # root's rebuild must not leave the runs (another user) a ledger they cannot append to.
+        os.chown(os.path.realpath(ledger), owner.st_uid, owner.st_gid)
+    return len(rows)
+
+
+def _read_result_files(paths, jobs=None):
+    """(start, row) of each result file, read in worker processes when there are many."""
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1 or len(paths) < 64:
+        return [_rebuild_item(path) for path in paths]
+    try:
+        context = multiprocessing.get_context("fork")
+    except ValueError:
+        context = multiprocessing.get_context()
+    with context.Pool(min(jobs, 32), initializer=_quiet_worker) as pool:
+        return pool.map(_rebuild_item, paths, chunksize=max(1, len(paths) // (jobs * 8)))
+
+
+def _old_ledger_rows(ledger, extra):
+    """The well-formed rows of the ledger being rebuilt (salvaged when it is damaged, with its
+    extra columns' names put in `extra`). When a line is dropped, or the ledger is damaged, a
+    copy of it is kept: what could not be salvaged may matter to a person, and exists nowhere
+    else."""
+    try:
+        rows, dropped = read_ledger(ledger, extra), 0
+    except LedgerError:
+        if not os.path.exists(ledger):
+            return []
+        rows, dropped = salvage_ledger(ledger, extra)
+        dropped = dropped or -1  # damaged: the original is kept even if every row was
+    kept = [row for row in rows if well_formed(row)]
+    if len(kept) < len(rows):  # rows that parse but are no rows (a line cut short)
+        dropped = max(dropped, 0) + len(rows) - len(kept)
+    if dropped:
+        copy = keep_damaged_copy(ledger)
+        say("the old ledger was damaged (%d line%s not kept); it is saved as %s"
+            % (max(dropped, 0), "" if dropped == 1 else "s", copy))
+    return kept
+
+
+def keep_damaged_copy(ledger):
+    """Copy a damaged ledger to results.csv.damaged-<ts>[-N], never over an earlier copy."""
+    stamp = "%s.damaged-%s" % (ledger, time.strftime(TIMESTAMP_FORMAT))
+    for attempt in range(1, 1000):
+        name = stamp if attempt == 1 else "%s-%d" % (stamp, attempt)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, file_mode())
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as copy, open(ledger, "rb") as original:
+            shutil.copyfileobj(original, copy)
+        return name
+    raise OSError(errno.EEXIST, "too many damaged copies of %s" % ledger)
+
+
+def _quiet_worker():
+    """A rebuild worker leaves signals to the parent: a SIGTERM or Ctrl-C to the report must
+    not print a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # --- Pure helpers: the report ---------------------------------------------------------------------
@@ -2576,437 +3244,7 @@ def format_span(seconds):
     return "%gs" % seconds
 
 
-# --- Effects: running iperf3 ----------------------------------------------------------------------
-
-class Stopper:
-    """Remembers the first SIGTERM/SIGINT/SIGHUP so the run can stop iperf3 and clean up.
-
-    The handler only records the signal: an exception raised at a random point could cut a
-    result file or the ledger in half, so the loops poll `signum` instead.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-
-    def install(self):
-        for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    @property
-    def name(self):
-        return signal.Signals(self.signum).name if self.signum else None
-
-    def sleep(self, seconds):
-        """Sleep up to `seconds`, returning early when a signal arrived."""
-        deadline = time.monotonic() + seconds
-        while self.signum is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            time.sleep(min(left, 0.2))
-
-
-class CommandResult:
-    """What one command did: exit code, output, and why it was ended early, if it was."""
-
-    def __init__(self, returncode=None, stdout="", stderr="", timed_out=None, stopped_by=None,
-                 failure=None):
-        self.returncode = returncode
-        self.stdout = stdout
-        self.stderr = stderr
-        self.timed_out = timed_out
-        self.stopped_by = stopped_by
-        self.failure = failure
-
-
-def _signal_group(proc, signum):
-    try:
-        os.killpg(proc.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _die_with_parent():
-    """A preexec_fn that has the kernel SIGKILL the child when this process dies, however it
-    dies (SIGKILL included: no handler of ours runs then), so that no iperf3 outlives its hard
-    limit or keeps a server busy. Linux only; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def arm():
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the line above took effect
-            os._exit(1)
-    return arm
-
-
-def run_command(argv, limit, env=None, stopper=None, progress=None, grace=KILL_GRACE):
-    """Run one command (iperf3) and return a CommandResult; never leaves the process running.
-
-    The argv is logged at DEBUG first. stdin is /dev/null, output captured. The command runs in
-    its own session, so a terminal's Ctrl-C reaches only us; after `limit` seconds, or when
-    `stopper` saw a signal, its group gets SIGTERM (iperf3 then prints its partial JSON) and,
-    `grace` seconds later, SIGKILL. `progress(elapsed)` is called about twice a second.
-    """
-    log.debug("running: %s", command_line(argv))
-    try:
-        proc = subprocess.Popen(
-            [str(arg) for arg in argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=env, start_new_session=True, universal_newlines=True,
-            errors="replace", preexec_fn=_die_with_parent(),
-        )
-    except OSError as exc:
-        return CommandResult(failure="cannot run %s: %s" % (argv[0], exc.strerror or exc))
-    started = time.monotonic()
-    result = CommandResult()
-    try:
-        while True:
-            try:
-                result.stdout, result.stderr = proc.communicate(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            elapsed = time.monotonic() - started
-            if progress is not None:
-                progress(elapsed)
-            if stopper is not None and stopper.signum is not None:
-                result.stopped_by = stopper.name
-            elif elapsed >= limit:
-                result.timed_out = limit
-            else:
-                continue
-            log.warning("%s: sending SIGTERM to %s", "stopping" if result.stopped_by
-                        else "hard limit of %s s reached" % plain_number(limit), argv[0])
-            result.stdout, result.stderr = _end_process(proc, argv[0], grace)
-            break
-    finally:
-        if proc.poll() is None:  # an unexpected exception: still leave nothing behind
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
-    result.returncode = proc.returncode
-    return result
-
-
-def _end_process(proc, name, grace):
-    """SIGTERM to the command's group (iperf3 then prints its partial JSON), SIGKILL `grace`
-    seconds later; returns what it printed (stdout, stderr)."""
-    _signal_group(proc, signal.SIGTERM)
-    try:
-        return proc.communicate(timeout=grace)
-    except subprocess.TimeoutExpired:
-        log.warning("%s ignored SIGTERM for %s s: sending SIGKILL", name, grace)
-    _signal_group(proc, signal.SIGKILL)
-    try:
-        return proc.communicate(timeout=grace)
-    except subprocess.TimeoutExpired:
-        # Something that left the process group still holds the output pipes.
-        log.warning("%s: output still open after SIGKILL; giving up on it", name)
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-        return "", ""
-
-
-class Iperf3Version:
-    """The version tuple (or None) of one iperf3 executable: calling the object reads
-    `--version` the first time it is needed (only for a failed test or a long credential: an
-    explanation or a verdict may depend on it, a success's never does), then keeps it. One
-    run's (see RunSettings), so nothing outlives the run."""
-
-    def __init__(self, executable):
-        self.executable = executable
-        self._read = []
-
-    def __call__(self):
-        if not self._read:
-            outcome = run_command([self.executable, "--version"], VERSION_TIMEOUT)
-            self._read.append(parse_version(outcome.stdout))
-        return self._read[0]
-
-
-# --- Effects: files -------------------------------------------------------------------------------
-
-def file_mode():
-    """Mode for results, ledger and logs: the process's umask, but never writable by others.
-    Asked for when a file is made: Linux tells the umask in /proc (4.7+); elsewhere it is set
-    and set back, which only this moment's caller sees."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
-            umask = next(int(line.split()[1], 8) for line in status
-                         if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask & ~0o002
-
-
-def _silence_stdout():
-    """Point stdout at /dev/null, so that Python's final flush into a closed pipe does not
-    complain either."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        pass
-
-
-def write_atomic(path, data):
-    """Write bytes to `path` so a reader sees the old file or the whole new one, never half,
-    and never damage what is there (see output_target).
-
-    A temporary file in the same folder, fsync, rename; the temporary file is removed on error.
-    A character device or a FIFO gets the bytes streamed into it instead. Raises OSError.
-    """
-    how, path = output_target(path)
-    if how == "stream":
-        _stream_into(path, data)
-        return
-    folder = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                                dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, file_mode())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def output_target(path):
-    """How write_atomic writes `path`: ("replace", the regular file to replace) or ("stream",
-    path) for a character device, a FIFO or this process's own open file (/dev/stdout).
-
-    A symlink to a regular file: the file it names is replaced and the link kept. Anything else
-    that exists and is not a regular file (a directory, a socket, a block device, a dangling
-    symlink) is never replaced: raises OSError.
-    """
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise OSError(errno.ENOENT, "it is a symbolic link to nothing: not replaced")
-        return "replace", path
-    if _OPEN_FILE_ALIAS_RE.match(os.path.abspath(path)) or stat.S_ISCHR(info.st_mode) or \
-            stat.S_ISFIFO(info.st_mode):
-        return "stream", path
-    if stat.S_ISREG(info.st_mode):
-        return "replace", os.path.realpath(path) if os.path.islink(path) else path
-    kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a socket"
-            if stat.S_ISSOCK(info.st_mode) else "a block device" if stat.S_ISBLK(info.st_mode)
-            else "not a regular file")
-    raise OSError(errno.EEXIST, "it is %s, not a regular file: not replaced" % kind)
-
-
-def _stream_into(path, data):
-    """Write `data` into a device, FIFO or open file; a FIFO without a reader is an error, not
-    a hang (cron would wait for ever)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            raise OSError(exc.errno, "a FIFO that no process reads")
-        raise
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder):
-    """Make a rename into `folder` durable (write_atomic's promise after a crash). Raises
-    OSError, but for EINVAL from fsync: a filesystem that cannot fsync a directory (some FUSE
-    and network ones) says so, and there a rename is as durable as it can be made."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-    finally:
-        os.close(fd)
-
-
-def append_ledger(path, row):
-    """Append one row (see Col) to the ledger, with the header first when the file is new or
-    empty, its cells in the order of the file's own header (a newer version's extra columns
-    stay empty). A ledger of an older version first gets the columns added since (see
-    upgrade_ledger). Holds the ledger's lock: a skipped run may append while a run goes on.
-
-    The row is written whole or not at all: a short write (a full disk) is cut back off and
-    raises. A last line without its newline gets one first, so the new row is never glued onto
-    it; when that line is no row at all (a crash cut it short), it is cut off instead and said:
-    its result file still holds it, for `report --rebuild`.
-    """
-    with ledger_lock(os.path.dirname(path)):
-        header = ledger_header(path)
-        missing = [name for name in ADDED_COLUMNS if name not in (header or LEDGER_COLUMNS)]
-        if missing:
-            upgrade_ledger(path, header, missing)
-            header = header + missing
-        _append_row(path, row, header or LEDGER_COLUMNS)
-
-
-def ledger_header(path):
-    """The ledger's header cells, or None when it is new, empty or its header is damaged
-    (rows then go in the standard order)."""
-    try:
-        with open(path, "rb") as handle:
-            first = handle.read(64 * 1024).split(b"\n", 1)[0].decode("utf-8", "replace")
-    except FileNotFoundError:
-        return None
-    cells = header_names(next(csv.reader([first]), []))
-    return cells if header_layout(cells) is not None else None
-
-
-def upgrade_ledger(path, header, missing):
-    """Give a ledger written by an older version the `missing` columns, empty, at the end of
-    every line (atomically: a crash leaves the old file). Runs once per ledger."""
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        text = handle.read()
-    # By CSV records, not lines: a quoted cell may hold a line break.
-    records = [cells for cells in csv.reader(io.StringIO(text)) if cells]
-    if len(records) > 1 and not text.endswith("\n"):
-        cut = text[text.rfind("\n") + 1:]
-        records.pop()  # a row is whole only with its newline: a crash cut this one
-        _say_cut_line(path, cut)
-    pad = [""] * len(missing)
-    text = csv_line(header + missing) + "".join(
-        csv_line(cells + pad) for cells in records[1:])
-    write_atomic(path, text.encode("utf-8", "surrogateescape"))
-    log.info("the ledger %s was given the columns %s (it was written by an older version)",
-             path, ", ".join(missing))
-
-
-def _append_row(path, row, header):
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | O_NOFOLLOW, file_mode())
-    try:
-        size = os.fstat(fd).st_size
-        cells = dict(zip(LEDGER_COLUMNS, row))
-        text = csv_line([cells.get(column, "") for column in header])
-        if size == 0:
-            text = csv_line(LEDGER_COLUMNS) + text
-        elif os.pread(fd, 1, size - 1) != b"\n":
-            size = _end_cut_line(fd, size, path, header)
-            if os.pread(fd, 1, size - 1) != b"\n":
-                text = "\n" + text
-        data = text.encode("utf-8")
-        try:
-            written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
-            os.fsync(fd)
-        except OSError:
-            os.ftruncate(fd, size)
-            raise
-    finally:
-        os.close(fd)
-
-
-def _end_cut_line(fd, size, path, header):
-    """The ledger's size once a last line without its newline is cut off: a row is appended
-    with its newline in one write, so a crash while appending left it, and its cells cannot
-    tell (a number cut short is still a number). Its result file keeps it for --rebuild.
-    Logs the cut."""
-    tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
-    start = size - len(tail) + tail.rfind(b"\n") + 1
-    if start == 0:
-        return size  # the header itself: leave it be
-    line = os.pread(fd, size - start, start).decode("utf-8", errors="replace")
-    os.ftruncate(fd, start)
-    _say_cut_line(path, line)
-    return start
-
-
-def _say_cut_line(path, line):
-    log.warning("the ledger %s ended in a line cut short (%s): removed; 'report --rebuild' "
-                "restores its row from its result file", path, one_line(line, 120))
-
-
-def locked(path, wait, stopper=None, on_wait=None, flags=os.O_RDWR | os.O_CREAT | O_NOFOLLOW):
-    """Open `path` (a lock file, made 0600 with the default `flags`; a folder with O_RDONLY)
-    and take an exclusive flock on it: the one way this script locks. Waits up to `wait`
-    seconds (None: as long as it takes), calling `on_wait()` first when another holds it; a
-    stopper that has seen a signal ends the wait. Returns the open fd (close it to let go), or
-    None when the wait ended first. Raises OSError."""
-    fd = os.open(path, flags, 0o600)
-    try:
-        if flock_within(fd, 0):
-            return fd
-        if on_wait is not None:
-            on_wait()
-        if wait is None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            return fd
-        if flock_within(fd, wait, stopper):
-            return fd
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None
-
-
-@contextlib.contextmanager
-def ledger_lock(folder, wait=LEDGER_LOCK_WAIT):
-    """Hold the ledger's lock (a lock file of its own in `folder`) for the `with` block; waits
-    up to `wait` seconds for it. Raises IperfError when it stays held."""
-    path = os.path.join(folder, LEDGER_LOCK_NAME)
-    fd = locked(path, wait)
-    if fd is None:
-        raise IperfError("the ledger's lock %s stayed held for %s s" % (path, wait))
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
-def flock_within(fd, seconds, stopper=None):
-    """Take an exclusive flock on `fd`, trying for up to `seconds`; True when taken. A stopper
-    that has seen a signal ends the wait."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-        if time.monotonic() >= deadline or (stopper is not None and stopper.signum is not None):
-            return False
-        if stopper is not None:
-            stopper.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        else:
-            time.sleep(0.05)
-
+# --- The run: its files and its log ---------------------------------------------------------------
 
 def write_textfile(path, rows, wait=10.0):
     """Merge this run's `rows` into the Prometheus textfile at `path`, atomically.
@@ -3149,7 +3387,7 @@ def delete_old_files(folder, prefix, keep_days, now=None):
     return deleted
 
 
-# --- Effects: a run -------------------------------------------------------------------------------
+# --- The run: its tests ---------------------------------------------------------------------------
 
 def run(settings, stopper):
     """One run: lock, timestamp, log file, each target's forward then reverse test, ledger rows.
@@ -3493,239 +3731,6 @@ def _pause_for_busy_server(deadline, busy_wait, stopper, rng):
     log.info("server busy: retrying in %.1f s", delay)
     stopper.sleep(delay)
     return True
-
-
-# --- Effects: reading the ledger and rebuilding it ------------------------------------------------
-
-def read_ledger(path, extra=None):
-    """The ledger's rows as lists of strings in LEDGER_COLUMNS order, read by its header (any
-    order of our columns; a newer version's extra columns are left out, or, when `extra` is a
-    list, their names put in it and their cells kept at the end of each row).
-
-    Raises LedgerError when it is missing or damaged (salvage_ledger keeps what it can).
-    """
-    try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-            lines = handle.readlines()
-    except FileNotFoundError:
-        raise LedgerError("no ledger %s: run 'iperf_client.py report --rebuild' to regenerate "
-                          "it from the result files" % path)
-    except OSError as exc:
-        raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
-    return _ledger_from_lines(path, lines, extra)
-
-
-def read_ledger_tail(path, wanted):
-    """The ledger's last rows, at least `wanted` of them where it has that many (in ledger
-    order), and whether they reach back to its first row. Reads the header and the file's
-    end only, so its time and memory do not grow with the ledger. Raises as read_ledger."""
-    try:
-        with open(path, "rb") as handle:
-            header = handle.readline()
-            first = handle.tell()
-            position = size = os.fstat(handle.fileno()).st_size
-            data, block = b"", 64 * 1024
-            while position > first and data.count(b"\n") <= wanted:
-                step = min(block, position - first)
-                position -= step
-                handle.seek(position)
-                data = handle.read(step) + data
-                block *= 2
-    except FileNotFoundError:
-        raise LedgerError("no ledger %s: run 'iperf_client.py report --rebuild' to regenerate "
-                          "it from the result files" % path)
-    except OSError as exc:
-        raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
-    if not size:
-        return [], True  # a ledger cut to nothing (a full disk at its first write): no rows
-    lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
-    if position > first:
-        lines = lines[1:]  # the first one is what remains of a line cut by the seek
-    lines = [line for line in lines if line.strip()]
-    header = header.decode("utf-8", errors="replace")
-    return _ledger_from_lines(path, [header] + lines[-wanted:]), position <= first or not size
-
-
-def salvage_ledger(path, extra=None):
-    """Every well-formed row of a damaged ledger, line by line, and the number of lines that
-    could not be kept. A row whose result file --keep-days deleted exists nowhere else, so a
-    damaged header or one bad line must not cost the others. The header says where each column
-    stands when it can; else the standard order is assumed. (Cells never hold a line break:
-    errors are folded onto one line.) `extra` as in read_ledger."""
-    rows, dropped = [], 0
-    getter, names, width = None, [], len(LEDGER_COLUMNS)
-    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-        lines = handle.readlines()
-    for number, line in enumerate(lines):
-        if not line.strip():
-            continue
-        if not line.endswith("\n") and number:
-            dropped += 1  # a row is whole only with its newline (see _end_cut_line)
-            continue
-        try:
-            cells = next(csv.reader([line]))
-        except (csv.Error, StopIteration):
-            cells = []
-        if number == 0:
-            mapper = _mapper(cells) if tuple(cells) != LEDGER_COLUMNS else (None, [])
-            if mapper is not None:
-                (getter, names), width = mapper, len(cells)
-                continue
-            if sum(cell.strip() in BASE_COLUMNS for cell in cells) >= len(BASE_COLUMNS) // 2:
-                continue  # a damaged header: the standard order is the best guess
-        if getter and len(cells) == width:
-            row = list(getter(cells))
-        elif len(cells) == len(BASE_COLUMNS) and width == len(LEDGER_COLUMNS) and not getter:
-            row = cells = cells + [""] * len(ADDED_COLUMNS)  # a 2.1 ledger's header was lost
-        else:
-            row = cells
-        if len(cells) == width and well_formed(row):
-            rows.append(row if extra is not None else row[:len(LEDGER_COLUMNS)])
-        else:
-            dropped += 1
-    if extra is not None:
-        extra[:] = names
-    return rows, dropped
-
-
-def read_result_file(path, with_start=False):
-    """The ledger row (a list) of one result file, plain or gzipped; never raises.
-
-    Large files are read by their head and tail only (see quick_document), with a full parse
-    as the fallback; a file that cannot be read gives an "unreadable result" error row. With
-    `with_start`, returns (the test's start in Unix seconds or None, row): the rebuild's order.
-    """
-    name = os.path.basename(path)
-    head = tail = data = None
-    try:
-        if name.endswith(".gz"):
-            with gzip.open(path, "rb") as handle:
-                data = handle.read()
-            if len(data) > QUICK_HEAD + QUICK_TAIL:
-                head, tail = data[:QUICK_HEAD], data[-QUICK_TAIL:]
-        else:
-            with open(path, "rb") as handle:
-                if os.fstat(handle.fileno()).st_size > QUICK_HEAD + QUICK_TAIL:
-                    head = handle.read(QUICK_HEAD)
-                    handle.seek(-QUICK_TAIL, os.SEEK_END)
-                    tail = handle.read()
-                else:
-                    data = handle.read()
-        document = quick_document(head, tail) if head is not None else None
-        if document is None:
-            if data is None:
-                with open(path, "rb") as handle:
-                    data = handle.read()
-            document = json.loads(data)
-            if not isinstance(document, dict):
-                raise ValueError("not a JSON object")
-        row = complete_row(ledger_row(document, name), document, name)
-    except Exception as exc:  # noqa: B902 -- whatever a file holds is a row, never a crash
-        reason = getattr(exc, "strerror", None) or exc
-        row = unreadable_row(name, reason)
-        return (None, row) if with_start else row
-    if not with_start:
-        return row
-    meta = document.get("continuous_iperf")
-    start = meta.get("start") if isinstance(meta, dict) else None
-    if isinstance(start, bool) or not isinstance(start, (int, float)):
-        start = None
-    return start, row
-
-
-def _rebuild_item(path):
-    return read_result_file(path, with_start=True)
-
-
-def rebuild_ledger(folder, jobs=None):
-    """Regenerate `folder`'s ledger from its result files, atomically; return the row count.
-
-    Rows of the old ledger whose file is gone (deleted by --keep-days) are kept: the ledger
-    outlives the raw files. Files are read in parallel when there are many.
-    """
-    names = sorted(name for name in os.listdir(folder) if RESULT_NAME_RE.match(name))
-    # A file and its gzipped twin (gzip -k) are one test: the plain one is read.
-    plain = set(names)
-    names = [name for name in names if not (name.endswith(".gz") and name[:-3] in plain)]
-    items = _read_result_files([os.path.join(folder, name) for name in names], jobs)
-    present = set(names)
-    for name in names:  # a run's file and its gzipped twin count as one
-        present.add(name[:-3] if name.endswith(".gz") else name + ".gz")
-    ledger = os.path.join(folder, LEDGER_NAME)
-    extra = []
-    old_rows = _old_ledger_rows(ledger, extra)
-    # A newer version's extra columns stay, after ours, with the cells it wrote.
-    extra_of = {row[Col.FILE]: row[len(LEDGER_COLUMNS):] for row in old_rows} if extra else {}
-    blank = [""] * len(extra)
-    items = [(start, row + extra_of.get(row[Col.FILE], blank)) for start, row in items]
-    items += [(None, row) for row in old_rows if row[Col.FILE] not in present]
-    items.sort(key=_ledger_order)
-    rows = [row for _, row in items]
-    attribute_serverless(rows)
-    text = csv_line(LEDGER_COLUMNS + tuple(extra)) + "".join(csv_line(row) for row in rows)
-    owner = os.stat(ledger if os.path.isfile(ledger) else folder)
-    write_atomic(ledger, text.encode("utf-8"))
-    if os.geteuid() == 0 and os.path.isfile(ledger):
-        # root's rebuild must not leave the runs (another user) a ledger they cannot append to.
-        os.chown(os.path.realpath(ledger), owner.st_uid, owner.st_gid)
-    return len(rows)
-
-
-def _read_result_files(paths, jobs=None):
-    """(start, row) of each result file, read in worker processes when there are many."""
-    jobs = jobs or os.cpu_count() or 1
-    if jobs == 1 or len(paths) < 64:
-        return [_rebuild_item(path) for path in paths]
-    try:
-        context = multiprocessing.get_context("fork")
-    except ValueError:
-        context = multiprocessing.get_context()
-    with context.Pool(min(jobs, 32), initializer=_quiet_worker) as pool:
-        return pool.map(_rebuild_item, paths, chunksize=max(1, len(paths) // (jobs * 8)))
-
-
-def _old_ledger_rows(ledger, extra):
-    """The well-formed rows of the ledger being rebuilt (salvaged when it is damaged, with its
-    extra columns' names put in `extra`). When a line is dropped, or the ledger is damaged, a
-    copy of it is kept: what could not be salvaged may matter to a person, and exists nowhere
-    else."""
-    try:
-        rows, dropped = read_ledger(ledger, extra), 0
-    except LedgerError:
-        if not os.path.exists(ledger):
-            return []
-        rows, dropped = salvage_ledger(ledger, extra)
-        dropped = dropped or -1  # damaged: the original is kept even if every row was
-    kept = [row for row in rows if well_formed(row)]
-    if len(kept) < len(rows):  # rows that parse but are no rows (a line cut short)
-        dropped = max(dropped, 0) + len(rows) - len(kept)
-    if dropped:
-        copy = keep_damaged_copy(ledger)
-        say("the old ledger was damaged (%d line%s not kept); it is saved as %s"
-            % (max(dropped, 0), "" if dropped == 1 else "s", copy))
-    return kept
-
-
-def keep_damaged_copy(ledger):
-    """Copy a damaged ledger to results.csv.damaged-<ts>[-N], never over an earlier copy."""
-    stamp = "%s.damaged-%s" % (ledger, time.strftime(TIMESTAMP_FORMAT))
-    for attempt in range(1, 1000):
-        name = stamp if attempt == 1 else "%s-%d" % (stamp, attempt)
-        try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, file_mode())
-        except FileExistsError:
-            continue
-        with os.fdopen(fd, "wb") as copy, open(ledger, "rb") as original:
-            shutil.copyfileobj(original, copy)
-        return name
-    raise OSError(errno.EEXIST, "too many damaged copies of %s" % ledger)
-
-
-def _quiet_worker():
-    """A rebuild worker leaves signals to the parent: a SIGTERM or Ctrl-C to the report must
-    not print a traceback per worker."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # --- Command line: a run --------------------------------------------------------------------------
