@@ -423,7 +423,6 @@ def stderr_message(stderr):
             return one_line(line.split("error - ", 1)[1])
     return one_line(lines[-1]) if lines else ""
 
-
 # --- End of the block shared with iperf_server.py / iperf_client.py -------------------------------
 
 
