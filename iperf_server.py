@@ -1045,7 +1045,18 @@ class Watchdog:
         pid, _ = self.find_daemon()
         for victim in ([pid] if pid else []) + [p for p in our_daemons(self.pidfile) if p != pid]:
             stop_process(victim, self.pidfile, reason)
+        for victim in self.legacy_daemons():
+            stop_process(victim, IPERF_PID_FILE, reason)
         remove_file(self.pidfile)
+
+    def legacy_daemons(self):
+        """Our daemons on our port that write IPERF_PID_FILE while our pidfile is this port's
+        own default: up to version 2.2 a `-p` line's default pidfile was IPERF_PID_FILE, and
+        such a daemon is this watchdog's to replace after an upgrade."""
+        if self.port == IPERF_PORT or self.pidfile != port_file(IPERF_PID_FILE, self.port):
+            return []
+        return [pid for pid in our_daemons(IPERF_PID_FILE) if option_value(
+            daemon_argv_of(pid, IPERF_PID_FILE) or [], "-p", "--port") == str(self.port)]
 
     def spawn(self):
         """Start the daemon of our settings; returns its PID (see launch)."""
@@ -1091,7 +1102,8 @@ class Watchdog:
         pids = set(our_daemons(self.pidfile))
         ours = {option_value(daemon_argv_of(pid, self.pidfile) or [], "-p", "--port")
                 for pid in pids}
-        if str(self.port) in ours or not port_listening(self.address, self.port, self.bind):
+        if str(self.port) in ours or self.legacy_daemons() or \
+                not port_listening(self.address, self.port, self.bind):
             return
         owner = listener_owner(self.port)
         raise IperfError("port %d is in use by another process (%s): stop it or choose another "
@@ -1188,19 +1200,28 @@ class Watchdog:
         self.remember(pid, "ok", "restarted with the old settings", restarted=True)
         return pid
 
+    def why_not_running(self):
+        """Why no daemon runs under our pidfile, for the log of the start that follows."""
+        stray = our_daemons(self.pidfile)
+        if stray:
+            return "iperf3 (pid %s) lost its pidfile %s" % (", ".join(map(str, stray)),
+                                                            self.pidfile)
+        legacy = self.legacy_daemons()
+        if legacy:
+            return ("iperf3 (pid %s) on port %d writes %s, the pidfile of version 2.2 and "
+                    "older; replaced by one writing %s" % (", ".join(map(str, legacy)),
+                                                           self.port, IPERF_PID_FILE,
+                                                           self.pidfile))
+        if os.path.lexists(self.pidfile):
+            return "stale pidfile %s (no iperf3 runs under the PID it names)" % self.pidfile
+        return "not running"
+
     def ensure_running(self):
         """The cron job: find the daemon, judge it, and start or restart it when needed."""
         others, seen = self.note_settings()
         pid, argv = self.find_daemon()
         if pid is None:
-            stray = our_daemons(self.pidfile)
-            if stray:
-                return self.start("iperf3 (pid %s) lost its pidfile %s"
-                                  % (", ".join(map(str, stray)), self.pidfile))
-            if os.path.lexists(self.pidfile):
-                return self.start("stale pidfile %s (no iperf3 runs under the PID it names)"
-                                  % self.pidfile)
-            return self.start("not running")
+            return self.start(self.why_not_running())
         if not same_command(argv, self.settings_argv):
             self.check_not_shared(pid, argv, others, seen)
             return self.change_settings(pid, argv)

@@ -104,9 +104,10 @@ def test_status_reports_the_daemons_own_port(host):
 
 
 def test_status_with_the_crontab_lines_own_flags_finds_the_same_settings(host):
-    """The daemon runs the resolved executable; --status must resolve the bare name too."""
+    """The daemon runs the resolved executable; --status must resolve the bare name too (given
+    a settings flag: without one it compares nothing)."""
     assert_quiet_success(host.run())
-    done = host.run("--status")
+    done = host.run("--status", "--iperf3", "iperf3")
     assert done.returncode == 0, done.stdout
     assert "answered" in done.stdout
     assert "settings differ" not in done.stdout

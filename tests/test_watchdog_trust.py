@@ -118,6 +118,28 @@ def test_two_ports_with_default_files_keep_their_daemons(tmp_path, iperf3):
         kill_all_naming(tmp_path)
 
 
+def test_a_daemon_of_the_old_shared_default_pidfile_is_replaced(tmp_path, iperf3):
+    """Up to 2.2 a `-p 5202` line wrote ~/iperf.pid: after the upgrade its daemon holds the
+    port, and the line's first run replaces it with one writing ~/iperf-5202.pid."""
+    port = free_port()
+    env = {"HOME": str(tmp_path)}
+    old_pidfile = str(tmp_path / "iperf.pid")
+    try:
+        assert_quiet_success(run_script(SERVER_SCRIPT, ["-p", port, "--pidfile", old_pidfile,
+                                                        "--iperf3", iperf3], env=env))
+        old = iperf_server.our_daemons(old_pidfile)
+        assert_quiet_success(run_script(SERVER_SCRIPT, ["-p", port, "--iperf3", iperf3],
+                                        env=env))
+        new_pidfile = str(tmp_path / ("iperf-%d.pid" % port))
+        assert iperf_server.our_daemons(old_pidfile) == [] and not pid_alive(old[0])
+        assert len(iperf_server.our_daemons(new_pidfile)) == 1
+        assert probe_measures(iperf3, port)
+        assert "the pidfile of version 2.2" in (
+            tmp_path / ("iperf_monitor-%d.log" % port)).read_text()
+    finally:
+        kill_all_naming(tmp_path)
+
+
 def test_a_shared_pidfile_on_another_port_is_named_and_left_alone(host, iperf3):
     assert_quiet_success(host.run())
     pid = host.pid()
