@@ -50,14 +50,32 @@ def built_iperf3(version):
     return path if os.access(path, os.X_OK) else None
 
 
-@pytest.fixture(params=["path"] + sorted(MATRIX))
+def iperf3s_under_test():
+    """{name: (path, version)}: the iperf3 on PATH ("path"), then each build of IPERF3_MATRIX.
+    Read when the tests are collected, so that a case that does not apply to a version is never
+    generated for it (a skip would hide a missing build; CI allows none but iperf3's own bugs)."""
+    found = {}
+    on_path = iperf3_path()
+    if on_path:
+        found["path"] = (on_path, iperf3_version(on_path))
+    for name, path in MATRIX.items():
+        found[name] = (path, iperf3_version(path))
+    return found
+
+
+UNDER_TEST = iperf3s_under_test()
+
+
+def iperf3_params(applies=lambda version: True):
+    """pytest params of each iperf3 under test whose version `applies`."""
+    return [pytest.param(path, id=name) for name, (path, version) in sorted(UNDER_TEST.items())
+            if version is not None and applies(version)]
+
+
+@pytest.fixture(params=iperf3_params())
 def any_iperf3(request):
     """An iperf3 under test: the one on PATH, then each build of IPERF3_MATRIX."""
-    if request.param == "path":
-        path = iperf3_path()
-        require(path is not None, "iperf3", "REQUIRE_IPERF3")
-        return path
-    return MATRIX[request.param]
+    return request.param
 
 
 @pytest.fixture
@@ -180,13 +198,19 @@ REFUSED_CHANGES = [
 ]
 
 
-@pytest.mark.parametrize("extra,accepted_since", REFUSED_CHANGES,
-                         ids=[case[0][0].split("=")[0] + ("-relative" if "=" in case[0][0]
-                                                          else "") for case in REFUSED_CHANGES])
-def test_a_refused_settings_change_keeps_the_old_daemon(watched, extra, accepted_since):
-    if accepted_since and watched.version >= accepted_since:
-        pytest.skip("iperf3 %s accepts %s"
-                    % (iperf_server.version_text(watched.version), extra[0]))
+def refused_change_params():
+    """(extra, iperf3) for each refused change and each iperf3 it applies to (before the
+    version that accepts it)."""
+    params = []
+    for extra, accepted_since in REFUSED_CHANGES:
+        name = extra[0].split("=")[0] + ("-relative" if "=" in extra[0] else "")
+        for path in iperf3_params(lambda version: not accepted_since or version < accepted_since):
+            params.append(pytest.param(extra, path.values[0], id="%s-%s" % (name, path.id)))
+    return params
+
+
+@pytest.mark.parametrize("extra,any_iperf3", refused_change_params())
+def test_a_refused_settings_change_keeps_the_old_daemon(watched, extra):
     assert_quiet_success(watched.run("--iperf3", watched.iperf3))
     pid = watched.pid()
     done = watched.run("--iperf3", watched.iperf3, "--", *extra)
@@ -285,13 +309,13 @@ def old_client_test(client, port, public_key, *more):
                           stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
 
 
+@pytest.mark.parametrize("any_iperf3", iperf3_params(
+    lambda version: version >= iperf_server.PKCS1_PADDING_SINCE))
 def test_legacy_logins_between_runs_keep_one_daemon(watched, credentials):
     """3.7 clients log in to a 3.17+ server run with --legacy-clients."""
     old_client = built_iperf3("3.7")
-    if watched.version < iperf_server.PKCS1_PADDING_SINCE:
-        pytest.skip("--legacy-clients needs a 3.17+ server")
-    if not old_client:
-        pytest.skip("no iperf3 3.7 build (run .ci/build-iperf3)")
+    require(old_client is not None, "the iperf3 3.7 build (.ci/build-iperf3)",
+            "REQUIRE_IPERF3_VERSIONS")
     flags = ["--iperf3", watched.iperf3, "--legacy-clients"] + auth_flags(credentials)
     assert_quiet_success(watched.run(*flags))
     pid = watched.pid()
