@@ -1185,11 +1185,12 @@ def human_bps(value):
 
 # The report reads the ledger once, row by row, and keeps per link and direction only what its
 # figures need: counts and sums, and per ok test its start, hour of day and figures in compact
-# array('d') columns (8 bytes a figure). Every statistic is exact: medians and percentiles are
-# taken over all the tests, never a sample.
+# array columns (4 bytes for the start, 1 for the hour, 8 a figure). Every statistic is exact:
+# medians and percentiles are taken over all the tests, never a sample.
 _MINUTE_SECONDS = {"%02d:%02d" % (m, s): 60 * m + s for m in range(60) for s in range(60)}
 _HOUR_OF = {"%02d" % hour: hour for hour in range(24)}
 _NAN = float("nan")
+NO_TIME = -2 ** 31          # a test's start in a time column when its timestamp is unreadable
 REPORT_CHUNK = 1 << 20      # bytes of ledger lines parsed at a time
 FAILED_KEPT = 100           # a link's latest failed tests kept for the tables
 LOWEST_KEPT = 5             # a link's lowest runs shown
@@ -1203,7 +1204,7 @@ class Selection(collections.namedtuple("Selection", (
 
     def admits(self, key):
         """True when the link (client, server, port, protocol) is selected."""
-        client, server, port, protocol = key
+        client, server, port, protocol = key[:4]
         target = self.target
         return ((self.client is None or client == self.client)
                 and (self.protocol is None or protocol == self.protocol)
@@ -1212,101 +1213,94 @@ class Selection(collections.namedtuple("Selection", (
 
 
 def _finite_sorted(values):
-    """The finite numbers of an array, as a sorted list (NaN marks a test without the figure)."""
+    """The finite numbers of a column, as a sorted list (NaN marks a test without the figure)."""
     return sorted(value for value in values if value - value == 0)
 
 
-def _put(column, cell, count):
-    """Append a number cell to a column that is kept aligned with the ok tests: NaN fills the
-    tests before it that had none (a column that no test fills stays empty)."""
-    if len(column) < count:
-        column.extend(array.array("d", [_NAN]) * (count - len(column)))
+def _number_or_nan(cell):
     try:
-        column.append(float(cell))
+        return float(cell or "nan")
     except ValueError:
-        column.append(_NAN)
+        return _NAN
 
 
 class DirectionTally:
-    """One direction of one link: counts and sums, per ok test (ledger order) its start, its
-    hour of day and figures as aligned compact columns, and each failed test's start and
-    error (an index into the link's errors), for the chart's crosses."""
+    """One direction of one link: per ok test (ledger order) its start (seconds from the
+    tally's base), its hour of day and its figures as aligned compact columns (received; a
+    TCP link's mean and minimum RTT, a UDP link's jitter and loss %; NaN where a test has none),
+    the sums (retransmits, packets, bytes, seconds) and each failed test's start and error
+    (an index into the link's errors), for the chart's crosses."""
 
-    __slots__ = ("ok", "failed", "skipped", "retransmits", "lost_packets", "packets", "bytes",
-                 "seconds", "times", "hours", "received", "rtt", "min_rtt", "jitter", "lost",
-                 "failure_times", "failure_errors")
+    __slots__ = ("link", "base", "tcp", "skipped", "retransmits", "lost_packets", "packets",
+                 "bytes", "seconds", "times", "hours", "received", "first", "second",
+                 "failure_times", "failure_errors", "appends")
 
-    def __init__(self):
-        self.ok = self.failed = self.skipped = self.retransmits = 0
+    def __init__(self, link, base, tcp):
+        self.link, self.base, self.tcp = link, base, tcp
+        self.skipped = self.retransmits = 0
         self.lost_packets = self.packets = self.bytes = self.seconds = 0.0
-        self.times, self.received = array.array("d"), array.array("d")
-        self.hours = array.array("b")
-        self.rtt, self.min_rtt = array.array("d"), array.array("d")
-        self.jitter, self.lost = array.array("d"), array.array("d")
+        self.times, self.hours = array.array("i"), array.array("b")
+        self.received, self.first, self.second = (array.array("d") for _ in range(3))
         self.failure_times, self.failure_errors = array.array("d"), array.array("l")
+        self.appends = (self.times.append, self.hours.append, self.received.append,
+                        self.first.append, self.second.append)
+
+    @property
+    def rtt(self):
+        return self.first if self.tcp else array.array("d")
 
     def add_ok(self, row, moment):
-        """Count an ok test (a row in LEDGER_COLUMNS order); returns its received bits/s (NaN
-        when it has none)."""
-        count = len(self.times)
-        self.ok += 1
-        self.times.append(_NAN if moment is None else moment)
+        """Count an ok test the careful way (tally_rows does the common case itself): a UDP
+        test, an unreadable start, a cell that is no number. Returns its received bits/s."""
+        try:
+            self.times.append(NO_TIME if moment is None else int(moment) - self.base)
+        except OverflowError:
+            self.times.append(NO_TIME)
         self.hours.append(_HOUR_OF.get(row[0][11:13], -1))
-        try:
-            received = float(row[11])
-        except ValueError:
-            received = _NAN
+        received = _number_or_nan(row[11])
         self.received.append(received)
-        if row[19] or row[18]:
-            _put(self.rtt, row[19], count)
-            _put(self.min_rtt, row[18], count)
-        if row[20] or row[21]:
-            _put(self.jitter, row[20], count)
-            _put(self.lost, row[21], count)
-        if row[12] or row[22] or row[23]:
-            self._add_counts(row)
-        try:
-            duration = float(row[7])
-            self.bytes += float(row[10]) * duration
-            self.seconds += duration
-        except ValueError:  # an empty or hand-edited cell: the test counts in neither
-            pass
-        return received
-
-    def _add_counts(self, row):
-        """Retransmits (TCP) and packets (UDP) of an ok test."""
+        first, second = (19, 18) if self.tcp else (20, 21)
+        self.first.append(_number_or_nan(row[first]))
+        self.second.append(_number_or_nan(row[second]))
         for cell, name in ((row[12], "retransmits"), (row[22], "lost_packets"),
                            (row[23], "packets")):
-            if not cell:
-                continue
-            try:
-                value = int(cell) if name == "retransmits" else float(cell)
-            except ValueError:  # "12.0" or worse from a hand-edited ledger
-                try:
-                    value = float(cell)
-                except ValueError:
-                    continue
-                value = int(value) if name == "retransmits" and value - value == 0 else value
+            value = _number_or_nan(cell)
             if value - value == 0:
+                value = int(value) if name == "retransmits" else value
                 setattr(self, name, getattr(self, name) + value)
+        sent, duration = _number_or_nan(row[10]), _number_or_nan(row[7])
+        if sent - sent == 0 and duration - duration == 0:
+            self.bytes += sent * duration
+            self.seconds += duration
+        return received
+
+    def moments(self):
+        """The ok tests' starts in Unix seconds (NaN when unreadable), aligned with the
+        figures."""
+        base = self.base
+        return array.array("d", (_NAN if t == NO_TIME else t + base for t in self.times))
 
     def summary(self):
         """SUMMARY_KEYS -> numbers (bits/s, ms, %; None where no ok test has the figure)."""
         values = _finite_sorted(self.received)
-        rtt = percentile(_finite_sorted(self.rtt), 0.5)
-        base = percentile(_finite_sorted(self.min_rtt), 0.5)
+        low, p5, median, p95 = (values[0] if values else None, percentile(values, 0.05),
+                                percentile(values, 0.5), percentile(values, 0.95))
+        high, mean = (values[-1], math.fsum(values) / len(values)) if values else (None, None)
+        del values  # one sorted list at a time: a year's is large
+        first = percentile(_finite_sorted(self.first), 0.5)
+        second = percentile(_finite_sorted(self.second), 0.5)
+        rtt, base = (first, second) if self.tcp else (None, None)
+        jitter, lost = (None, None) if self.tcp else (first, second)
         added = rtt - base if rtt is not None and base is not None else None
+        ok, failed = len(self.times), len(self.failure_times)
         return {
-            "count": self.ok + self.failed,  # tests: a skipped run ran none
-            "ok": self.ok, "failed": self.failed, "skipped": self.skipped,
-            "min_bps": values[0] if values else None, "p5_bps": percentile(values, 0.05),
-            "median_bps": percentile(values, 0.5),
-            "mean_bps": math.fsum(values) / len(values) if values else None,
-            "p95_bps": percentile(values, 0.95), "max_bps": values[-1] if values else None,
-            "retransmits": self.retransmits, "median_rtt_ms": rtt, "median_min_rtt_ms": base,
-            "added_delay_ms": added, "latency_grade": latency_grade(added),
-            "median_jitter_ms": percentile(_finite_sorted(self.jitter), 0.5),
-            "median_lost_percent": percentile(_finite_sorted(self.lost), 0.5),
+            "count": ok + failed,  # tests: a skipped run ran none
+            "ok": ok, "failed": failed, "skipped": self.skipped,
+            "min_bps": low, "p5_bps": p5, "median_bps": median, "mean_bps": mean,
+            "p95_bps": p95, "max_bps": high, "retransmits": self.retransmits,
+            "median_rtt_ms": rtt, "median_min_rtt_ms": base, "added_delay_ms": added,
+            "latency_grade": latency_grade(added), "median_jitter_ms": jitter,
+            "median_lost_percent": lost,
             "lost_percent": 100.0 * self.lost_packets / self.packets if self.packets else None,
             "bytes": self.bytes / 8, "test_seconds": self.seconds,
         }
@@ -1321,72 +1315,93 @@ class DirectionTally:
         return {(name, "%02d" % hour): (percentile(sorted(group), 0.5), len(group))
                 for hour, group in enumerate(groups) if group}
 
+    def period(self):
+        """(first, last) start of its tests in Unix seconds, or None."""
+        bounds = []
+        if self.times:
+            low, high = min(self.times), max(self.times)
+            if low == NO_TIME:
+                known = [t for t in self.times if t != NO_TIME]
+                low = min(known) if known else None
+            if low is not None:
+                bounds += [low + self.base, high + self.base]
+        failures = [t for t in self.failure_times if t == t]
+        if failures:
+            bounds += [min(failures), max(failures)]
+        return (min(bounds), max(bounds)) if bounds else None
+
 
 class LinkTally:
     """One link (client, server, port, protocol) of the selected rows: its two directions, its
-    latest label, first and last test, latest test, lowest runs, failed tests (the latest
-    FAILED_KEPT, and each error's count) and its latest rows' runs (for usual_interval)."""
+    latest label, latest test (the latest row written but skipped ones; one from each folder
+    read), lowest runs, failed tests (the latest FAILED_KEPT, and each error's count), the
+    first row of each of its latest runs (for usual_interval) and its skipped runs' span."""
 
-    __slots__ = ("key", "directions", "label", "first", "last", "latest", "folder", "lowest",
-                 "failures", "errors", "error_counts", "recent", "seen")
+    __slots__ = ("key", "directions", "label", "latest", "last_row", "lowest", "limit",
+                 "failures", "errors", "error_counts", "recent", "run", "skipped_span", "seen")
 
-    def __init__(self, key, folder):
-        self.key, self.folder = key, folder
-        self.directions = {"forward": DirectionTally(), "reverse": DirectionTally()}
-        self.label, self.latest, self.seen = "", None, 0
-        self.first, self.last = float("inf"), float("-inf")
-        self.lowest = []  # a heap of (-received, -seen, timestamp, direction, file)
+    def __init__(self, key, base):
+        self.key = key
+        tcp = key[3] != "udp"
+        self.directions = {"forward": DirectionTally(self, base, tcp),
+                           "reverse": DirectionTally(self, base, tcp)}
+        self.label, self.latest, self.last_row, self.run = "", None, None, None
+        self.lowest, self.limit = [], [float("inf")]  # limit[0]: the highest of the lowest
         self.failures = collections.deque(maxlen=FAILED_KEPT)
         self.errors, self.error_counts = {}, collections.Counter()
         self.recent = collections.deque(maxlen=INTERVAL_ROWS)
+        self.skipped_span, self.seen = [], 0
 
-    def add(self, row, direction, moment, folder):
-        """Count one selected row (LEDGER_COLUMNS order) of this link."""
-        side, status = self.directions[direction], row[8]
+    def new_run(self, row):
+        """The first row of one of its runs (ledger order)."""
+        self.run = row[1]
         self.recent.append((row[0], row[1], row[2]))
         if row[16]:
             self.label = row[16]
-        if moment is not None:
-            if moment < self.first:
-                self.first = moment
-            if moment > self.last:
-                self.last = moment
-        if status == "ok":
-            value = side.add_ok(row, moment)
-            self.seen += 1
-            if value - value == 0 and (len(self.lowest) < LOWEST_KEPT
-                                       or -value > self.lowest[0][0]):
-                item = (-value, -self.seen, row[0], direction, row[14])
-                (heapq.heappush if len(self.lowest) < LOWEST_KEPT else heapq.heapreplace)(
-                    self.lowest, item)
-        elif status == "skipped":
-            side.skipped += 1
-            if self.latest is None or self.latest[1] == "skipped":
-                self.latest = (row[0], status, moment)
-            return
-        else:
-            self._add_failure(side, row, direction, moment)
-        # The latest test written; from another folder (one client's name on two hosts) the
-        # latest is the later one.
-        if folder == self.folder or self.latest is None or (moment or 0) >= (
-                self.latest[2] or 0):
-            self.latest, self.folder = (row[0], status, moment), folder
 
-    def _add_failure(self, side, row, direction, moment):
-        side.failed += 1
+    def add_lowest(self, value, row):
+        """A received figure below the highest of the lowest kept (ties: the earlier first)."""
+        self.seen += 1
+        item = (-value, -self.seen, row[0], row[3], row[14])
+        if len(self.lowest) < LOWEST_KEPT:
+            heapq.heappush(self.lowest, item)
+        else:
+            heapq.heapreplace(self.lowest, item)
+        if len(self.lowest) == LOWEST_KEPT:
+            self.limit[0] = -self.lowest[0][0]
+
+    def add_failure(self, side, row, moment):
         error = row[9]
         number = self.errors.setdefault(error, len(self.errors))
         self.error_counts[error] += 1
         side.failure_times.append(_NAN if moment is None else moment)
         side.failure_errors.append(number)
-        self.failures.append((row[0], direction, error, row[14], moment))
+        self.failures.append((row[0], row[3], error, row[14]))
+
+    def add_skipped(self, side, row, moment):
+        side.skipped += 1
+        if moment is not None:
+            self.skipped_span = [min(self.skipped_span + [moment]),
+                                 max(self.skipped_span + [moment])]
+        if self.latest is None and self.last_row is None:
+            self.latest = row  # a skipped run is the latest only when there is no test
+
+    def end_folder(self):
+        """The latest row of one folder read: the link's latest in ledger order, or, from a
+        second folder (one client's name on two hosts), the later one."""
+        row, self.last_row = self.last_row, None
+        if row is None:
+            return
+        if self.latest is None or self.latest[8] == "skipped" or (
+                row_time(row[0]) or 0) >= (row_time(self.latest[0]) or 0):
+            self.latest = row
 
     def error_texts(self):
         """The link's errors, by their index in failure_errors."""
         return sorted(self.errors, key=self.errors.get)
 
     def usual_interval(self):
-        """usual_interval() of the link's latest rows."""
+        """usual_interval() of the first rows of the link's latest runs."""
         rows = []
         for stamp, run, prefix in self.recent:
             row = [""] * len(LEDGER_COLUMNS)
@@ -1395,23 +1410,57 @@ class LinkTally:
             rows.append(row)
         return usual_interval(rows)
 
+    def period(self):
+        """(first, last) start of its selected rows in Unix seconds, or None."""
+        bounds = list(self.skipped_span)
+        for side in self.directions.values():
+            bounds += side.period() or []
+        return (min(bounds), max(bounds)) if bounds else None
+
     def lowest_runs(self):
         """[(timestamp, direction, received, file)] of the lowest ok tests, lowest first."""
-        return [(stamp, direction, -negated, name) for negated, _, stamp, direction, name
-                in sorted(self.lowest, reverse=True)]
+        return [(item[2], item[3], -item[0], item[4])
+                for item in sorted(self.lowest, reverse=True)]
 
 
 class ReportTally:
-    """The whole report's state over one pass of one or several ledgers: the links (in the
-    order first seen; see sorted_links), the runs (for their count) and the selection."""
+    """The whole report's state over one pass of one or several ledgers: the links and their
+    directions (see sorted_links), the runs (for their count) and the selection."""
 
     def __init__(self, selection, emit=None):
         self.selection, self.emit = selection, emit
-        self.links = {}             # key -> LinkTally, or False for a link not selected
+        self.links = {}             # (client, server, port, protocol) -> LinkTally
+        self.sides = {}             # the same and a direction -> DirectionTally, or False
         self.runs = {}              # (client, prefix) -> array('q') of run stamps, 20240301120000
         self.odd_runs = set()       # runs whose stamp is not one (hand-edited, empty)
         self.hour_starts = {}       # "YYYY-MM-DDTHH" + offset -> Unix seconds of that hour
         self.clients = {}           # folder -> the clients named in its selected rows
+        self.base = None            # the tests' starts are kept as seconds from this one
+
+    def side(self, key, moment):
+        """The DirectionTally of (client, server, port, protocol, direction), or False when
+        it is not selected."""
+        side = self.sides.get(key)
+        if side is None:
+            if key[4] not in self.selection.directions or not self.selection.admits(key):
+                side = False
+            else:
+                link = self.links.get(key[:4])
+                if link is None:
+                    if self.base is None:
+                        self.base = int(moment or 0)
+                    link = self.links[key[:4]] = LinkTally(key[:4], self.base)
+                side = link.directions[key[4]]
+            self.sides[key] = side
+        return side
+
+    def bounds(self):
+        """(since, until) as numbers, or (None, None) when the period is not bounded."""
+        since, until = self.selection.since, self.selection.until
+        if since is None and until is None:
+            return None, None
+        return (float("-inf") if since is None else since,
+                float("inf") if until is None else until)
 
     def count_run(self, client, prefix, run):
         numbers = self.runs.get((client, prefix))
@@ -1432,65 +1481,92 @@ class ReportTally:
             total += len(numbers) if ordered else len(set(numbers))
         return total
 
+    def end_folder(self):
+        for link in self.links.values():
+            link.end_folder()
+
     def sorted_links(self):
         """{key: LinkTally} of the selected links, sorted by client, server, port, protocol."""
-        return dict(sorted(((key, link) for key, link in self.links.items() if link), key=lambda
-                           item: (item[0][0], item[0][1], int(item[0][2]) if item[0][2].isdigit()
-                                  else 0, item[0][2], item[0][3])))
+        return dict(sorted(self.links.items(), key=lambda item: (
+            item[0][0], item[0][1], int(item[0][2]) if item[0][2].isdigit() else 0,
+            item[0][2], item[0][3])))
 
     def period(self):
         """(first, last) test start in Unix seconds over the selected links, or None."""
-        links = [link for link in self.links.values() if link and link.first <= link.last]
-        if not links:
-            return None
-        return min(link.first for link in links), max(link.last for link in links)
+        bounds = [moment for link in self.links.values() for moment in link.period() or ()]
+        return (min(bounds), max(bounds)) if bounds else None
 
 
 def _slow_moment(stamp, hour_starts):
-    """A timestamp -> Unix seconds (row_time), remembering the start of its hour (by the text
-    of its date, hour and UTC offset) so that the pass reads the next ones from a dict."""
+    """A timestamp -> Unix seconds (row_time; whole seconds), remembering the start of its
+    hour (by the text of its date, hour and UTC offset) so that the pass reads the next ones
+    of that hour from a dict."""
     moment = row_time(stamp)
-    if moment is not None and len(stamp) == 25 and stamp[14:19] in _MINUTE_SECONDS:
+    if moment is None:
+        return None
+    moment = int(moment // 1)
+    if len(stamp) == 25 and stamp[14:19] in _MINUTE_SECONDS:
         hour_starts[stamp[:13] + stamp[19:]] = moment - _MINUTE_SECONDS[stamp[14:19]]
     return moment
 
 
 def tally_rows(tally, rows, fallback, folder):
-    """Count the selected rows (LEDGER_COLUMNS order) of one folder's ledger into `tally`;
-    `fallback` is the client of rows that name none (written before version 2.2)."""
-    selection, links, starts, minutes = tally.selection, tally.links, tally.hour_starts, \
-        _MINUTE_SECONDS
-    low = float("-inf") if selection.since is None else selection.since
-    high = float("inf") if selection.until is None else selection.until
-    timed, prefix = low > float("-inf") or high < float("inf"), selection.prefix
-    wanted, emit = selection.directions, tally.emit
-    clients = tally.clients.setdefault(folder, set())
-    last_run = last_prefix = last_client = None
+    """Count the selected rows (LEDGER_COLUMNS order) of a folder's ledger into `tally` (`fallback`:
+    the client of rows naming none). Ok TCP tests are counted inline: this runs for every row."""
+    sides, starts, minutes, hour_of, emit = (tally.sides, tally.hour_starts, _MINUTE_SECONDS,
+                                             _HOUR_OF, tally.emit)
+    low, high, prefix, base = tally.bounds() + (tally.selection.prefix, tally.base)
     for row in rows:
         stamp = row[0]
         try:
             moment = starts[stamp[:13] + stamp[19:]] + minutes[stamp[14:19]]
         except KeyError:
             moment = _slow_moment(stamp, starts)
-        if timed and (moment is None or not low <= moment < high):
+        if (low is not None and (moment is None or not low <= moment < high)) or (
+                prefix is not None and row[2] != prefix):
             continue
-        direction = row[3]
-        if direction not in wanted or (prefix is not None and row[2] != prefix):
+        key = (row[15] or fallback, row[4], row[5], row[17] or "tcp", row[3])
+        side = sides.get(key)
+        if side is None:
+            side, base = tally.side(key, moment), tally.base
+        if not side:
             continue
-        key = (row[15] or fallback, row[4], row[5], row[17] or "tcp")
-        link = links.get(key)
-        if not link:
-            if link is False or not selection.admits(key):
-                links[key] = False
-                continue
-            link = links[key] = LinkTally(key, folder)
-        link.add(row, direction, moment, folder)
-        if row[1] != last_run or row[2] != last_prefix or key[0] != last_client:
-            last_run, last_prefix, last_client = row[1], row[2], key[0]
-            tally.count_run(key[0], row[2], row[1])
-            clients.add(key[0])
+        link = side.link
+        if row[1] != link.run:
+            _count_run(tally, link, key, row, folder)
+        if row[8] == "ok":
+            link.last_row = row
+            try:
+                received, rtt, least = (float(row[11] or "nan"), float(row[19] or "nan"),
+                                        float(row[18] or "nan"))
+                sent, duration, retransmits = float(row[10]), float(row[7]), int(row[12] or 0)
+                times, hours, values, first, second = side.appends
+                times(moment - base if side.tcp else None)
+            except (ValueError, TypeError, OverflowError):  # UDP, no time, not a number
+                received = side.add_ok(row, moment)
+            else:
+                hours(hour_of.get(stamp[11:13], -1))
+                values(received)
+                first(rtt)
+                second(least)
+                side.bytes, side.seconds = side.bytes + sent * duration, side.seconds + duration
+                side.retransmits += retransmits
+            if received < link.limit[0]:
+                link.add_lowest(received, row)
+        elif row[8] == "skipped":
+            link.add_skipped(side, row, moment)
+        else:
+            link.last_row = row
+            link.add_failure(side, row, moment)
         if emit is not None:
             emit(row, key)
+
+
+def _count_run(tally, link, key, row, folder):
+    """The first row of a link's run: the run counted, the folder's client noted."""
+    link.new_run(row)
+    tally.count_run(key[0], row[2], row[1])
+    tally.clients.setdefault(folder, set()).add(key[0])
 
 
 def names_of(links):
@@ -1512,7 +1588,9 @@ def link_overview(links, names, direction, now):
         summary = {name: link.directions[name].summary() for name in directions_of(direction)}
         tests = sum(stats["count"] for stats in summary.values())
         failed = sum(stats["failed"] for stats in summary.values())
-        stamp, status, moment = link.latest or ("", "skipped", None)
+        latest = link.latest or [""] * len(LEDGER_COLUMNS)
+        stamp, status, moment = latest[Col.TIMESTAMP], latest[Col.STATUS] or "skipped", \
+            row_time(latest[Col.TIMESTAMP])
         overview.append({
             "name": names[key], "client": key[0], "server": key[1],
             "port": int(key[2]) if key[2].isdigit() else None, "protocol": key[3],
@@ -1562,7 +1640,7 @@ def _report_heading(tally, folder, prefix, since, until, now):
     lines = ["continuous-iperf report: %s, %s" % (
         folder, "prefix %r" % prefix if prefix is not None else "all prefixes")]
     moments = tally.period()
-    if not any(tally.links.values()):
+    if not tally.links:
         lines.append("no results%s." % (" in the selected period" if since or until else ""))
         return lines
     if moments:
@@ -1650,10 +1728,10 @@ def human_bytes(value):
 def traffic_lines(summary, link):
     """What the tests cost: bytes sent each way per day, and the share of the time the link was
     under test, over its period (first test to last, plus one usual interval)."""
-    usual = link.usual_interval()
-    if link.first > link.last or not usual:
+    usual, moments = link.usual_interval(), link.period()
+    if not moments or not usual:
         return []  # fewer than three runs: no period to spread the traffic over
-    span = link.last - link.first + usual
+    span = moments[1] - moments[0] + usual
     days = span / 86400.0
     seconds = sum(stats["test_seconds"] for stats in summary.values())
     parts = ["%s %s/day" % (DIRECTION_LABEL[name], human_bytes(stats["bytes"] / days))
@@ -1687,7 +1765,7 @@ def _failure_lines(link, total):
     lines = ["", "failed runs (%s):" % (
         "all %d" % total if total <= 10 else "the last 10 of %d" % total)]
     lines += ["  %s %-7s %s" % (stamp, direction, error)
-              for stamp, direction, error, _, _ in failed]
+              for stamp, direction, error, _ in failed]
     if total > 10:
         lines += ["", "errors, most frequent first:"]
         lines += ["  %6d  %s" % (n, error) for error, n in link.error_counts.most_common(5)]
@@ -2089,7 +2167,8 @@ def _html_link_body(link, summary, span, failed_limit, heading, limit=MAX_POINTS
     sides = {name: link.directions[name] for name in names}
     failures = {name: [(moment, errors[number]) for moment, number in zip(
         side.failure_times, side.failure_errors)] for name, side in sides.items()}
-    series = {name: chart_points(side.times, side.received, side.failure_times, span, limit)
+    moments = {name: side.moments() for name, side in sides.items()}
+    series = {name: chart_points(moments[name], side.received, side.failure_times, span, limit)
               for name, side in sides.items()}
     by_hour, _ = hour_tables(link, names)
     out = ["<%s>Received throughput</%s>" % (heading, heading), '<div class="wide">',
@@ -2099,7 +2178,7 @@ def _html_link_body(link, summary, span, failed_limit, heading, limit=MAX_POINTS
         out += ["<%s>Median by hour of day</%s>" % (heading, heading), '<div class="wide">',
                 svg_hour_chart(by_hour, names), "</div>"]
     if any(len(side.rtt) for side in sides.values()):
-        rtt = {name: chart_points(side.times, side.rtt, side.failure_times, span, limit)
+        rtt = {name: chart_points(moments[name], side.rtt, side.failure_times, span, limit)
                for name, side in sides.items()}
         out += ["<%s>RTT under load (the mean of each test's streams)</%s>" % (
             heading, heading), '<div class="wide">', svg_time_chart(
@@ -2191,7 +2270,7 @@ def _html_failed(link, total, limit):
         "All %d" % total if total <= len(shown) else "The latest %d of %d" % (len(shown), total)),
         _html_table(("time", "direction", "error", "file"), [
             [stamp[:10] + " " + stamp[11:19], direction, error, name]
-            for stamp, direction, error, name, _ in shown], "failed", (0, 1, 3), 2)]
+            for stamp, direction, error, name in shown], "failed", (0, 1, 3), 2)]
 
 
 # --- Pure helpers: the Prometheus textfile --------------------------------------------------------
@@ -4233,6 +4312,7 @@ def tally_folders(folders, selection, emit=None):
         fallback = fallback or (os.path.basename(folder) if len(folders) > 1 else "")
         for rows in ledger_chunks(ledger):
             tally_rows(tally, rows, fallback, folder)
+        tally.end_folder()
     seen, shared = {}, set()
     for folder, clients in tally.clients.items():
         for client in clients:

@@ -246,7 +246,7 @@ def test_text_report_with_only_failures(tmp_path, capsys):
     assert (code, err) == (0, "")
     assert "forward: 1 test, 0 ok, 1 failed (100.0%)" in out
     assert "unable to connect" in out and "busy" in out
-    assert "median" not in out
+    assert "received: median" not in out and "by hour of day" not in out
 
 
 def test_text_report_for_a_person(tmp_path, capsys):
