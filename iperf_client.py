@@ -48,7 +48,6 @@ import heapq
 import html
 import io
 import ipaddress
-import itertools
 import json
 import logging
 import math
@@ -1184,22 +1183,18 @@ def human_bps(value):
     return "%.0f bit/s" % value
 
 
-# The report reads the ledger once, a chunk of rows at a time, and keeps per link and direction
-# only what its figures need: counts and sums, and per ok test its start, hour of day and
-# figures in compact array columns (4 bytes for the start, 1 for the hour, 8 a figure). Each
-# chunk is taken apart by column and by link, so the work per row is done by C loops (map,
-# itemgetter, array). Every statistic is exact: medians and percentiles are taken over all the
-# tests, never a sample.
+# The report reads the ledger once, row by row, and keeps per link and direction only what its
+# figures need: counts and sums, and per ok test its start, hour of day and figures in compact
+# array columns (4 bytes for the start, 1 for the hour, 8 a figure). Every statistic is exact:
+# medians and percentiles are taken over all the tests, never a sample.
 _MINUTE_SECONDS = {"%02d:%02d" % (m, s): 60 * m + s for m in range(60) for s in range(60)}
 _HOUR_OF = {"%02d" % hour: hour for hour in range(24)}
-_EMPTY_NAN, _EMPTY_ZERO = {"": "nan"}, {"": "0"}  # dict.get(cell, cell): an empty cell's stand-in
 _NAN = float("nan")
 NO_TIME = -2 ** 31          # a test's start in a time column when its timestamp is unreadable
 REPORT_CHUNK = 1 << 20      # bytes of ledger lines parsed at a time
 FAILED_KEPT = 100           # a link's latest failed tests kept for the tables
 LOWEST_KEPT = 5             # a link's lowest runs shown
 CLIENT_LOOKBACK = 64000     # rows read back from a ledger's end for its latest client name
-RECENT_RUNS = 64            # runs remembered to count a run once when another's rows cut it
 
 
 class Selection(collections.namedtuple("Selection", (
@@ -1208,12 +1203,10 @@ class Selection(collections.namedtuple("Selection", (
     bound), directions (a tuple), a client name, a Target (port None: any) and a protocol."""
 
     def admits(self, key):
-        """True when the link and direction (client, server, port, protocol, direction) is
-        selected."""
-        client, server, port, protocol, direction = key
+        """True when the link (client, server, port, protocol) is selected."""
+        client, server, port, protocol = key[:4]
         target = self.target
-        return (direction in self.directions
-                and (self.client is None or client == self.client)
+        return ((self.client is None or client == self.client)
                 and (self.protocol is None or protocol == self.protocol)
                 and (target is None or (server == target.host and (
                     target.port is None or port == str(target.port)))))
@@ -1221,7 +1214,7 @@ class Selection(collections.namedtuple("Selection", (
 
 def _finite_sorted(values):
     """The finite numbers of a column, as a sorted list (NaN marks a test without the figure)."""
-    return sorted(filter(math.isfinite, values))
+    return sorted(value for value in values if value - value == 0)
 
 
 def _number_or_nan(cell):
@@ -1229,18 +1222,6 @@ def _number_or_nan(cell):
         return float(cell or "nan")
     except ValueError:
         return _NAN
-
-
-def _cells(getter, column):
-    """The cells of a column that `getter` (operator.itemgetter of a list of positions, or of
-    one) picks, as a tuple."""
-    cells = getter(column)
-    return cells if isinstance(cells, tuple) else (cells,)
-
-
-def _numbers(cells, empty=_EMPTY_NAN):
-    """Number cells as floats, an empty one as NaN (or 0.0); raises ValueError on another."""
-    return map(float, map(empty.get, cells, cells))
 
 
 class DirectionTally:
@@ -1252,7 +1233,7 @@ class DirectionTally:
 
     __slots__ = ("link", "base", "tcp", "skipped", "retransmits", "lost_packets", "packets",
                  "bytes", "seconds", "times", "hours", "received", "first", "second",
-                 "failure_times", "failure_errors")
+                 "failure_times", "failure_errors", "appends")
 
     def __init__(self, link, base, tcp):
         self.link, self.base, self.tcp = link, base, tcp
@@ -1261,50 +1242,16 @@ class DirectionTally:
         self.times, self.hours = array.array("i"), array.array("b")
         self.received, self.first, self.second = (array.array("d") for _ in range(3))
         self.failure_times, self.failure_errors = array.array("d"), array.array("l")
+        self.appends = (self.times.append, self.hours.append, self.received.append,
+                        self.first.append, self.second.append)
 
     @property
     def rtt(self):
         return self.first if self.tcp else array.array("d")
 
-    def add_ok_group(self, cols, moments, positions):
-        """Count the ok tests at `positions` of a chunk's columns (`moments`: their starts),
-        in C loops; the careful way, row by row, when a cell is not as a run writes it.
-        Returns their received bits/s (an array)."""
-        pick = operator.itemgetter(*positions)
-        first, second = (19, 18) if self.tcp else (20, 21)
-        try:
-            times = array.array("i", map(operator.sub, _cells(pick, moments),
-                                         itertools.repeat(self.base)))
-            received = array.array("d", _numbers(_cells(pick, cols[11])))
-            firsts = array.array("d", _numbers(_cells(pick, cols[first])))
-            seconds = array.array("d", _numbers(_cells(pick, cols[second])))
-            durations = list(map(float, _cells(pick, cols[7])))
-            sent = math.fsum(map(operator.mul, map(float, _cells(pick, cols[10])), durations))
-            counts = [sum(map(int, map(_EMPTY_ZERO.get, cells, cells))) if self.tcp else
-                      math.fsum(_numbers(cells, _EMPTY_ZERO)) for cells in (
-                          _cells(pick, cols[column]) for column in (12, 22, 23))]
-        except (ValueError, TypeError, OverflowError):  # no time, a cell not a number
-            rows = list(zip(*(_cells(pick, column) for column in cols)))
-            return array.array("d", (self.add_ok(row, moment) for row, moment in zip(
-                rows, _cells(pick, moments))))
-        self.times.extend(times)
-        self.hours.extend(array.array("b", map(_HOUR_OF.get, map(
-            operator.getitem, _cells(pick, cols[0]), itertools.repeat(slice(11, 13))),
-            itertools.repeat(-1))))
-        self.received.extend(received)
-        self.first.extend(firsts)
-        self.second.extend(seconds)
-        self.bytes, self.seconds = self.bytes + sent, self.seconds + math.fsum(durations)
-        if self.tcp:
-            self.retransmits += counts[0]
-        else:
-            self.lost_packets, self.packets = (self.lost_packets + counts[1],
-                                               self.packets + counts[2])
-        return received
-
     def add_ok(self, row, moment):
-        """Count one ok test (a row), cell by cell; returns its received bits/s (NaN when it
-        has none)."""
+        """Count an ok test the careful way (tally_rows does the common case itself): a UDP
+        test, an unreadable start, a cell that is no number. Returns its received bits/s."""
         try:
             self.times.append(NO_TIME if moment is None else int(moment) - self.base)
         except OverflowError:
@@ -1318,11 +1265,11 @@ class DirectionTally:
         for cell, name in ((row[12], "retransmits"), (row[22], "lost_packets"),
                            (row[23], "packets")):
             value = _number_or_nan(cell)
-            if math.isfinite(value) and (name == "retransmits") == self.tcp:
+            if value - value == 0:
                 value = int(value) if name == "retransmits" else value
                 setattr(self, name, getattr(self, name) + value)
         sent, duration = _number_or_nan(row[10]), _number_or_nan(row[7])
-        if math.isfinite(sent) and math.isfinite(duration):
+        if sent - sent == 0 and duration - duration == 0:
             self.bytes += sent * duration
             self.seconds += duration
         return received
@@ -1330,10 +1277,8 @@ class DirectionTally:
     def moments(self):
         """The ok tests' starts in Unix seconds (NaN when unreadable), aligned with the
         figures."""
-        if NO_TIME in self.times:
-            return array.array("d", (_NAN if t == NO_TIME else t + self.base
-                                     for t in self.times))
-        return array.array("d", map(operator.add, self.times, itertools.repeat(self.base)))
+        base = self.base
+        return array.array("d", (_NAN if t == NO_TIME else t + base for t in self.times))
 
     def summary(self):
         """SUMMARY_KEYS -> numbers (bits/s, ms, %; None where no ok test has the figure)."""
@@ -1363,20 +1308,12 @@ class DirectionTally:
     def by_hour(self, name, column):
         """{(name, "HH"): (median, number of tests)} of a column by the hour of day of each
         test's start, in the local time written in the ledger (where busy-hour dips show)."""
-        if not len(column):
-            return {}
-        order = sorted(range(len(self.hours)), key=self.hours.__getitem__)
-        counts = collections.Counter(self.hours)
-        medians, start = {}, 0
-        for hour in sorted(counts):
-            chosen = order[start:start + counts[hour]]
-            start += counts[hour]
-            if hour < 0:
-                continue
-            values = _finite_sorted(_cells(operator.itemgetter(*chosen), column))
-            if values:
-                medians[name, "%02d" % hour] = (percentile(values, 0.5), len(values))
-        return medians
+        groups = [array.array("d") for _ in range(24)]
+        for hour, value in zip(self.hours, column):
+            if hour >= 0 and value - value == 0:
+                groups[hour].append(value)
+        return {(name, "%02d" % hour): (percentile(sorted(group), 0.5), len(group))
+                for hour, group in enumerate(groups) if group}
 
     def period(self):
         """(first, last) start of its tests in Unix seconds, or None."""
@@ -1388,7 +1325,7 @@ class DirectionTally:
                 low = min(known) if known else None
             if low is not None:
                 bounds += [low + self.base, high + self.base]
-        failures = list(filter(math.isfinite, self.failure_times))
+        failures = [t for t in self.failure_times if t == t]
         if failures:
             bounds += [min(failures), max(failures)]
         return (min(bounds), max(bounds)) if bounds else None
@@ -1396,34 +1333,42 @@ class DirectionTally:
 
 class LinkTally:
     """One link (client, server, port, protocol) of the selected rows: its two directions, its
-    latest label, latest test (the latest row written but skipped ones; from several folders,
-    the later), lowest runs, failed tests (the latest FAILED_KEPT, and each error's count),
-    its latest rows' runs (for usual_interval) and its skipped runs' span."""
+    latest label, latest test (the latest row written but skipped ones; one from each folder
+    read), lowest runs, failed tests (the latest FAILED_KEPT, and each error's count), the
+    first row of each of its latest runs (for usual_interval) and its skipped runs' span."""
 
-    __slots__ = ("key", "directions", "label", "latest", "last_row", "last_at", "lowest",
-                 "limit", "failures", "errors", "error_counts", "recent", "skipped_span")
+    __slots__ = ("key", "directions", "label", "latest", "last_row", "lowest", "limit",
+                 "failures", "errors", "error_counts", "recent", "run", "skipped_span", "seen")
 
     def __init__(self, key, base):
         self.key = key
         tcp = key[3] != "udp"
         self.directions = {"forward": DirectionTally(self, base, tcp),
                            "reverse": DirectionTally(self, base, tcp)}
-        self.label, self.latest, self.last_row, self.last_at = "", None, None, -1
-        self.lowest, self.limit = [], float("inf")  # limit: the highest of the lowest kept
+        self.label, self.latest, self.last_row, self.run = "", None, None, None
+        self.lowest, self.limit = [], [float("inf")]  # limit[0]: the highest of the lowest
         self.failures = collections.deque(maxlen=FAILED_KEPT)
         self.errors, self.error_counts = {}, collections.Counter()
         self.recent = collections.deque(maxlen=INTERVAL_ROWS)
-        self.skipped_span = []
+        self.skipped_span, self.seen = [], 0
 
-    def add_lowest(self, value, row, seen):
-        """A received figure below the highest of the lowest kept; `seen` orders ties."""
-        item = (-value, -seen, row[0], row[3], row[14])
+    def new_run(self, row):
+        """The first row of one of its runs (ledger order)."""
+        self.run = row[1]
+        self.recent.append((row[0], row[1], row[2]))
+        if row[16]:
+            self.label = row[16]
+
+    def add_lowest(self, value, row):
+        """A received figure below the highest of the lowest kept (ties: the earlier first)."""
+        self.seen += 1
+        item = (-value, -self.seen, row[0], row[3], row[14])
         if len(self.lowest) < LOWEST_KEPT:
             heapq.heappush(self.lowest, item)
-        elif item > self.lowest[0]:
+        else:
             heapq.heapreplace(self.lowest, item)
         if len(self.lowest) == LOWEST_KEPT:
-            self.limit = -self.lowest[0][0]
+            self.limit[0] = -self.lowest[0][0]
 
     def add_failure(self, side, row, moment):
         error = row[9]
@@ -1444,7 +1389,7 @@ class LinkTally:
     def end_folder(self):
         """The latest row of one folder read: the link's latest in ledger order, or, from a
         second folder (one client's name on two hosts), the later one."""
-        row, self.last_row, self.last_at = self.last_row, None, -1
+        row, self.last_row = self.last_row, None
         if row is None:
             return
         if self.latest is None or self.latest[8] == "skipped" or (
@@ -1456,7 +1401,7 @@ class LinkTally:
         return sorted(self.errors, key=self.errors.get)
 
     def usual_interval(self):
-        """usual_interval() of the link's latest rows."""
+        """usual_interval() of the first rows of the link's latest runs."""
         rows = []
         for stamp, run, prefix in self.recent:
             row = [""] * len(LEDGER_COLUMNS)
@@ -1486,19 +1431,20 @@ class ReportTally:
         self.selection, self.emit = selection, emit
         self.links = {}             # (client, server, port, protocol) -> LinkTally
         self.sides = {}             # the same and a direction -> DirectionTally, or False
-        self.runs, self.recent_runs = 0, collections.OrderedDict()
+        self.runs = {}              # (client, prefix) -> array('q') of run stamps, 20240301120000
+        self.odd_runs = set()       # runs whose stamp is not one (hand-edited, empty)
         self.hour_starts = {}       # "YYYY-MM-DDTHH" + offset -> Unix seconds of that hour
         self.clients = {}           # folder -> the clients named in its selected rows
         self.base = None            # the tests' starts are kept as seconds from this one
-        self.rows = 0               # rows read, to order the lowest runs' ties
 
     def side(self, key, moment):
         """The DirectionTally of (client, server, port, protocol, direction), or False when
         it is not selected."""
         side = self.sides.get(key)
         if side is None:
-            side = False
-            if self.selection.admits(key):
+            if key[4] not in self.selection.directions or not self.selection.admits(key):
+                side = False
+            else:
                 link = self.links.get(key[:4])
                 if link is None:
                     if self.base is None:
@@ -1516,18 +1462,24 @@ class ReportTally:
         return (float("-inf") if since is None else since,
                 float("inf") if until is None else until)
 
-    def count_runs(self, triples):
-        """Count the runs of selected rows, (client, prefix, run) in ledger order: a run's
-        rows follow each other, but for a skipped run's row written among them."""
-        recent = self.recent_runs
-        for position in itertools.compress(range(len(triples)), map(
-                operator.ne, triples, [None] + triples[:-1])):
-            triple = triples[position]
-            if triple not in recent:
-                self.runs += 1
-                recent[triple] = None
-                if len(recent) > RECENT_RUNS:
-                    recent.popitem(last=False)
+    def count_run(self, client, prefix, run):
+        numbers = self.runs.get((client, prefix))
+        if numbers is None:
+            numbers = self.runs[client, prefix] = array.array("q")
+        if len(run) != 15 or run[8] != "_" or not (run[:8] + run[9:]).isdigit():
+            self.odd_runs.add((client, prefix, run))
+            return
+        value = int(run[:8] + run[9:])
+        if not numbers or numbers[-1] != value:
+            numbers.append(value)
+
+    def run_count(self):
+        """The number of distinct runs among the selected rows."""
+        total = len(self.odd_runs)
+        for numbers in self.runs.values():
+            ordered = all(a < b for a, b in zip(numbers, numbers[1:]))
+            total += len(numbers) if ordered else len(set(numbers))
+        return total
 
     def end_folder(self):
         for link in self.links.values():
@@ -1546,9 +1498,9 @@ class ReportTally:
 
 
 def _slow_moment(stamp, hour_starts):
-    """A timestamp -> Unix seconds (row_time; whole seconds) or None, remembering the start of
-    its hour (by the text of its date, hour and UTC offset) so that the next ones of that hour
-    are read from a dict."""
+    """A timestamp -> Unix seconds (row_time; whole seconds), remembering the start of its
+    hour (by the text of its date, hour and UTC offset) so that the pass reads the next ones
+    of that hour from a dict."""
     moment = row_time(stamp)
     if moment is None:
         return None
@@ -1558,118 +1510,63 @@ def _slow_moment(stamp, hour_starts):
     return moment
 
 
-def chunk_moments(stamps, hour_starts):
-    """The starts (Unix seconds, or None) of a chunk's timestamps: the start of each one's hour
-    from `hour_starts` (filled as new hours come), plus its minutes and seconds."""
-    def pieces(part):
-        return map(operator.getitem, stamps, itertools.repeat(part))
-    keys = list(map(operator.add, pieces(slice(0, 13)), pieces(slice(19, None))))
-    starts, position = list(map(hour_starts.get, keys)), -1
-    while True:
+def tally_rows(tally, rows, fallback, folder):
+    """Count the selected rows (LEDGER_COLUMNS order) of a folder's ledger into `tally` (`fallback`:
+    the client of rows naming none). Ok TCP tests are counted inline: this runs for every row."""
+    sides, starts, minutes, hour_of, emit = (tally.sides, tally.hour_starts, _MINUTE_SECONDS,
+                                             _HOUR_OF, tally.emit)
+    low, high, prefix, base = tally.bounds() + (tally.selection.prefix, tally.base)
+    for row in rows:
+        stamp = row[0]
         try:
-            position = starts.index(None, position + 1)
-        except ValueError:
-            break
-        if keys[position] not in hour_starts:
-            _slow_moment(stamps[position], hour_starts)
-        starts[position] = hour_starts.get(keys[position])
-    minutes = list(map(_MINUTE_SECONDS.get, pieces(slice(14, 19))))
-    try:
-        return list(map(operator.add, starts, minutes))
-    except TypeError:  # a timestamp not written by a run (another layout, hand-edited)
-        return [start + minute if start is not None and minute is not None
-                else _slow_moment(stamp, hour_starts)
-                for start, minute, stamp in zip(starts, minutes, stamps)]
-
-
-def _chunk_groups(keys):
-    """{key: the positions of its rows, in order} of a chunk's keys, in C loops."""
-    distinct = dict.fromkeys(keys)
-    if len(distinct) == 1:
-        return {keys[0]: list(range(len(keys)))}
-    numbers = {key: number for number, key in enumerate(distinct)}
-    ids = list(map(numbers.__getitem__, keys))
-    order = sorted(range(len(keys)), key=ids.__getitem__)
-    counts, groups, start = collections.Counter(ids), {}, 0
-    for key, number in numbers.items():
-        groups[key] = order[start:start + counts[number]]
-        start += counts[number]
-    return groups
-
-
-def tally_chunk(tally, rows, fallback, folder):
-    """Count a chunk of a folder's rows (LEDGER_COLUMNS order) into `tally`; `fallback` is the
-    client of rows that name none (written before version 2.2)."""
-    cols, selection = list(zip(*rows)), tally.selection
-    moments = chunk_moments(cols[0], tally.hour_starts)
-    if selection.since is not None or selection.until is not None or (
-            selection.prefix is not None):
-        low, high = tally.bounds()
-        keep = [(moment is not None and low <= moment < high) if low is not None else True
-                for moment in moments]
-        if selection.prefix is not None:
-            keep = list(map(operator.and_, keep, map(operator.eq, cols[2], itertools.repeat(
-                selection.prefix))))
-        rows, moments = list(itertools.compress(rows, keep)), list(itertools.compress(
-            moments, keep))
-        if not rows:
-            return
-        cols = list(zip(*rows))
-    clients = tuple(c or fallback for c in cols[15]) if "" in cols[15] else cols[15]
-    protocols = tuple(p or "tcp" for p in cols[17]) if "" in cols[17] else cols[17]
-    keys = list(zip(clients, cols[4], cols[5], protocols, cols[3]))
-    selected = []
-    for key, positions in _chunk_groups(keys).items():
-        side = tally.side(key, moments[positions[0]])
-        if side:
-            _tally_group(tally, side, rows, cols, moments, positions)
-            selected += positions
-    if len(selected) == len(rows):
-        selected, chosen = range(len(rows)), (clients, cols[2], cols[1])
-    elif selected:
-        selected = sorted(selected)
-        chosen = [_cells(operator.itemgetter(*selected), column)
-                  for column in (clients, cols[2], cols[1])]
-    if selected:
-        tally.count_runs(list(zip(*chosen)))
-        tally.clients.setdefault(folder, set()).update(chosen[0])
-    if tally.emit is not None:
-        for position in selected:
-            tally.emit(rows[position], keys[position])
-    tally.rows += len(rows)
-
-
-def _tally_group(tally, side, rows, cols, moments, positions):
-    """Count the rows at `positions` of a chunk, one link's and direction's, into `side`."""
-    link, pick = side.link, operator.itemgetter(*positions)
-    statuses = _cells(pick, cols[8])
-    ok, others = positions, []
-    if statuses.count("ok") != len(positions):
-        ok = list(itertools.compress(positions, map(operator.eq, statuses,
-                                                    itertools.repeat("ok"))))
-        others = [p for p, status in zip(positions, statuses) if status != "ok"]
-    if ok:
-        received = side.add_ok_group(cols, moments, ok)
-        if min(filter(math.isfinite, received), default=link.limit) < link.limit:
-            for value, index in sorted((v, i) for i, v in enumerate(received)
-                                       if v < link.limit):
-                if value < link.limit:
-                    link.add_lowest(value, rows[ok[index]], tally.rows + ok[index])
-    last = ok[-1] if ok else -1
-    for position in others:
-        row = rows[position]
-        if row[8] == "skipped":
-            link.add_skipped(side, row, moments[position])
+            moment = starts[stamp[:13] + stamp[19:]] + minutes[stamp[14:19]]
+        except KeyError:
+            moment = _slow_moment(stamp, starts)
+        if (low is not None and (moment is None or not low <= moment < high)) or (
+                prefix is not None and row[2] != prefix):
+            continue
+        key = (row[15] or fallback, row[4], row[5], row[17] or "tcp", row[3])
+        side = sides.get(key)
+        if side is None:
+            side, base = tally.side(key, moment), tally.base
+        if not side:
+            continue
+        link = side.link
+        if row[1] != link.run:
+            _count_run(tally, link, key, row, folder)
+        if row[8] == "ok":
+            link.last_row = row
+            try:
+                received, rtt, least = (float(row[11] or "nan"), float(row[19] or "nan"),
+                                        float(row[18] or "nan"))
+                sent, duration, retransmits = float(row[10]), float(row[7]), int(row[12] or 0)
+                times, hours, values, first, second = side.appends
+                times(moment - base if side.tcp else None)
+            except (ValueError, TypeError, OverflowError):  # UDP, no time, not a number
+                received = side.add_ok(row, moment)
+            else:
+                hours(hour_of.get(stamp[11:13], -1))
+                values(received)
+                first(rtt)
+                second(least)
+                side.bytes, side.seconds = side.bytes + sent * duration, side.seconds + duration
+                side.retransmits += retransmits
+            if received < link.limit[0]:
+                link.add_lowest(received, row)
+        elif row[8] == "skipped":
+            link.add_skipped(side, row, moment)
         else:
-            link.add_failure(side, row, moments[position])
-            last = max(last, position)
-    if last >= 0 and tally.rows + last > link.last_at:
-        link.last_row, link.last_at = rows[last], tally.rows + last
-    labels = _cells(pick, cols[16])
-    label = next((label for label in reversed(labels) if label), "")
-    if label:
-        link.label = label
-    link.recent.extend(zip(_cells(pick, cols[0]), _cells(pick, cols[1]), _cells(pick, cols[2])))
+            link.last_row = row
+            link.add_failure(side, row, moment)
+        if emit is not None:
+            emit(row, key)
+
+
+def _count_run(tally, link, key, row, folder):
+    """The first row of a link's run: the run counted, the folder's client noted."""
+    link.new_run(row)
+    tally.count_run(key[0], row[2], row[1])
+    tally.clients.setdefault(folder, set()).add(key[0])
 
 
 def names_of(links):
@@ -1747,7 +1644,7 @@ def _report_heading(tally, folder, prefix, since, until, now):
         lines.append("no results%s." % (" in the selected period" if since or until else ""))
         return lines
     if moments:
-        runs = tally.runs
+        runs = tally.run_count()
         lines.append("period: %s to %s, %d run%s" % (
             iso_time(moments[0]), iso_time(moments[1]), runs, "" if runs == 1 else "s"))
         if now is not None and moments[1] > now + FUTURE_SLACK:
@@ -2254,7 +2151,7 @@ def _html_period(tally, since, until, now, out):
         return None
     first, last = moments
     out.append('<p class="meta">period: %s to %s, %d runs; times are local (UTC%s)</p>' % (
-        iso_time(first), iso_time(last), tally.runs, iso_time(last)[19:] or "+00:00"))
+        iso_time(first), iso_time(last), tally.run_count(), iso_time(last)[19:] or "+00:00"))
     if since is not None and first - since > 3600:
         out.append('<p class="meta">The selected period starts %s; the first test in it is '
                    'of %s.</p>' % (iso_time(since), iso_time(first)))
@@ -4414,7 +4311,7 @@ def tally_folders(folders, selection, emit=None):
         fallback = latest_client(ledger) if os.path.exists(ledger) else ""
         fallback = fallback or (os.path.basename(folder) if len(folders) > 1 else "")
         for rows in ledger_chunks(ledger):
-            tally_chunk(tally, rows, fallback, folder)
+            tally_rows(tally, rows, fallback, folder)
         tally.end_folder()
     seen, shared = {}, set()
     for folder, clients in tally.clients.items():
