@@ -2177,7 +2177,7 @@ def _html_link_body(link, summary, span, failed_limit, heading, limit=MAX_POINTS
     if by_hour:
         out += ["<%s>Median by hour of day</%s>" % (heading, heading), '<div class="wide">',
                 svg_hour_chart(by_hour, names), "</div>"]
-    if any(len(side.rtt) for side in sides.values()):
+    if any(any(map(math.isfinite, side.rtt)) for side in sides.values()):
         rtt = {name: chart_points(moments[name], side.rtt, side.failure_times, span, limit)
                for name, side in sides.items()}
         out += ["<%s>RTT under load (the mean of each test's streams)</%s>" % (

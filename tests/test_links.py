@@ -344,5 +344,5 @@ def test_report_across_two_folders_and_the_mesh_page_in_a_browser(tmp_path, fake
     sections = [text_after for tag, attributes, text_after in dom.elements
                 if tag == "h2" and attributes.get("class") == "link"]
     assert len(sections) == 4
-    assert len([1 for tag, attributes, _ in dom.elements
-                if tag == "svg"]) == 4 * 2  # each link: throughput and by hour
+    # Each link: throughput and by hour, but the one whose tests all failed: no hour chart.
+    assert len([1 for tag, attributes, _ in dom.elements if tag == "svg"]) == 4 * 2 - 1
