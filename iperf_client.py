@@ -1598,8 +1598,26 @@ def link_overview(links, names, direction, now):
             "latest": stamp, "latest_status": status,
             "age_s": now - moment if moment is not None and now is not None else None,
             "median_bps": {name: stats["median_bps"] for name, stats in summary.items()},
-            "summary": summary})
+            "summary": summary, "by_hour": _hours_json(*hour_tables(link, list(summary)))})
     return overview
+
+
+def _hours_json(received, rtt):
+    """{direction: {"HH": {"median_bps", "tests", "median_rtt_ms", "rtt_tests"}}}, the hours
+    with a test, from hour_tables()."""
+    hours = {}
+    for (name, hour), (median, count) in sorted(received.items()):
+        rtt_median, rtt_count = rtt.get((name, hour), (None, 0))
+        hours.setdefault(name, {})[hour] = {"median_bps": median, "tests": count,
+                                            "median_rtt_ms": rtt_median, "rtt_tests": rtt_count}
+    return hours
+
+
+def hour_medians(item, key="median_bps", count="tests"):
+    """{(direction, "HH"): (median, tests)} of a link_overview item's by_hour."""
+    return {(name, hour): (figures[key], figures[count])
+            for name, hours in item["by_hour"].items() for hour, figures in hours.items()
+            if figures[count]}
 
 
 def text_report(tally, links, overview, folder, prefix, since, until, now):
@@ -1619,7 +1637,7 @@ def text_report(tally, links, overview, folder, prefix, since, until, now):
             if item["latest_status"] != "ok" else "", _age_text(item["age_s"])))
     for link, item in zip(links.values(), overview):
         lines += ["", "== %s ==" % item["name"], ""]
-        lines += _link_text(link, item["summary"])
+        lines += _link_text(link, item)
     return lines
 
 
@@ -1663,14 +1681,14 @@ def hour_tables(link, names):
     return received, rtt
 
 
-def _link_text(link, summary):
-    lines = []
+def _link_text(link, item):
+    lines, summary = [], item["summary"]
     for name, stats in summary.items():
         lines += _summary_lines(name, stats)
     lines += traffic_lines(summary, link)
-    by_hour, rtt_by_hour = hour_tables(link, list(summary))
-    lines += _hour_lines(by_hour, list(summary))
-    lines += _hour_lines(rtt_by_hour, list(summary), "median RTT under load", _ms)
+    lines += _hour_lines(hour_medians(item), list(summary))
+    lines += _hour_lines(hour_medians(item, "median_rtt_ms", "rtt_tests"), list(summary),
+                         "median RTT under load", _ms)
     lowest = link.lowest_runs()
     if lowest:
         lines += ["", "lowest runs (received):"]
@@ -2125,7 +2143,7 @@ def html_report(tally, links, overview, folder, prefix, since, until, now, faile
     limit = max(MAX_POINTS // len(links), LINK_MIN_POINTS)
     for link, item, anchor in zip(links.values(), overview, anchors):
         out.append('<h2 id="%s" class="link">%s</h2>' % (anchor, html.escape(item["name"])))
-        out += _html_link_body(link, item["summary"], span, failed_limit, "h3", limit)
+        out += _html_link_body(link, item, span, failed_limit, "h3", limit)
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
@@ -2162,7 +2180,8 @@ def _html_period(tally, since, until, now, out):
     return start, end
 
 
-def _html_link_body(link, summary, span, failed_limit, heading, limit=MAX_POINTS):
+def _html_link_body(link, item, span, failed_limit, heading, limit=MAX_POINTS):
+    summary = item["summary"]
     names, errors = list(summary), link.error_texts()
     sides = {name: link.directions[name] for name in names}
     failures = {name: [(moment, errors[number]) for moment, number in zip(
@@ -2170,7 +2189,7 @@ def _html_link_body(link, summary, span, failed_limit, heading, limit=MAX_POINTS
     moments = {name: side.moments() for name, side in sides.items()}
     series = {name: chart_points(moments[name], side.received, side.failure_times, span, limit)
               for name, side in sides.items()}
-    by_hour, _ = hour_tables(link, names)
+    by_hour = hour_medians(item)
     out = ["<%s>Received throughput</%s>" % (heading, heading), '<div class="wide">',
            svg_time_chart(series, failures, {name: summary[name]["median_bps"]
                                              for name in names}, span[0], span[1]), "</div>"]
