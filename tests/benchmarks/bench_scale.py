@@ -210,7 +210,7 @@ def mesh(work, runs, rng, out, repeat):
     seconds, memory = measure(argv + ["--html", out + ".html"], out, repeat)
     print("  report -d a -d b -d c -d d --html: %.2f s, %.0f MB, page %.0f kB; goal: under "
           "15 s and 200 MB: %s" % (seconds, memory, os.path.getsize(out + ".html") / 1e3,
-                                  "met" if seconds < 15 and memory < 200 else "MISSED"))
+                                   "met" if seconds < 15 and memory < 200 else "MISSED"))
 
 
 if __name__ == "__main__":
