@@ -1370,6 +1370,14 @@ class LinkTally:
         if len(self.lowest) == LOWEST_KEPT:
             self.limit[0] = -self.lowest[0][0]
 
+    def add_other(self, side, row, moment):
+        """Count a row that is no ok test: a skipped run or a failed test."""
+        if row[8] == "skipped":
+            self.add_skipped(side, row, moment)
+        else:
+            self.last_row = row
+            self.add_failure(side, row, moment)
+
     def add_failure(self, side, row, moment):
         error = row[9]
         number = self.errors.setdefault(error, len(self.errors))
@@ -1511,11 +1519,11 @@ def _slow_moment(stamp, hour_starts):
 
 
 def tally_rows(tally, rows, fallback, folder):
-    """Count the selected rows (LEDGER_COLUMNS order) of a folder's ledger into `tally` (`fallback`:
-    the client of rows naming none). Ok TCP tests are counted inline: this runs for every row."""
-    sides, starts, minutes, hour_of, emit = (tally.sides, tally.hour_starts, _MINUTE_SECONDS,
-                                             _HOUR_OF, tally.emit)
-    low, high, prefix, base = tally.bounds() + (tally.selection.prefix, tally.base)
+    """Count a folder's selected rows into `tally`, an ok TCP test inline (for every row)."""
+    sides, starts, minutes, hour_of, emit = tally.sides, tally.hour_starts, _MINUTE_SECONDS, \
+        _HOUR_OF, tally.emit
+    low, high, prefix = tally.bounds() + (tally.selection.prefix,)
+    clients, last_run, last_client, last_prefix = tally.clients.setdefault(folder, set()), 0, 0, 0
     for row in rows:
         stamp = row[0]
         try:
@@ -1526,22 +1534,24 @@ def tally_rows(tally, rows, fallback, folder):
                 prefix is not None and row[2] != prefix):
             continue
         key = (row[15] or fallback, row[4], row[5], row[17] or "tcp", row[3])
-        side = sides.get(key)
-        if side is None:
-            side, base = tally.side(key, moment), tally.base
+        side = sides.get(key) or tally.side(key, moment)  # False: a link not selected
         if not side:
             continue
         link = side.link
-        if row[1] != link.run:
-            _count_run(tally, link, key, row, folder)
+        if row[1] != link.run:  # a run's first row of this link; of any, counted once
+            link.new_run(row)
+            if row[1] != last_run or key[0] != last_client or row[2] != last_prefix:
+                last_run, last_client, last_prefix = row[1], key[0], row[2]
+                tally.count_run(key[0], row[2], row[1])
+                clients.add(key[0])
         if row[8] == "ok":
             link.last_row = row
             try:
-                received, rtt, least = (float(row[11] or "nan"), float(row[19] or "nan"),
-                                        float(row[18] or "nan"))
-                sent, duration, retransmits = float(row[10]), float(row[7]), int(row[12] or 0)
+                received, rtt, least, sent, duration, retransmits = (
+                    float(row[11] or "nan"), float(row[19] or "nan"), float(row[18] or "nan"),
+                    float(row[10]), float(row[7]), int(row[12] or 0))
                 times, hours, values, first, second = side.appends
-                times(moment - base if side.tcp else None)
+                times(moment - side.base if side.tcp else None)
             except (ValueError, TypeError, OverflowError):  # UDP, no time, not a number
                 received = side.add_ok(row, moment)
             else:
@@ -1553,20 +1563,10 @@ def tally_rows(tally, rows, fallback, folder):
                 side.retransmits += retransmits
             if received < link.limit[0]:
                 link.add_lowest(received, row)
-        elif row[8] == "skipped":
-            link.add_skipped(side, row, moment)
         else:
-            link.last_row = row
-            link.add_failure(side, row, moment)
+            link.add_other(side, row, moment)
         if emit is not None:
             emit(row, key)
-
-
-def _count_run(tally, link, key, row, folder):
-    """The first row of a link's run: the run counted, the folder's client noted."""
-    link.new_run(row)
-    tally.count_run(key[0], row[2], row[1])
-    tally.clients.setdefault(folder, set()).add(key[0])
 
 
 def names_of(links):
