@@ -48,6 +48,7 @@ import heapq
 import html
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -1214,7 +1215,7 @@ class Selection(collections.namedtuple("Selection", (
 
 def _finite_sorted(values):
     """The finite numbers of a column, as a sorted list (NaN marks a test without the figure)."""
-    return sorted(value for value in values if value - value == 0)
+    return sorted(filter(math.isfinite, values))
 
 
 def _number_or_nan(cell):
@@ -1277,8 +1278,10 @@ class DirectionTally:
     def moments(self):
         """The ok tests' starts in Unix seconds (NaN when unreadable), aligned with the
         figures."""
-        base = self.base
-        return array.array("d", (_NAN if t == NO_TIME else t + base for t in self.times))
+        if NO_TIME in self.times:
+            return array.array("d", (_NAN if t == NO_TIME else t + self.base
+                                     for t in self.times))
+        return array.array("d", map(operator.add, self.times, itertools.repeat(self.base)))
 
     def summary(self):
         """SUMMARY_KEYS -> numbers (bits/s, ms, %; None where no ok test has the figure)."""
@@ -1308,12 +1311,17 @@ class DirectionTally:
     def by_hour(self, name, column):
         """{(name, "HH"): (median, number of tests)} of a column by the hour of day of each
         test's start, in the local time written in the ledger (where busy-hour dips show)."""
-        groups = [array.array("d") for _ in range(24)]
-        for hour, value in zip(self.hours, column):
-            if hour >= 0 and value - value == 0:
-                groups[hour].append(value)
-        return {(name, "%02d" % hour): (percentile(sorted(group), 0.5), len(group))
-                for hour, group in enumerate(groups) if group}
+        if not any(map(math.isfinite, column)):
+            return {}
+        order = sorted(range(len(column)), key=self.hours.__getitem__)  # C loops, stable
+        counts, medians, start = collections.Counter(self.hours), {}, 0
+        for hour in sorted(counts):
+            chosen = order[start:start + counts[hour]]
+            start += counts[hour]
+            values = _finite_sorted(map(column.__getitem__, chosen)) if hour >= 0 else []
+            if values:
+                medians[name, "%02d" % hour] = (percentile(values, 0.5), len(values))
+        return medians
 
     def period(self):
         """(first, last) start of its tests in Unix seconds, or None."""
@@ -1843,24 +1851,26 @@ def chart_points(times, values, failure_times, span, limit=MAX_POINTS):
     the median of one of `limit` / 2 equal time slots of the span, with its (p5, p95) band
     (None where a slot held failed tests only), so a long period shows what the link really
     did without a point per test."""
-    count = sum(1 for value in values if value - value == 0) + len(failure_times)
-    if count <= limit:
-        points = [(moment, value, None) for moment, value in zip(times, values)
-                  if value - value == 0 and moment == moment]
-        points += [(moment, None, None) for moment in failure_times if moment == moment]
+    keep = list(map(math.isfinite, map(operator.add, times, values)))  # time and figure
+    failures = list(filter(math.isfinite, failure_times))
+    if sum(keep) + len(failures) <= limit:
+        points = [(moment, value, None) for moment, value in zip(
+            itertools.compress(times, keep), itertools.compress(values, keep))]
+        points += [(moment, None, None) for moment in failures]
         return sorted(points, key=operator.itemgetter(0))
     start, end = span
     width = (end - start) / (limit // 2) or 1.0
+
+    def slot_of(moments):
+        return map(int, map(operator.floordiv, map(operator.sub, moments, itertools.repeat(
+            start)), itertools.repeat(width)))
     slots = {}
-    for moment, value in zip(times, values):
-        if value - value == 0 and moment == moment:
-            slot = slots.get(int((moment - start) // width))
-            if slot is None:
-                slot = slots[int((moment - start) // width)] = array.array("d")
-            slot.append(value)
-    for moment in failure_times:
-        if moment == moment:
-            slots.setdefault(int((moment - start) // width), array.array("d"))
+    for number, group in itertools.groupby(zip(slot_of(itertools.compress(times, keep)),
+                                               itertools.compress(values, keep)),
+                                           key=operator.itemgetter(0)):
+        slots.setdefault(number, array.array("d")).extend(map(operator.itemgetter(1), group))
+    for number in slot_of(failures):
+        slots.setdefault(number, array.array("d"))
     points = []
     for number in sorted(slots):
         ordered = sorted(slots[number])
