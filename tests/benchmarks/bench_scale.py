@@ -42,9 +42,10 @@ INTERVAL = 300
 
 
 def measure(argv, stdout_path, repeat, codes=(0,)):
-    """Best wall time (s) of `repeat` runs of argv with stdout to a file, and the peak RSS
-    (MB) of the process; an exit code not in `codes` stops the benchmark."""
-    best, peak = float("inf"), 0.0
+    """Best wall time (s) of `repeat` runs of argv with stdout to a file, the peak RSS (MB)
+    of the process and its best CPU time (user + system, s: on a shared machine the fairer
+    figure); an exit code not in `codes` stops the benchmark."""
+    best, peak, cpu = float("inf"), 0.0, float("inf")
     for _ in range(repeat):
         with open(stdout_path, "wb") as out:
             started = time.perf_counter()
@@ -59,7 +60,12 @@ def measure(argv, stdout_path, repeat, codes=(0,)):
             raise SystemExit("%s failed (%s): %s" % (" ".join(argv), code, error))
         best = min(best, elapsed)
         peak = max(peak, usage.ru_maxrss / 1024.0)
+        cpu = min(cpu, usage.ru_utime + usage.ru_stime)
+    CPU[tuple(argv)] = cpu
     return best, peak
+
+
+CPU = {}  # argv -> the best CPU time measure() saw
 
 
 def write_ledger(folder, client, servers, runs, rng, end=None):
@@ -126,15 +132,18 @@ def section(title, rows_path, folder, out, repeat, formats):
     {label: (seconds, MB)}."""
     python = sys.executable
     print("\n%s (%s)" % (title, load_text()))
-    figures = {"bare": measure([python, "-c", BARE_READ, rows_path], out, repeat)}
+    argvs = {"bare": [python, "-c", BARE_READ, rows_path]}
     for label, extra in formats:
-        figures[label] = measure([python, CLIENT, "report", "-d", folder] + extra, out, repeat)
-    bare = figures["bare"][0]
-    print("  %-28s %8s %9s %10s" % ("", "time", "vs bare", "peak RSS"))
+        argvs[label] = [python, CLIENT, "report", "-d", folder] + extra
+    figures = {label: measure(argv, out, repeat) for label, argv in argvs.items()}
+    bare, bare_cpu = figures["bare"][0], CPU[tuple(argvs["bare"])]
+    print("  %-28s %8s %9s %9s %9s %10s" % ("", "time", "vs bare", "CPU", "vs bare",
+                                           "peak RSS"))
     for label, (seconds, memory) in figures.items():
-        print("  %-28s %7.2fs %8.2fx %7.0f MB" % (
+        cpu = CPU[tuple(argvs[label])]
+        print("  %-28s %7.2fs %8.2fx %8.2fs %8.2fx %7.0f MB" % (
             "bare csv.reader pass" if label == "bare" else label, seconds, seconds / bare,
-            memory))
+            cpu, cpu / bare_cpu, memory))
     return figures
 
 
