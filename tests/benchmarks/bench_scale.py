@@ -137,8 +137,8 @@ def section(title, rows_path, folder, out, repeat, formats):
         argvs[label] = [python, CLIENT, "report", "-d", folder] + extra
     figures = {label: measure(argv, out, repeat) for label, argv in argvs.items()}
     bare, bare_cpu = figures["bare"][0], CPU[tuple(argvs["bare"])]
-    print("  %-28s %8s %9s %9s %9s %10s" % ("", "time", "vs bare", "CPU", "vs bare",
-                                           "peak RSS"))
+    print("  %-28s %8s %9s %9s %9s %10s" % (
+        "", "time", "vs bare", "CPU", "vs bare", "peak RSS"))
     for label, (seconds, memory) in figures.items():
         cpu = CPU[tuple(argvs[label])]
         print("  %-28s %7.2fs %8.2fx %8.2fs %8.2fx %7.0f MB" % (
