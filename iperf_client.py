@@ -231,6 +231,7 @@ GAP_FACTOR = 3       # a pause over 3 usual intervals between tests breaks the l
 MAX_POINTS = 1500    # more tests per direction are drawn as medians of equal time slots
 LINK_MIN_POINTS = 300  # a page of several links: MAX_POINTS shared out, at least this per chart
 SVG_WIDTH = 760
+FAILURE_STEP = 4     # pixels between two failure crosses of a chart (the failures between, counted)
 TIME_STEPS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 2 * 86400,
               7 * 86400, 14 * 86400, 28 * 86400)
 HTML_STYLE = """
@@ -2058,13 +2059,16 @@ def _median_marks(name, median, label_y, y_of, box, shown=human_bps):
 
 
 def _failure_marks(name, failures, x_of, left, band):
-    """A cross per failed test (one per pixel column, titled with the latest's error) in the
-    direction's band under the time axis; `failures` is [(unix seconds, error)]."""
+    """A cross per failed test (one per FAILURE_STEP pixels, titled with the latest's error
+    and the count) in the direction's band under the time axis; `failures` is [(unix seconds,
+    error)]. A cross is 6 pixels wide: closer ones would only overlap (and weigh on a page of
+    a year of many links)."""
     colour = DIRECTION_STYLE[name][0]
     columns = {}
     for moment, error in failures:
         if moment == moment:
-            column = columns.setdefault(int(x_of(moment)), [0, moment, error])
+            x = int(x_of(moment))
+            column = columns.setdefault(x - x % FAILURE_STEP, [0, moment, error])
             column[0] += 1
             if moment >= column[1]:
                 column[1:] = [moment, error]
