@@ -1343,30 +1343,22 @@ class DirectionTally:
 class LinkTally:
     """One link (client, server, port, protocol) of the selected rows: its two directions, its
     latest label, latest test (the latest row written but skipped ones; one from each folder
-    read), lowest runs, failed tests (the latest FAILED_KEPT, and each error's count), the
-    first row of each of its latest runs (for usual_interval) and its skipped runs' span."""
+    read), lowest runs, failed tests (the latest FAILED_KEPT, and each error's count) and its
+    skipped runs' span."""
 
     __slots__ = ("key", "directions", "label", "latest", "last_row", "lowest", "limit",
-                 "failures", "errors", "error_counts", "recent", "run", "skipped_span", "seen")
+                 "failures", "errors", "error_counts", "skipped_span", "seen")
 
     def __init__(self, key, base):
         self.key = key
         tcp = key[3] != "udp"
         self.directions = {"forward": DirectionTally(self, base, tcp),
                            "reverse": DirectionTally(self, base, tcp)}
-        self.label, self.latest, self.last_row, self.run = "", None, None, None
+        self.label, self.latest, self.last_row = "", None, None
         self.lowest, self.limit = [], [float("inf")]  # limit[0]: the highest of the lowest
         self.failures = collections.deque(maxlen=FAILED_KEPT)
         self.errors, self.error_counts = {}, collections.Counter()
-        self.recent = collections.deque(maxlen=INTERVAL_ROWS)
         self.skipped_span, self.seen = [], 0
-
-    def new_run(self, row):
-        """The first row of one of its runs (ledger order)."""
-        self.run = row[1]
-        self.recent.append((row[0], row[1], row[2]))
-        if row[16]:
-            self.label = row[16]
 
     def add_lowest(self, value, row):
         """A received figure below the highest of the lowest kept (ties: the earlier first)."""
@@ -1409,6 +1401,7 @@ class LinkTally:
         row, self.last_row = self.last_row, None
         if row is None:
             return
+        self.label = row[16] or self.label  # the latest test's label: the target's latest
         if self.latest is None or self.latest[8] == "skipped" or (
                 row_time(row[0]) or 0) >= (row_time(self.latest[0]) or 0):
             self.latest = row
@@ -1418,14 +1411,19 @@ class LinkTally:
         return sorted(self.errors, key=self.errors.get)
 
     def usual_interval(self):
-        """usual_interval() of the first rows of the link's latest runs."""
-        rows = []
-        for stamp, run, prefix in self.recent:
-            row = [""] * len(LEDGER_COLUMNS)
-            row[Col.TIMESTAMP], row[Col.RUN], row[Col.PREFIX] = stamp, run, prefix
-            row[Col.CLIENT] = self.key[0]
-            rows.append(row)
-        return usual_interval(rows)
+        """The usual interval between the link's runs, in seconds: the median gap between the
+        starts of its latest INTERVAL_ROWS tests of one direction (a run tests each direction
+        once; the direction giving the longer interval), None with fewer than three tests."""
+        usual = None
+        for side in self.directions.values():
+            starts = sorted(set(t + side.base for t in side.times[-INTERVAL_ROWS:]
+                                if t != NO_TIME).union(filter(
+                                    math.isfinite, side.failure_times[-INTERVAL_ROWS:])))
+            gaps = sorted(b - a for a, b in zip(starts[-INTERVAL_ROWS:],
+                                                starts[-INTERVAL_ROWS + 1:]))
+            if len(gaps) >= 2:
+                usual = max(usual or 0.0, percentile(gaps, 0.5))
+        return usual
 
     def period(self):
         """(first, last) start of its selected rows in Unix seconds, or None."""
@@ -1547,12 +1545,10 @@ def tally_rows(tally, rows, fallback, folder):
         if not side:
             continue
         link = side.link
-        if row[1] != link.run:  # a run's first row of this link; of any, counted once
-            link.new_run(row)
-            if row[1] != last_run or key[0] != last_client or row[2] != last_prefix:
-                last_run, last_client, last_prefix = row[1], key[0], row[2]
-                tally.count_run(key[0], row[2], row[1])
-                clients.add(key[0])
+        if row[1] != last_run or key[0] != last_client or row[2] != last_prefix:
+            last_run, last_client, last_prefix = row[1], key[0], row[2]  # a run's first row
+            tally.count_run(key[0], row[2], row[1])
+            clients.add(key[0])
         if row[8] == "ok":
             link.last_row = row
             try:
