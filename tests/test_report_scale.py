@@ -260,3 +260,19 @@ def test_a_long_period_is_drawn_as_buckets_with_bands(tmp_path):
     band = [float(pair.split(",")[1]) for pair in html.split(
         '<polygon class="band forward"')[1].split('points="')[1].split('"')[0].split()]
     assert max(band) - min(band) > 50
+
+
+def test_a_week_of_a_first_day_fits_the_axis_to_the_data(tmp_path):
+    now = iperf_client.time.time()
+    rows = [dict(made_row(random.Random(i), now - 3600 * (10 - i), "20260101_%06d" % i,
+                          "192.0.2.10", "tcp", "forward"), status="ok", error="",
+                 received_bps="9e8", sent_bps="9e8", retransmits="0") for i in range(10)]
+    write(tmp_path, rows)
+    page = tmp_path / "r.html"
+    assert run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path, "--since", "7d", "--html",
+                                      page]).returncode == 0
+    html = page.read_text()
+    assert "The selected period starts" in html and "the first test in it is of" in html
+    # The time axis spans the data (hours), not the week: its labels are times of day.
+    axis = html.split('class="chart time-chart"')[1].split("</svg>")[0]
+    assert ":00</text>" in axis
