@@ -34,6 +34,7 @@ input, 75 another run held the results folder's lock too long (this run is recor
 """
 
 import argparse
+import array
 import collections
 import contextlib
 import csv
@@ -48,6 +49,7 @@ import heapq
 import html
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -195,6 +197,9 @@ _TIMESECS_RE = re.compile(r'"timestamp"\s*:\s*\{[^{}]*?"timesecs"\s*:\s*(\d+)\s*
 _END_RE = re.compile(r'"end"\s*:\s*(?=\{)')
 _AFTER_END_RE = re.compile(r'\s*(?:,\s*"error"\s*:\s*("(?:[^"\\]|\\.)*")\s*)?\}\s*\Z')
 
+REPORT_CHUNK = 1 << 20      # bytes of ledger lines parsed at a time
+CLIENT_LOOKBACK = 64000     # rows read back from a ledger's end for its latest client name
+
 
 # --- Constants: the reports -----------------------------------------------------------------------
 
@@ -202,7 +207,8 @@ SPAN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
 SPAN_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 SUMMARY_KEYS = ("count", "ok", "failed", "skipped", "min_bps", "p5_bps", "median_bps", "mean_bps",
                 "p95_bps", "max_bps", "retransmits", "median_rtt_ms", "median_min_rtt_ms",
-                "added_delay_ms", "median_jitter_ms", "median_lost_percent", "lost_percent",
+                "added_delay_ms", "latency_grade", "median_jitter_ms", "median_lost_percent",
+                "lost_percent",
                 "bytes", "test_seconds")
 # A row whose cells, joined by \x1f, match this needs no escaping: its number cells are JSON
 # numbers or empty, its string cells hold no quote, backslash or control character.
@@ -242,6 +248,7 @@ GAP_FACTOR = 3       # a pause over 3 usual intervals between tests breaks the l
 MAX_POINTS = 1500    # more tests per direction are drawn as medians of equal time slots
 LINK_MIN_POINTS = 300  # a page of several links: MAX_POINTS shared out, at least this per chart
 SVG_WIDTH = 760
+FAILURE_STEP = 4     # pixels between two failure crosses of a chart (the failures between, counted)
 TIME_STEPS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 2 * 86400,
               7 * 86400, 14 * 86400, 28 * 86400)
 HTML_STYLE = """
@@ -1661,6 +1668,61 @@ def salvage_ledger(path, extra=None):
     return rows, dropped
 
 
+def ledger_chunks(path):
+    """The ledger's rows in LEDGER_COLUMNS order, read by its header, a list of rows at a
+    time (REPORT_CHUNK bytes of lines): its memory does not grow with the ledger. A last line
+    cut short (a run appending it this moment, or a crash) is no row yet. Raises LedgerError
+    when the ledger is missing or damaged, IperfError when it cannot be read."""
+    remedy = "run 'iperf_client.py report --rebuild' to regenerate it from the result files"
+    try:
+        handle = open(path, newline="", encoding="utf-8-sig", errors="replace")
+    except FileNotFoundError:
+        raise LedgerError("no ledger %s: %s" % (path, remedy))
+    except OSError as exc:
+        raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
+    with handle:
+        first = handle.readline()
+        header = _parse_lines([first])[0] if first else []
+        mapper = (None, []) if tuple(header) == LEDGER_COLUMNS else _mapper(header)
+        if first and mapper is None:
+            raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, remedy))
+        number = 1
+        while first:
+            lines = handle.readlines(REPORT_CHUNK)
+            if not lines:
+                return
+            if not lines[-1].endswith("\n"):
+                # A run appending it this very moment, or a crash cut it: no row yet, even when
+                # its cells look whole (`...,3` may be `...,39` cut short); see read_ledger.
+                lines.pop()
+            try:
+                rows = _parse_lines(lines)
+            except csv.Error as exc:
+                raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, remedy))
+            if set(map(len, rows)) - {len(header)}:
+                bad = next(index for index, row in enumerate(rows) if len(row) != len(header))
+                raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
+                    path, number + bad + 1, len(rows[bad]), len(header), remedy))
+            number += len(lines)
+            if mapper[0] is not None:
+                rows = list(map(mapper[0], rows))
+            elif mapper[1]:
+                rows = [row[:len(LEDGER_COLUMNS)] for row in rows]
+            yield rows
+
+
+def latest_client(path):
+    """The client named by the ledger's latest row that names one (in its last CLIENT_LOOKBACK
+    rows), "" when none does. Raises as read_ledger."""
+    wanted = INTERVAL_ROWS
+    while True:
+        rows, whole = read_ledger_tail(path, wanted)
+        client = next((row[Col.CLIENT] for row in reversed(rows) if row[Col.CLIENT]), "")
+        if client or whole or wanted >= CLIENT_LOOKBACK:
+            return client
+        wanted *= 4
+
+
 def read_result_file(path, with_start=False):
     """The ledger row (a list) of one result file, plain or gzipped; never raises.
 
@@ -1936,97 +1998,6 @@ def _floats(cells):
     return values
 
 
-def _numbers(cells):
-    """Finite floats of number cells (none empty): one map(float) in the common case, _floats
-    (cell by cell, skipping what is no finite number) when a hand-edited ledger needs it."""
-    try:
-        values = list(map(float, cells))
-        if math.isfinite(sum(values)):
-            return values
-    except ValueError:
-        pass
-    return _floats(cells)
-
-
-def _received(rows):
-    """(row, received_bps) of the ok rows that have a figure."""
-    ok = [row for row in rows if row[Col.STATUS] == "ok" and row[Col.RECEIVED_BPS]]
-    try:
-        values = list(map(float, (row[Col.RECEIVED_BPS] for row in ok)))
-        if math.isfinite(sum(values)):  # no nan or inf hiding in a hand-edited ledger
-            return list(zip(ok, values))
-    except ValueError:
-        pass
-    pairs = []  # the slow way, cell by cell
-    for row in ok:
-        values = _floats([row[Col.RECEIVED_BPS]])
-        if values:
-            pairs.append((row, values[0]))
-    return pairs
-
-
-def summarize(rows, received=None):
-    """Statistics of one direction's rows: SUMMARY_KEYS -> numbers (bits/s; None when no ok
-    row has a figure). `received` is _received(rows) when the caller has it already."""
-    ok_rows = [row for row in rows if row[Col.STATUS] == "ok"]
-    values = sorted(value for _, value in (_received(rows) if received is None else received))
-    cells = [row[Col.RETRANSMITS] for row in ok_rows if row[Col.RETRANSMITS]]
-    try:
-        retransmits = sum(map(int, cells))
-    except ValueError:  # "12.0" or worse from a hand-edited ledger: the slow way
-        retransmits = sum(int(value) for value in _floats(cells))
-    skipped = sum(1 for row in rows if row[Col.STATUS] == "skipped") if len(ok_rows) < len(
-        rows) else 0
-    return {
-        "count": len(rows) - skipped,  # tests: a skipped run ran none
-        "ok": len(ok_rows),
-        "failed": len(rows) - len(ok_rows) - skipped,
-        "skipped": skipped,
-        "min_bps": values[0] if values else None,
-        "p5_bps": percentile(values, 0.05),
-        "median_bps": percentile(values, 0.5),
-        "mean_bps": math.fsum(values) / len(values) if values else None,
-        "p95_bps": percentile(values, 0.95),
-        "max_bps": values[-1] if values else None,
-        "retransmits": retransmits,
-        **_extra_figures(ok_rows),
-    }
-
-
-def _extra_figures(ok_rows):
-    """Beyond throughput, from the ok tests: latency under load (TCP: the median of the tests'
-    mean RTT, of their minimum RTT, the base latency, and the difference, the delay the test's
-    own load added), UDP's jitter and loss (the median test's, and all packets pooled), and
-    what the tests cost (bytes sent, seconds under test)."""
-    def cells(column):  # a column's cells, in C loops: this runs over a year's ok tests
-        return list(map(operator.itemgetter(column), ok_rows))
-
-    def median(column):
-        return percentile(sorted(_numbers(list(filter(None, cells(column))))), 0.5)
-    rtt, base = median(Col.MEAN_RTT_MS), median(Col.MIN_RTT_MS)
-    lost = sum(_numbers(list(filter(None, cells(Col.LOST_PACKETS)))))
-    packets = sum(_numbers(list(filter(None, cells(Col.PACKETS)))))
-    try:
-        durations = list(map(float, cells(Col.DURATION)))
-        sent = sum(map(operator.mul, map(float, cells(Col.SENT_BPS)), durations)) / 8
-        seconds = sum(durations)
-    except ValueError:  # an empty or hand-edited cell: the slow way, row by row
-        sent = seconds = 0.0
-        for row in ok_rows:
-            values = _floats([row[Col.SENT_BPS], row[Col.DURATION]])
-            if len(values) == 2:
-                sent += values[0] * values[1] / 8
-                seconds += values[1]
-    return {
-        "median_rtt_ms": rtt, "median_min_rtt_ms": base,
-        "added_delay_ms": rtt - base if rtt is not None and base is not None else None,
-        "median_jitter_ms": median(Col.JITTER_MS),
-        "median_lost_percent": median(Col.LOST_PERCENT),
-        "lost_percent": 100.0 * lost / packets if packets else None,
-        "bytes": sent, "test_seconds": seconds,
-    }
-
-
 def latency_grade(added_delay_ms):
     """The bufferbloat grade ("A+" to "F", LATENCY_GRADES) of an added delay under load in ms, or
     None when there is no figure (no RTT: a UDP test, a text daemon's reverse test)."""
@@ -2040,21 +2011,6 @@ def latency_grade(added_delay_ms):
 
 def directions_of(direction):
     return ("forward", "reverse") if direction == "both" else (direction,)
-
-
-def summary_of(rows, direction="both", received=None):
-    """{direction: summarize(rows of that direction)} for the selected directions."""
-    received = _received(rows) if received is None else received
-    names = directions_of(direction)
-    by_rows = {name: [] for name in names}
-    by_received = {name: [] for name in names}
-    for row in rows:
-        if row[Col.DIRECTION] in by_rows:
-            by_rows[row[Col.DIRECTION]].append(row)
-    for pair in received:
-        if pair[0][Col.DIRECTION] in by_received:
-            by_received[pair[0][Col.DIRECTION]].append(pair)
-    return {name: summarize(by_rows[name], by_received[name]) for name in names}
 
 
 def _number_json(cell):
@@ -2087,95 +2043,466 @@ def human_bps(value):
     return "%.0f bit/s" % value
 
 
-def medians_by_hour(received):
-    """{(direction, "HH"): (median received bits/s, number of ok tests)} by the hour of day of
-    each test's start, in the local time written in the ledger (where busy-hour dips show).
-    `received` is _received(rows)."""
-    by_hour = collections.defaultdict(list)
-    for row, value in received:
-        by_hour[row[Col.DIRECTION], row[Col.TIMESTAMP][11:13]].append(value)  # "THH": hour
-    return {key: (percentile(sorted(values), 0.5), len(values))
-            for key, values in by_hour.items()}
+# The report reads the ledger once, row by row, and keeps per link and direction only what its
+# figures need: counts and sums, and per ok test its start, hour of day and figures in compact
+# array columns (4 bytes for the start, 1 for the hour, 8 a figure). Every statistic is exact:
+# medians and percentiles are taken over all the tests, never a sample.
+_MINUTE_SECONDS = {"%02d:%02d" % (m, s): 60 * m + s for m in range(60) for s in range(60)}
+_HOUR_OF = {"%02d" % hour: hour for hour in range(24)}
+_NAN = float("nan")
+NO_TIME = -2 ** 31          # a test's start in a time column when its timestamp is unreadable
+FAILED_KEPT = 100           # a link's latest failed tests kept for the tables
+LOWEST_KEPT = 5             # a link's lowest runs shown
 
 
-def rtt_medians_by_hour(rows):
-    """{(direction, "HH"): (median of the tests' mean RTT in ms, number of tests)}, as
-    medians_by_hour, for the ok tests that have an RTT."""
-    by_hour = collections.defaultdict(list)
+class Selection(collections.namedtuple("Selection", (
+        "prefix", "since", "until", "directions", "client", "target", "protocol"))):
+    """What the report selects: a prefix (None: all), [since, until) in Unix seconds (None: no
+    bound), directions (a tuple), a client name, a Target (port None: any) and a protocol."""
+
+    def admits(self, key):
+        """True when the link (client, server, port, protocol) is selected."""
+        client, server, port, protocol = key[:4]
+        target = self.target
+        return ((self.client is None or client == self.client)
+                and (self.protocol is None or protocol == self.protocol)
+                and (target is None or (server == target.host and (
+                    target.port is None or port == str(target.port)))))
+
+
+def _finite_sorted(values):
+    """The finite numbers of a column, as a sorted list (NaN marks a test without the figure)."""
+    return sorted(filter(math.isfinite, values))
+
+
+def _number_or_nan(cell):
+    try:
+        return float(cell or "nan")
+    except ValueError:
+        return _NAN
+
+
+class DirectionTally:
+    """One direction of one link: per ok test (ledger order) its start (seconds from the
+    tally's base), its hour of day and its figures as aligned compact columns (received; a
+    TCP link's mean and minimum RTT, a UDP link's jitter and loss %; NaN where a test has none),
+    the sums (retransmits, packets, bytes, seconds) and each failed test's start and error
+    (an index into the link's errors), for the chart's crosses."""
+
+    __slots__ = ("link", "base", "tcp", "skipped", "retransmits", "lost_packets", "packets",
+                 "bytes", "seconds", "times", "hours", "received", "first", "second",
+                 "failure_times", "failure_errors", "appends")
+
+    def __init__(self, link, base, tcp):
+        self.link, self.base, self.tcp = link, base, tcp
+        self.skipped = self.retransmits = 0
+        self.lost_packets = self.packets = self.bytes = self.seconds = 0.0
+        self.times, self.hours = array.array("i"), array.array("b")
+        self.received, self.first, self.second = (array.array("d") for _ in range(3))
+        self.failure_times, self.failure_errors = array.array("d"), array.array("l")
+        self.appends = (self.times.append, self.hours.append, self.received.append,
+                        self.first.append, self.second.append)
+
+    @property
+    def rtt(self):
+        return self.first if self.tcp else array.array("d")
+
+    def add_ok(self, row, moment):
+        """Count an ok test the careful way (tally_rows does the common case itself): a UDP
+        test, an unreadable start, a cell that is no number. Returns its received bits/s."""
+        try:
+            self.times.append(NO_TIME if moment is None else int(moment) - self.base)
+        except OverflowError:
+            self.times.append(NO_TIME)
+        self.hours.append(_HOUR_OF.get(row[0][11:13], -1))
+        received = _number_or_nan(row[11])
+        self.received.append(received)
+        first, second = (19, 18) if self.tcp else (20, 21)
+        self.first.append(_number_or_nan(row[first]))
+        self.second.append(_number_or_nan(row[second]))
+        for cell, name in ((row[12], "retransmits"), (row[22], "lost_packets"),
+                           (row[23], "packets")):
+            value = _number_or_nan(cell)
+            if value - value == 0:
+                value = int(value) if name == "retransmits" else value
+                setattr(self, name, getattr(self, name) + value)
+        sent, duration = _number_or_nan(row[10]), _number_or_nan(row[7])
+        if sent - sent == 0 and duration - duration == 0:
+            self.bytes += sent * duration
+            self.seconds += duration
+        return received
+
+    def moments(self):
+        """The ok tests' starts in Unix seconds (NaN when unreadable), aligned with the
+        figures."""
+        if NO_TIME in self.times:
+            return array.array("d", (_NAN if t == NO_TIME else t + self.base
+                                     for t in self.times))
+        return array.array("d", map(operator.add, self.times, itertools.repeat(self.base)))
+
+    def summary(self):
+        """SUMMARY_KEYS -> numbers (bits/s, ms, %; None where no ok test has the figure)."""
+        values = _finite_sorted(self.received)
+        low, p5, median, p95 = (values[0] if values else None, percentile(values, 0.05),
+                                percentile(values, 0.5), percentile(values, 0.95))
+        high, mean = (values[-1], math.fsum(values) / len(values)) if values else (None, None)
+        del values  # one sorted list at a time: a year's is large
+        first = percentile(_finite_sorted(self.first), 0.5)
+        second = percentile(_finite_sorted(self.second), 0.5)
+        rtt, base = (first, second) if self.tcp else (None, None)
+        jitter, lost = (None, None) if self.tcp else (first, second)
+        added = rtt - base if rtt is not None and base is not None else None
+        ok, failed = len(self.times), len(self.failure_times)
+        return {
+            "count": ok + failed,  # tests: a skipped run ran none
+            "ok": ok, "failed": failed, "skipped": self.skipped,
+            "min_bps": low, "p5_bps": p5, "median_bps": median, "mean_bps": mean,
+            "p95_bps": p95, "max_bps": high, "retransmits": self.retransmits,
+            "median_rtt_ms": rtt, "median_min_rtt_ms": base, "added_delay_ms": added,
+            "latency_grade": latency_grade(added), "median_jitter_ms": jitter,
+            "median_lost_percent": lost,
+            "lost_percent": 100.0 * self.lost_packets / self.packets if self.packets else None,
+            "bytes": self.bytes / 8, "test_seconds": self.seconds,
+        }
+
+    def by_hour(self, name, column):
+        """{(name, "HH"): (median, number of tests)} of a column by the hour of day of each
+        test's start, in the local time written in the ledger (where busy-hour dips show)."""
+        if not any(map(math.isfinite, column)):
+            return {}
+        order = sorted(range(len(column)), key=self.hours.__getitem__)  # C loops, stable
+        counts, medians, start = collections.Counter(self.hours), {}, 0
+        for hour in sorted(counts):
+            chosen = order[start:start + counts[hour]]
+            start += counts[hour]
+            values = _finite_sorted(map(column.__getitem__, chosen)) if hour >= 0 else []
+            if values:
+                medians[name, "%02d" % hour] = (percentile(values, 0.5), len(values))
+        return medians
+
+    def period(self):
+        """(first, last) start of its tests in Unix seconds, or None."""
+        bounds = []
+        if self.times:
+            low, high = min(self.times), max(self.times)
+            if low == NO_TIME:
+                known = [t for t in self.times if t != NO_TIME]
+                low = min(known) if known else None
+            if low is not None:
+                bounds += [low + self.base, high + self.base]
+        failures = [t for t in self.failure_times if t == t]
+        if failures:
+            bounds += [min(failures), max(failures)]
+        return (min(bounds), max(bounds)) if bounds else None
+
+
+class LinkTally:
+    """One link (client, server, port, protocol) of the selected rows: its two directions, its
+    latest label, latest test (the latest row written but skipped ones; one from each folder
+    read), lowest runs, failed tests (the latest FAILED_KEPT, and each error's count) and its
+    skipped runs' span."""
+
+    __slots__ = ("key", "directions", "label", "latest", "last_row", "lowest", "limit",
+                 "failures", "errors", "error_counts", "skipped_span", "seen")
+
+    def __init__(self, key, base):
+        self.key = key
+        tcp = key[3] != "udp"
+        self.directions = {"forward": DirectionTally(self, base, tcp),
+                           "reverse": DirectionTally(self, base, tcp)}
+        self.label, self.latest, self.last_row = "", None, None
+        self.lowest, self.limit = [], [float("inf")]  # limit[0]: the highest of the lowest
+        self.failures = collections.deque(maxlen=FAILED_KEPT)
+        self.errors, self.error_counts = {}, collections.Counter()
+        self.skipped_span, self.seen = [], 0
+
+    def add_lowest(self, value, row):
+        """A received figure below the highest of the lowest kept (ties: the earlier first)."""
+        self.seen += 1
+        item = (-value, -self.seen, row[0], row[3], row[14])
+        if len(self.lowest) < LOWEST_KEPT:
+            heapq.heappush(self.lowest, item)
+        else:
+            heapq.heapreplace(self.lowest, item)
+        if len(self.lowest) == LOWEST_KEPT:
+            self.limit[0] = -self.lowest[0][0]
+
+    def add_other(self, side, row, moment):
+        """Count a row that is no ok test: a skipped run or a failed test."""
+        if row[8] == "skipped":
+            self.add_skipped(side, row, moment)
+        else:
+            self.last_row = row
+            self.add_failure(side, row, moment)
+
+    def add_failure(self, side, row, moment):
+        error = row[9]
+        number = self.errors.setdefault(error, len(self.errors))
+        self.error_counts[error] += 1
+        side.failure_times.append(_NAN if moment is None else moment)
+        side.failure_errors.append(number)
+        self.failures.append((row[0], row[3], error, row[14]))
+
+    def add_skipped(self, side, row, moment):
+        side.skipped += 1
+        if moment is not None:
+            self.skipped_span = [min(self.skipped_span + [moment]),
+                                 max(self.skipped_span + [moment])]
+        if self.latest is None and self.last_row is None:
+            self.latest = row  # a skipped run is the latest only when there is no test
+
+    def end_folder(self):
+        """The latest row of one folder read: the link's latest in ledger order, or, from a
+        second folder (one client's name on two hosts), the later one."""
+        row, self.last_row = self.last_row, None
+        if row is None:
+            return
+        self.label = row[16] or self.label  # the latest test's label: the target's latest
+        if self.latest is None or self.latest[8] == "skipped" or (
+                row_time(row[0]) or 0) >= (row_time(self.latest[0]) or 0):
+            self.latest = row
+
+    def error_texts(self):
+        """The link's errors, by their index in failure_errors."""
+        return sorted(self.errors, key=self.errors.get)
+
+    def usual_interval(self):
+        """The usual interval between the link's runs, in seconds: the median gap between the
+        starts of its latest INTERVAL_ROWS tests of one direction (a run tests each direction
+        once; the direction giving the longer interval), None with fewer than three tests."""
+        usual = None
+        for side in self.directions.values():
+            starts = sorted(set(t + side.base for t in side.times[-INTERVAL_ROWS:]
+                                if t != NO_TIME).union(filter(
+                                    math.isfinite, side.failure_times[-INTERVAL_ROWS:])))
+            gaps = sorted(b - a for a, b in zip(starts[-INTERVAL_ROWS:],
+                                                starts[-INTERVAL_ROWS + 1:]))
+            if len(gaps) >= 2:
+                usual = max(usual or 0.0, percentile(gaps, 0.5))
+        return usual
+
+    def period(self):
+        """(first, last) start of its selected rows in Unix seconds, or None."""
+        bounds = list(self.skipped_span)
+        for side in self.directions.values():
+            bounds += side.period() or []
+        return (min(bounds), max(bounds)) if bounds else None
+
+    def lowest_runs(self):
+        """[(timestamp, direction, received, file)] of the lowest ok tests, lowest first."""
+        return [(item[2], item[3], -item[0], item[4])
+                for item in sorted(self.lowest, reverse=True)]
+
+
+class ReportTally:
+    """The whole report's state over one pass of one or several ledgers: the links and their
+    directions (see sorted_links), the runs (for their count) and the selection."""
+
+    def __init__(self, selection, emit=None):
+        self.selection, self.emit = selection, emit
+        self.links = {}             # (client, server, port, protocol) -> LinkTally
+        self.sides = {}             # the same and a direction -> DirectionTally, or False
+        self.runs = {}              # (client, prefix) -> array('q') of run stamps, 20240301120000
+        self.odd_runs = set()       # runs whose stamp is not one (hand-edited, empty)
+        self.hour_starts = {}       # "YYYY-MM-DDTHH" + offset -> Unix seconds of that hour
+        self.clients = {}           # folder -> the clients named in its selected rows
+        self.base = None            # the tests' starts are kept as seconds from this one
+
+    def side(self, key, moment):
+        """The DirectionTally of (client, server, port, protocol, direction), or False when
+        it is not selected."""
+        side = self.sides.get(key)
+        if side is None:
+            if key[4] not in self.selection.directions or not self.selection.admits(key):
+                side = False
+            else:
+                link = self.links.get(key[:4])
+                if link is None:
+                    if self.base is None:
+                        self.base = int(moment or 0)
+                    link = self.links[key[:4]] = LinkTally(key[:4], self.base)
+                side = link.directions[key[4]]
+            self.sides[key] = side
+        return side
+
+    def bounds(self):
+        """(since, until) as numbers, or (None, None) when the period is not bounded."""
+        since, until = self.selection.since, self.selection.until
+        if since is None and until is None:
+            return None, None
+        return (float("-inf") if since is None else since,
+                float("inf") if until is None else until)
+
+    def count_run(self, client, prefix, run):
+        numbers = self.runs.get((client, prefix))
+        if numbers is None:
+            numbers = self.runs[client, prefix] = array.array("q")
+        if len(run) != 15 or run[8] != "_" or not (run[:8] + run[9:]).isdigit():
+            self.odd_runs.add((client, prefix, run))
+            return
+        value = int(run[:8] + run[9:])
+        if not numbers or numbers[-1] != value:
+            numbers.append(value)
+
+    def run_count(self):
+        """The number of distinct runs among the selected rows."""
+        total = len(self.odd_runs)
+        for numbers in self.runs.values():
+            ordered = all(a < b for a, b in zip(numbers, numbers[1:]))
+            total += len(numbers) if ordered else len(set(numbers))
+        return total
+
+    def end_folder(self):
+        for link in self.links.values():
+            link.end_folder()
+
+    def sorted_links(self):
+        """{key: LinkTally} of the selected links, sorted by client, server, port, protocol."""
+        return dict(sorted(self.links.items(), key=lambda item: (
+            item[0][0], item[0][1], int(item[0][2]) if item[0][2].isdigit() else 0,
+            item[0][2], item[0][3])))
+
+    def period(self):
+        """(first, last) test start in Unix seconds over the selected links, or None."""
+        bounds = [moment for link in self.links.values() for moment in link.period() or ()]
+        return (min(bounds), max(bounds)) if bounds else None
+
+
+def _slow_moment(stamp, hour_starts):
+    """A timestamp -> Unix seconds (row_time; whole seconds), remembering the start of its
+    hour (by the text of its date, hour and UTC offset) so that the pass reads the next ones
+    of that hour from a dict."""
+    moment = row_time(stamp)
+    if moment is None:
+        return None
+    moment = int(moment // 1)
+    if len(stamp) == 25 and stamp[14:19] in _MINUTE_SECONDS:
+        hour_starts[stamp[:13] + stamp[19:]] = moment - _MINUTE_SECONDS[stamp[14:19]]
+    return moment
+
+
+def tally_rows(tally, rows, fallback, folder):
+    """Count a folder's selected rows into `tally`, an ok TCP test inline (for every row)."""
+    sides, starts, minutes, hour_of, emit = tally.sides, tally.hour_starts, _MINUTE_SECONDS, \
+        _HOUR_OF, tally.emit
+    low, high, prefix = tally.bounds() + (tally.selection.prefix,)
+    clients, last_run, last_client, last_prefix = tally.clients.setdefault(folder, set()), 0, 0, 0
     for row in rows:
-        if row[Col.MEAN_RTT_MS] and row[Col.STATUS] == "ok":
-            by_hour[row[Col.DIRECTION], row[Col.TIMESTAMP][11:13]].append(row[Col.MEAN_RTT_MS])
-    medians = {}
-    for key, cells in by_hour.items():
-        values = sorted(_numbers(cells))
-        if values:
-            medians[key] = (percentile(values, 0.5), len(values))
-    return medians
+        stamp = row[0]
+        try:
+            moment = starts[stamp[:13] + stamp[19:]] + minutes[stamp[14:19]]
+        except KeyError:
+            moment = _slow_moment(stamp, starts)
+        if (low is not None and (moment is None or not low <= moment < high)) or (
+                prefix is not None and row[2] != prefix):
+            continue
+        key = (row[15] or fallback, row[4], row[5], row[17] or "tcp", row[3])
+        side = sides.get(key) or tally.side(key, moment)  # False: a link not selected
+        if not side:
+            continue
+        link = side.link
+        if row[1] != last_run or key[0] != last_client or row[2] != last_prefix:
+            last_run, last_client, last_prefix = row[1], key[0], row[2]  # a run's first row
+            tally.count_run(key[0], row[2], row[1])
+            clients.add(key[0])
+        if row[8] == "ok":
+            link.last_row = row
+            try:
+                received, rtt, least, sent, duration, retransmits = (
+                    float(row[11] or "nan"), float(row[19] or "nan"), float(row[18] or "nan"),
+                    float(row[10]), float(row[7]), int(row[12] or 0))
+                times, hours, values, first, second = side.appends
+                times(moment - side.base if side.tcp else None)
+            except (ValueError, TypeError, OverflowError):  # UDP, no time, not a number
+                received = side.add_ok(row, moment)
+            else:
+                hours(hour_of.get(stamp[11:13], -1))
+                values(received)
+                first(rtt)
+                second(least)
+                side.bytes, side.seconds = side.bytes + sent * duration, side.seconds + duration
+                side.retransmits += retransmits
+            if received < link.limit[0]:
+                link.add_lowest(received, row)
+        else:
+            link.add_other(side, row, moment)
+        if emit is not None:
+            emit(row, key)
 
 
-def failed_rows(rows):
-    """The rows of failed tests, in ledger order (a skipped run's rows are none)."""
-    return [row for row in rows if row[Col.STATUS] == "error"]
+def names_of(links):
+    """{key: name} of the links of a tally (see link_names)."""
+    def label_row(label):
+        row = [""] * len(LEDGER_COLUMNS)
+        row[Col.LABEL] = label
+        return row
+    return link_names({key: [label_row(link.label)] for key, link in links.items()})
 
 
-def text_report(rows, summary, folder, prefix, since, until, received=None, now=None):
-    """The report of one link for a person, as a list of lines (`received` as in summary_of)."""
-    received = _received(rows) if received is None else received
-    lines = _report_heading(rows, folder, prefix, since, until, now)
-    return lines + _report_body(rows, summary, received) if rows else lines
+def link_overview(links, names, direction, now):
+    """One dict per link (the JSON's `links`): its name, client, server, port, protocol, label,
+    failed % (of its tests), its latest test (the latest written; a skipped run only when it
+    has no test: timestamp, status, age in seconds), the median received per direction and
+    the summary per direction (DirectionTally.summary)."""
+    overview = []
+    for key, link in links.items():
+        summary = {name: link.directions[name].summary() for name in directions_of(direction)}
+        tests = sum(stats["count"] for stats in summary.values())
+        failed = sum(stats["failed"] for stats in summary.values())
+        latest = link.latest or [""] * len(LEDGER_COLUMNS)
+        stamp, status, moment = latest[Col.TIMESTAMP], latest[Col.STATUS] or "skipped", \
+            row_time(latest[Col.TIMESTAMP])
+        overview.append({
+            "name": names[key], "client": key[0], "server": key[1],
+            "port": int(key[2]) if key[2].isdigit() else None, "protocol": key[3],
+            "label": link.label, "failed_percent": 100.0 * failed / tests if tests else 0.0,
+            "latest": stamp, "latest_status": status,
+            "age_s": now - moment if moment is not None and now is not None else None,
+            "median_bps": {name: stats["median_bps"] for name, stats in summary.items()},
+            "summary": summary, "by_hour": _hours_json(*hour_tables(link, list(summary)))})
+    return overview
 
 
-def links_text_report(links, names, direction, folder, prefix, since, until, now):
-    """The report of several links: the overview, then each link's own report."""
-    rows = [row for group in links.values() for row in group]
-    lines = _report_heading(rows, folder, prefix, since, until, now)
+def _hours_json(received, rtt):
+    """{direction: {"HH": {"median_bps", "tests", "median_rtt_ms", "rtt_tests"}}}, the hours
+    with a test, from hour_tables()."""
+    hours = {}
+    for (name, hour), (median, count) in sorted(received.items()):
+        rtt_median, rtt_count = rtt.get((name, hour), (None, 0))
+        hours.setdefault(name, {})[hour] = {"median_bps": median, "tests": count,
+                                            "median_rtt_ms": rtt_median, "rtt_tests": rtt_count}
+    return hours
+
+
+def hour_medians(item, key="median_bps", count="tests"):
+    """{(direction, "HH"): (median, tests)} of a link_overview item's by_hour."""
+    return {(name, hour): (figures[key], figures[count])
+            for name, hours in item["by_hour"].items() for hour, figures in hours.items()
+            if figures[count]}
+
+
+def text_report(tally, links, overview, folder, prefix, since, until, now):
+    """The report for a person, as a list of lines: the heading, one overview line per link,
+    then each link's section (one link or many alike)."""
+    lines = _report_heading(tally, folder, prefix, since, until, now)
+    if not links:
+        return lines
     lines += ["", "links (median received, failed tests, latest test):"]
-    figures = link_figures(links, direction)
-    overview = link_overview(links, names, direction, now, figures)
     width = max(len(item["name"]) for item in overview)
-    lines += ["  %-*s %s  %5.1f%% failed  latest %s%s (%s)" % (
-        width, item["name"], "  ".join("%s %11s" % (name, human_bps(item["median_bps"][name]))
-                                       for name in directions_of(direction)),
-        item["failed_percent"], item["latest"], " FAILED" if item["latest_status"] == "error"
-        else "", _age_text(item["age_s"])) for item in overview]
-    for key, group in links.items():
-        received, summary = figures[key]
-        lines += ["", "== %s ==" % names[key], ""]
-        lines += _report_body(group, summary, received)[1:]
+    for item in overview:
+        lines.append("  %-*s %s  %5.1f%% failed  latest %s%s (%s)" % (
+            width, item["name"], "  ".join("%s %11s" % (name, human_bps(value))
+                                           for name, value in item["median_bps"].items()),
+            item["failed_percent"], item["latest"] or "-",
+            " %s" % _LATEST_MARK.get(item["latest_status"], "FAILED")
+            if item["latest_status"] != "ok" else "", _age_text(item["age_s"])))
+    for link, item in zip(links.values(), overview):
+        lines += ["", "== %s ==" % item["name"], ""]
+        lines += _link_text(link, item)
     return lines
 
 
-def link_figures(links, direction):
-    """{link: (_received(its rows), summary_of(its rows))}, each computed once."""
-    figures = {}
-    for key, rows in links.items():
-        received = _received(rows)
-        figures[key] = (received, summary_of(rows, direction, received))
-    return figures
-
-
-def link_overview(links, names, direction, now, figures=None):
-    """One dict per link: its name, client, server, port, label, the median received per
-    direction (bits/s or None), failed % and its latest test (in ledger order: the latest
-    written; timestamp, age in seconds)."""
-    figures = link_figures(links, direction) if figures is None else figures
-    overview = []
-    for key, rows in links.items():
-        summary = figures[key][1]
-        count = sum(stats["count"] for stats in summary.values())
-        failed = sum(stats["failed"] for stats in summary.values())
-        latest = next((row for row in reversed(rows) if row[Col.STATUS] != "skipped"), rows[-1])
-        moment = row_time(latest[Col.TIMESTAMP])
-        item = {"name": names[key], "client": key[0], "server": key[1],
-                "port": int(key[2]) if key[2].isdigit() else None, "protocol": key[3],
-                "label": next((row[Col.LABEL] for row in reversed(rows) if row[Col.LABEL]), ""),
-                "failed_percent": 100.0 * failed / count if count else 0.0,
-                "latest": latest[Col.TIMESTAMP], "latest_status": latest[Col.STATUS],
-                "age_s": now - moment if moment is not None and now is not None else None}
-        item["median_bps"] = {name: stats["median_bps"] for name, stats in summary.items()}
-        item["summary"] = summary
-        overview.append(item)
-    return overview
+_LATEST_MARK = {"error": "FAILED", "skipped": "SKIPPED"}
 
 
 def _age_text(seconds):
@@ -2188,15 +2515,15 @@ def _age_text(seconds):
                        else "%.1f days" % (seconds / 86400.0))
 
 
-def _report_heading(rows, folder, prefix, since, until, now):
+def _report_heading(tally, folder, prefix, since, until, now):
     lines = ["continuous-iperf report: %s, %s" % (
         folder, "prefix %r" % prefix if prefix is not None else "all prefixes")]
-    if not rows:
+    moments = tally.period()
+    if not tally.links:
         lines.append("no results%s." % (" in the selected period" if since or until else ""))
         return lines
-    moments = period_of(rows)
     if moments:
-        runs = len(set(map(operator.itemgetter(Col.CLIENT, Col.PREFIX, Col.RUN), rows)))
+        runs = tally.run_count()
         lines.append("period: %s to %s, %d run%s" % (
             iso_time(moments[0]), iso_time(moments[1]), runs, "" if runs == 1 else "s"))
         if now is not None and moments[1] > now + FUTURE_SLACK:
@@ -2205,53 +2532,43 @@ def _report_heading(rows, folder, prefix, since, until, now):
     return lines
 
 
-def _report_body(rows, summary, received):
-    lines = [""]
+def hour_tables(link, names):
+    """({(direction, "HH"): (median received, tests)}, the same of the RTT under load)."""
+    received, rtt = {}, {}
+    for name in names:
+        side = link.directions[name]
+        received.update(side.by_hour(name, side.received))
+        rtt.update(side.by_hour(name, side.rtt))
+    return received, rtt
+
+
+def _link_text(link, item):
+    lines, summary = [], item["summary"]
     for name, stats in summary.items():
         lines += _summary_lines(name, stats)
-    lines += traffic_lines(summary, rows)
-    lines += _hour_lines(medians_by_hour(received), list(summary))
-    rtt_by_hour = rtt_medians_by_hour(rows)
-    if rtt_by_hour:
-        lines += _hour_lines(rtt_by_hour, list(summary), "median RTT under load", _ms)
-    lowest = heapq.nsmallest(5, received, key=lambda pair: pair[1])
+    lines += traffic_lines(summary, link)
+    lines += _hour_lines(hour_medians(item), list(summary))
+    lines += _hour_lines(hour_medians(item, "median_rtt_ms", "rtt_tests"), list(summary),
+                         "median RTT under load", _ms)
+    lowest = link.lowest_runs()
     if lowest:
         lines += ["", "lowest runs (received):"]
-        lines += ["  %s %-7s %12s  %s" % (row[Col.TIMESTAMP], row[Col.DIRECTION],
-                                          human_bps(value), row[Col.FILE])
-                  for row, value in lowest]
-    return lines + _failure_lines(failed_rows(rows))
+        lines += ["  %s %-7s %12s  %s" % (stamp, direction, human_bps(value), name)
+                  for stamp, direction, value, name in lowest]
+    return lines + _failure_lines(link, sum(stats["failed"] for stats in summary.values()))
 
 
-def period_of(rows):
-    """(first, last) test start in Unix seconds, or None. Timestamps are compared as text
-    within each UTC offset (DST changes it), and only those few are parsed."""
-    stamps = [row[Col.TIMESTAMP] for row in rows]
-    offsets = {stamp[-6:] for stamp in stamps}
-    bounds = {}
-    if len(offsets) == 1:  # the common case: no DST change in the period
-        bounds[offsets.pop()] = [min(stamps), max(stamps)]
-    else:
-        for stamp in stamps:
-            pair = bounds.get(stamp[-6:])
-            if pair is None:
-                bounds[stamp[-6:]] = [stamp, stamp]
-            elif stamp < pair[0]:
-                pair[0] = stamp
-            elif stamp > pair[1]:
-                pair[1] = stamp
-    moments = [m for m in map(row_time, [t for pair in bounds.values() for t in pair])
-               if m is not None]
-    return (min(moments), max(moments)) if moments else None
+def _tests(count):
+    return "%d test%s" % (count, "" if count == 1 else "s")
 
 
 def _summary_lines(name, stats):
     count = stats["count"]
-    lines = ["%s: %d tests, %d ok, %d failed (%.1f%%)%s" % (
-        name, count, stats["ok"], stats["failed"],
+    lines = ["%s: %s, %d ok, %d failed (%.1f%%)%s" % (
+        name, _tests(count), stats["ok"], stats["failed"],
         100.0 * stats["failed"] / count if count else 0.0,
-        ", %d skipped (another run held the folder)" % stats["skipped"]
-        if stats["skipped"] else "")]
+        ", and %d run%s skipped (another run held the folder)" % (
+            stats["skipped"], "" if stats["skipped"] == 1 else "s") if stats["skipped"] else "")]
     if stats["median_bps"] is not None:
         figures = {key: human_bps(stats[key]) for key in SUMMARY_KEYS if key.endswith("_bps")}
         lines.append("  received: median %(median_bps)s, mean %(mean_bps)s" % figures)
@@ -2261,8 +2578,9 @@ def _summary_lines(name, stats):
             lines.append("  retransmits: %d (ok tests)" % stats["retransmits"])
     if stats["median_rtt_ms"] is not None:
         lines.append("  latency under load: median RTT %s, base (median of the minimum RTT) %s, "
-                     "added by the load %s" % tuple(_ms(stats[key]) for key in (
-                         "median_rtt_ms", "median_min_rtt_ms", "added_delay_ms")))
+                     "added by the load %s, grade (approx.) %s" % (
+                         _ms(stats["median_rtt_ms"]), _ms(stats["median_min_rtt_ms"]),
+                         _ms(stats["added_delay_ms"]), stats["latency_grade"] or "-"))
     if stats["median_jitter_ms"] is not None or stats["lost_percent"] is not None:
         lines.append("  UDP: median jitter %s, loss: median test %s, all packets %s" % (
             _ms(stats["median_jitter_ms"]), _percent(stats["median_lost_percent"]),
@@ -2286,10 +2604,10 @@ def human_bytes(value):
     return "%.0f B" % value
 
 
-def traffic_lines(summary, rows):
+def traffic_lines(summary, link):
     """What the tests cost: bytes sent each way per day, and the share of the time the link was
-    under test, over the rows' period (first test to last, plus one usual interval)."""
-    moments, usual = period_of(rows), usual_interval(rows)
+    under test, over its period (first test to last, plus one usual interval)."""
+    usual, moments = link.usual_interval(), link.period()
     if not moments or not usual:
         return []  # fewer than three runs: no period to spread the traffic over
     span = moments[1] - moments[0] + usual
@@ -2302,7 +2620,8 @@ def traffic_lines(summary, rows):
 
 
 def _hour_lines(by_hour, names, what="median received", shown=None):
-    """The table of medians by hour of day (see medians_by_hour), one column a direction."""
+    """The table of medians by hour of day (see DirectionTally.by_hour), one column a
+    direction; nothing when no hour has a test."""
     if not by_hour:
         return []
     shown = shown or human_bps
@@ -2317,18 +2636,18 @@ def _hour_lines(by_hour, names, what="median received", shown=None):
     return lines
 
 
-def _failure_lines(failed):
+def _failure_lines(link, total):
     """The last failed tests and, when there are many, their most frequent errors."""
-    if not failed:
+    if not total:
         return []
+    failed = list(link.failures)[-10:]
     lines = ["", "failed runs (%s):" % (
-        "all %d" % len(failed) if len(failed) <= 10 else "the last 10 of %d" % len(failed))]
-    lines += ["  %s %-7s %s" % (row[Col.TIMESTAMP], row[Col.DIRECTION], row[Col.ERROR])
-              for row in failed[-10:]]
-    if len(failed) > 10:
-        counts = collections.Counter(row[Col.ERROR] for row in failed)
+        "all %d" % total if total <= 10 else "the last 10 of %d" % total)]
+    lines += ["  %s %-7s %s" % (stamp, direction, error)
+              for stamp, direction, error, _ in failed]
+    if total > 10:
         lines += ["", "errors, most frequent first:"]
-        lines += ["  %6d  %s" % (n, error) for error, n in counts.most_common(5)]
+        lines += ["  %6d  %s" % (n, error) for error, n in link.error_counts.most_common(5)]
     return lines
 
 
@@ -2378,32 +2697,40 @@ def time_ticks(start, end, most=8):
     return ticks, step
 
 
-def time_series(rows, received, direction):
-    """The tests of one direction in time order: [(unix seconds, received bits/s or None for a
-    failed test, row)]; `received` is _received(rows), the text report's figures."""
-    points = [(row_time(row[Col.TIMESTAMP]), value, row) for row, value in received
-              if row[Col.DIRECTION] == direction]
-    points += [(row_time(row[Col.TIMESTAMP]), None, row) for row in failed_rows(rows)
-               if row[Col.DIRECTION] == direction]
-    return sorted((p for p in points if p[0] is not None), key=lambda p: p[0])
-
-
-def thin_series(points, limit=MAX_POINTS):
-    """At most about `limit` points: when there are more, the median of each of `limit` / 2 equal
-    time slots (None where a slot held failed tests only). Failures are drawn separately."""
-    if len(points) <= limit:
-        return points
-    start, end = points[0][0], points[-1][0]
+def chart_points(times, values, failure_times, span, limit=MAX_POINTS):
+    """A direction's chart points in time order: [(unix seconds, value or None for a failed
+    test, band)] from its ok tests' aligned `times` and `values` (NaN: no figure) and its
+    failed tests' times. Up to `limit` tests, each test (band None); more, and each point is
+    the median of one of `limit` / 2 equal time slots of the span, with its (p5, p95) band
+    (None where a slot held failed tests only), so a long period shows what the link really
+    did without a point per test."""
+    keep = list(map(math.isfinite, map(operator.add, times, values)))  # time and figure
+    failures = list(filter(math.isfinite, failure_times))
+    if sum(keep) + len(failures) <= limit:
+        points = [(moment, value, None) for moment, value in zip(
+            itertools.compress(times, keep), itertools.compress(values, keep))]
+        points += [(moment, None, None) for moment in failures]
+        return sorted(points, key=operator.itemgetter(0))
+    start, end = span
     width = (end - start) / (limit // 2) or 1.0
+
+    def slot_of(moments):
+        return map(int, map(operator.floordiv, map(operator.sub, moments, itertools.repeat(
+            start)), itertools.repeat(width)))
     slots = {}
-    for moment, value, _ in points:
-        slots.setdefault(int((moment - start) // width), []).append(value)
-    thinned = []
-    for slot in sorted(slots):
-        values = sorted(v for v in slots[slot] if v is not None)
-        thinned.append((start + (slot + 0.5) * width,
-                        percentile(values, 0.5) if values else None, None))
-    return thinned
+    for number, group in itertools.groupby(zip(slot_of(itertools.compress(times, keep)),
+                                               itertools.compress(values, keep)),
+                                           key=operator.itemgetter(0)):
+        slots.setdefault(number, array.array("d")).extend(map(operator.itemgetter(1), group))
+    for number in slot_of(failures):
+        slots.setdefault(number, array.array("d"))
+    points = []
+    for number in sorted(slots):
+        ordered = sorted(slots[number])
+        points.append((start + (number + 0.5) * width, percentile(ordered, 0.5),
+                       (percentile(ordered, 0.05), percentile(ordered, 0.95)) if ordered
+                       else None))
+    return points
 
 
 def split_at_gaps(points, factor=GAP_FACTOR):
@@ -2429,15 +2756,18 @@ def _svg_open(width, height, label, css):
             % (width, height, css, html.escape(label)), "<title>%s</title>" % html.escape(label)]
 
 
-def svg_time_chart(series, medians, start, end, width=SVG_WIDTH, height=330,
-                   points_limit=MAX_POINTS, what="received throughput", unit="bit/s"):
+def svg_time_chart(series, failures, medians, start, end, width=SVG_WIDTH, height=330,
+                   what="received throughput", unit="bit/s"):
     """An SVG line chart of received bits/s (or, with unit "ms", an RTT) over time.
 
-    `series` maps a direction to its time_series() points, `medians` a direction to its median
-    (drawn as a reference line). Failed tests are crosses in a band under the time axis.
+    `series` maps a direction to its chart_points(), `failures` a direction to its failed
+    tests [(unix seconds, error text)], `medians` a direction to its median (drawn as a
+    reference line). A slot's p5-p95 band is shaded behind its line; failed tests are crosses
+    in a band under the time axis.
     """
     box = Box(56, width - 104, 34, height - 74)
-    values = [p[1] for points in series.values() for p in points if p[1] is not None]
+    values = [p[2][1] if p[2] else p[1] for points in series.values() for p in points
+              if p[1] is not None]
     scale = YScale(values + [m for m in medians.values() if m is not None], box, unit)
     span = (end - start) or 1.0
 
@@ -2456,19 +2786,22 @@ def svg_time_chart(series, medians, start, end, width=SVG_WIDTH, height=330,
         upper = min(label_y, key=label_y.get)
         label_y = {name: middle + (-14 if name == upper else 14) for name in label_y}
     for index, (name, points) in enumerate(series.items()):
-        out += _series_marks(name, points, x_of, scale.y_of, points_limit)
+        out += _series_marks(name, points, x_of, scale.y_of)
         if name in label_y:
             out += _median_marks(name, medians[name], label_y[name], scale.y_of, box,
                                  scale.shown)
-        out += _failure_marks(name, points, x_of, box.left, box.bottom + 12 + 12 * index)
+        out += _failure_marks(name, failures.get(name, ()), x_of, box.left,
+                              box.bottom + 12 + 12 * index)
 
     def line_swatch(name, x, colour, dash, fill):
         return ('<line class="legend %s" x1="%d" x2="%d" y1="%d" y2="%d" stroke="%s" '
                 'stroke-width="2.5"%s/>' % (name, x, x + 28, box.top - 20, box.top - 20, colour,
                                             ' stroke-dasharray="%s"' % dash if dash else ""))
     out += _legend(list(series), box, line_swatch, 34)
-    out.append('<text class="small" x="%d" y="%d" dy="4">&#215; failed test, dotted: median'
-               '</text>' % (box.left + 20 + 225 * len(series), box.top - 20))
+    banded = any(p[2] for points in series.values() for p in points)
+    out.append('<text class="small" x="%d" y="%d" dy="4">&#215; failed test, dotted: median%s'
+               '</text>' % (box.left + 20 + 225 * len(series), box.top - 20,
+                            ", shaded: p5-p95 of a slot" if banded else ""))
     out.append("</svg>")
     return "\n".join(out)
 
@@ -2544,12 +2877,20 @@ def _time_axis(start, end, x_of, box):
     return out
 
 
-def _series_marks(name, points, x_of, y_of, limit=MAX_POINTS):
-    """A direction's line, broken where no test ran; a lone test is a dot."""
+def _series_marks(name, points, x_of, y_of):
+    """A direction's line, broken where no test ran; a lone test is a dot; a slot's p5-p95
+    band shaded behind it."""
     colour, dash, _ = DIRECTION_STYLE[name]
     dashes = ' stroke-dasharray="%s"' % dash if dash else ""
     out = []
-    for segment in split_at_gaps(thin_series(points, limit)):
+    for segment in split_at_gaps(points):
+        bands = [(t, band) for t, _, band in segment if band]
+        if len(bands) > 1:
+            out.append('<polygon class="band %s" fill="%s" fill-opacity="0.15" stroke="none" '
+                       'points="%s"/>' % (name, colour, " ".join(
+                           "%.1f,%.1f" % (x_of(t), y_of(edge)) for t, edge in
+                           [(t, band[1]) for t, band in bands]
+                           + [(t, band[0]) for t, band in reversed(bands)])))
         if len(segment) == 1:
             out.append('<circle class="point %s" cx="%.1f" cy="%.1f" r="2.5" fill="%s"/>'
                        % (name, x_of(segment[0][0]), y_of(segment[0][1]), colour))
@@ -2569,24 +2910,30 @@ def _median_marks(name, median, label_y, y_of, box, shown=human_bps):
             '</text>' % (box.right + 6, label_y - 2, name, box.right + 6, shown(median))]
 
 
-def _failure_marks(name, points, x_of, left, band):
-    """A cross per failed test (one per pixel column, titled with the latest's error) in the
-    direction's band under the time axis."""
+def _failure_marks(name, failures, x_of, left, band):
+    """A cross per failed test (one per FAILURE_STEP pixels, titled with the latest's error
+    and the count) in the direction's band under the time axis; `failures` is [(unix seconds,
+    error)]. A cross is 6 pixels wide: closer ones would only overlap (and weigh on a page of
+    a year of many links)."""
     colour = DIRECTION_STYLE[name][0]
-    failures = {}
-    for moment, value, row in points:
-        if value is None:
-            failures.setdefault(int(x_of(moment)), []).append(row)
+    columns = {}
+    for moment, error in failures:
+        if moment == moment:
+            x = int(x_of(moment))
+            column = columns.setdefault(x - x % FAILURE_STEP, [0, moment, error])
+            column[0] += 1
+            if moment >= column[1]:
+                column[1:] = [moment, error]
     out = []
-    if failures:
+    if columns:
         out.append('<text class="small" x="%d" y="%d" dy="4" text-anchor="end">%s</text>'
                    % (left - 6, band, name))
-    for x, failed in sorted(failures.items()):
+    for x, (count, moment, error) in sorted(columns.items()):
         out.append('<path class="failure %s" stroke="%s" d="M%d %dl6 6m0 -6l-6 6">'
                    '<title>%s</title></path>' % (
                        name, colour, x - 3, band - 3, html.escape("%s %s failed%s: %s" % (
-                           failed[-1][Col.TIMESTAMP], name, " (%d tests)" % len(failed)
-                           if len(failed) > 1 else "", failed[-1][Col.ERROR]))))
+                           iso_time(moment), name, " (%d tests)" % count if count > 1 else "",
+                           error))))
     return out
 
 
@@ -2642,45 +2989,27 @@ def _html_table(header, rows, css, text_columns=(), wrap_column=None):
     return "\n".join(out)
 
 
-def html_report(rows, summary, folder, prefix, since, until, now, received=None,
-                failed_limit=100):
-    """The report of one link as one self-contained HTML page (text): inline SVG charts, no
-    script, nothing fetched. Takes what text_report() takes; every figure comes from the same
-    helpers."""
-    received = _received(rows) if received is None else received
+def html_report(tally, links, overview, folder, prefix, since, until, now, failed_limit=100):
+    """The report as one self-contained HTML page (text): inline SVG charts, no script,
+    nothing fetched. The links table, the matrix of medians when the links come from several
+    clients (a mesh), then each link's charts and tables, all on one time axis (one link or
+    many alike). Every figure comes from the same tally as the text report's."""
     out = _html_head(folder, prefix, now)
-    span = _html_period(rows, since, until, now, out)
-    if span is not None:
-        out += _html_link_body(rows, summary, received, span, failed_limit, "h2")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
-def links_html_report(links, names, direction, folder, prefix, since, until, now,
-                      failed_limit=100):
-    """The report of several links as one page: an overview table of every link, the matrix of
-    medians when the links come from several clients (a mesh), then each link's charts and
-    tables, all on one time axis."""
-    rows = [row for group in links.values() for row in group]
-    out = _html_head(folder, prefix, now)
-    span = _html_period(rows, since, until, now, out)
-    if span is None:
+    span = _html_period(tally, since, until, now, out)
+    if span is None or not links:
         out.append("</body></html>")
         return "\n".join(out) + "\n"
-    figures = link_figures(links, direction)
-    overview = link_overview(links, names, direction, now, figures)
-    anchors = {key: "link-%d" % number for number, key in enumerate(links, start=1)}
-    out += ["<h2>Links</h2>", _html_overview(overview, list(anchors.values()), direction)]
+    anchors = ["link-%d" % number for number in range(1, len(links) + 1)]
+    out += ["<h2>Links</h2>", _html_overview(overview, anchors)]
     if len({key[0] for key in links}) > 1:
         out += ["<h2>Median received: clients (rows) to servers (columns)</h2>",
-                _html_matrix(links, overview, direction)]
-    for key, group in links.items():
-        received, summary = figures[key]
-        out.append('<h2 id="%s" class="link">%s</h2>' % (anchors[key], html.escape(names[key])))
-        # Many charts on one page: fewer points each keeps it light (at 300, a year's line is
-        # 150 medians of 2.4 days each).
-        out += _html_link_body(group, summary, received, span, failed_limit, "h3",
-                               max(MAX_POINTS // len(links), LINK_MIN_POINTS))
+                _html_matrix(links, overview)]
+    # Many charts on one page: fewer slots each keeps it light (at 300, a year's line is 150
+    # medians of 2.4 days each, with their bands).
+    limit = max(MAX_POINTS // len(links), LINK_MIN_POINTS)
+    for link, item, anchor in zip(links.values(), overview, anchors):
+        out.append('<h2 id="%s" class="link">%s</h2>' % (anchor, html.escape(item["name"])))
+        out += _html_link_body(link, item, span, failed_limit, "h3", limit)
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
@@ -2696,85 +3025,74 @@ def _html_head(folder, prefix, now):
                 if prefix is not None else "all prefixes", iso_time(now))]
 
 
-def _html_period(rows, since, until, now, out):
+def _html_period(tally, since, until, now, out):
     """Appends the period's line (or "No results") to `out`; returns the charts' time span
-    (start, end), or None when there is nothing to draw."""
-    moments = [m for m in (row_time(row[Col.TIMESTAMP]) for row in rows) if m is not None]
+    (start, end), or None when there is nothing to draw. The axis starts with the data: a
+    --since reaching before the first test says where the data starts instead."""
+    moments = tally.period()
     if not moments:
         out.append("<p>No results%s.</p>" % (" in the selected period" if since or until else ""))
         return None
-    first, last = min(moments), max(moments)
+    first, last = moments
     out.append('<p class="meta">period: %s to %s, %d runs; times are local (UTC%s)</p>' % (
-        iso_time(first), iso_time(last),
-        len({(row[Col.CLIENT], row[Col.PREFIX], row[Col.RUN]) for row in rows}),
-        iso_time(last)[19:] or "+00:00"))
-    start = since if since is not None else first
+        iso_time(first), iso_time(last), tally.run_count(), iso_time(last)[19:] or "+00:00"))
+    if since is not None and first - since > 3600:
+        out.append('<p class="meta">The selected period starts %s; the first test in it is '
+                   'of %s.</p>' % (iso_time(since), iso_time(first)))
+    start = first
     end = min(until, max(now, last)) if until is not None else last
     if end - start < 600:
         start, end = start - 300, end + 300
     return start, end
 
 
-def _html_link_body(rows, summary, received, span, failed_limit, heading,
-                    points_limit=MAX_POINTS):
-    names = list(summary)
-    series = {name: time_series(rows, received, name) for name in names}
+def _html_link_body(link, item, span, failed_limit, heading, limit=MAX_POINTS):
+    summary = item["summary"]
+    names, errors = list(summary), link.error_texts()
+    sides = {name: link.directions[name] for name in names}
+    failures = {name: [(moment, errors[number]) for moment, number in zip(
+        side.failure_times, side.failure_errors)] for name, side in sides.items()}
+    moments = {name: side.moments() for name, side in sides.items()}
+    series = {name: chart_points(moments[name], side.received, side.failure_times, span, limit)
+              for name, side in sides.items()}
+    by_hour = hour_medians(item)
     out = ["<%s>Received throughput</%s>" % (heading, heading), '<div class="wide">',
-           svg_time_chart(series, {name: summary[name]["median_bps"] for name in names},
-                          span[0], span[1], points_limit=points_limit), "</div>",
-           "<%s>Median by hour of day</%s>" % (heading, heading), '<div class="wide">',
-           svg_hour_chart(medians_by_hour(received), names), "</div>"]
-    rtt = {name: rtt_series(rows, name) for name in names}
-    if any(value is not None for points in rtt.values() for _, value, _ in points):
+           svg_time_chart(series, failures, {name: summary[name]["median_bps"]
+                                             for name in names}, span[0], span[1]), "</div>"]
+    if by_hour:
+        out += ["<%s>Median by hour of day</%s>" % (heading, heading), '<div class="wide">',
+                svg_hour_chart(by_hour, names), "</div>"]
+    if any(any(map(math.isfinite, side.rtt)) for side in sides.values()):
+        rtt = {name: chart_points(moments[name], side.rtt, side.failure_times, span, limit)
+               for name, side in sides.items()}
         out += ["<%s>RTT under load (the mean of each test's streams)</%s>" % (
             heading, heading), '<div class="wide">', svg_time_chart(
-                rtt, {name: summary[name]["median_rtt_ms"] for name in names}, span[0],
-                span[1], points_limit=points_limit, what="RTT under load", unit="ms"), "</div>"]
-    parts = _html_summary(summary) + _html_beyond(summary, rows) + _html_failed(
-        failed_rows(rows), failed_limit)
+                rtt, failures, {name: summary[name]["median_rtt_ms"] for name in names},
+                span[0], span[1], what="RTT under load", unit="ms"), "</div>"]
+    parts = _html_summary(summary) + _html_beyond(summary, link) + _html_failed(
+        link, sum(stats["failed"] for stats in summary.values()), failed_limit)
     return out + [part.replace("<h2>", "<%s>" % heading).replace("</h2>", "</%s>" % heading)
                   for part in parts]
 
 
-def rtt_series(rows, direction):
-    """As time_series, the tests' mean RTT in ms: the ok tests that have one, and the failed
-    ones (crosses)."""
-    points = []
-    for row in rows:
-        if row[Col.DIRECTION] != direction:
-            continue
-        if row[Col.STATUS] == "error":
-            value = None
-        else:
-            values = _floats([row[Col.MEAN_RTT_MS]]) if row[Col.STATUS] == "ok" else []
-            if not values:
-                continue
-            value = values[0]
-        moment = row_time(row[Col.TIMESTAMP])
-        if moment is not None:
-            points.append((moment, value, row))
-    return sorted(points, key=lambda point: point[0])
-
-
-def _html_beyond(summary, rows):
+def _html_beyond(summary, link):
     """The table of latency, UDP and traffic figures, when the tests have any."""
-    keys = ("median_rtt_ms", "median_min_rtt_ms", "added_delay_ms", "median_jitter_ms",
-            "median_lost_percent", "lost_percent")
+    keys = ("median_rtt_ms", "median_min_rtt_ms", "added_delay_ms", "latency_grade",
+            "median_jitter_ms", "median_lost_percent", "lost_percent")
+    traffic = ["<p>%s</p>" % html.escape(line) for line in traffic_lines(summary, link) if line]
     if all(stats[key] is None for stats in summary.values() for key in keys):
-        return [] + ["<p>%s</p>" % html.escape(line) for line in traffic_lines(summary, rows)
-                     if line]
-    shown = (_ms, _ms, _ms, _ms, _percent, _percent)
+        return traffic
+    shown = (_ms, _ms, _ms, lambda grade: grade or "-", _ms, _percent, _percent)
     return ["<h2>Latency, loss and jitter</h2>", _html_table(
-        ("direction", "median RTT", "base RTT", "added by the load", "median jitter",
-         "loss, median test", "loss, all packets"),
+        ("direction", "median RTT", "base RTT", "added by the load", "grade (approx.)",
+         "median jitter", "loss, median test", "loss, all packets"),
         [[name] + [show(stats[key]) for key, show in zip(keys, shown)]
-         for name, stats in summary.items()], "beyond", (0,))] + [
-        "<p>%s</p>" % html.escape(line) for line in traffic_lines(summary, rows) if line]
+         for name, stats in summary.items()], "beyond", (0,))] + traffic
 
 
-def _html_overview(overview, anchors, direction):
+def _html_overview(overview, anchors):
     """The links table: one row a link, its name a link to its section."""
-    names = directions_of(direction)
+    names = list(overview[0]["median_bps"]) if overview else []
     out = ['<div class="wide"><table class="overview"><thead><tr><th>link</th>']
     out += ["<th>median %s</th>" % name for name in names]
     out += ["<th>failed %</th><th class=\"text\">latest test</th><th>age</th></tr></thead>"
@@ -2792,18 +3110,17 @@ def _html_overview(overview, anchors, direction):
     return "\n".join(out)
 
 
-def _html_matrix(links, overview, direction):
+def _html_matrix(links, overview):
     """The mesh's medians: a row per client, a pair of columns (one a direction) per server."""
-    names = directions_of(direction)
+    names = list(overview[0]["median_bps"]) if overview else []
     clients = sorted({key[0] for key in links})
     servers = sorted({(key[1], key[2], key[3]) for key in links},
                      key=lambda item: (item[0], int(item[1]) if item[1].isdigit() else 0, item[2]))
-    medians = {(item["client"], item["server"], str(item["port"]), item["protocol"]):
-               item["median_bps"] for item in overview}
+    medians = {key: item["median_bps"] for key, item in zip(links, overview)}
     out = ['<div class="wide"><table class="matrix"><thead><tr><th rowspan="2">client</th>']
-    out += ['<th colspan="%d" class="server">%s</th>' % (
-        len(names), html.escape(target_name(server, port) + (" UDP" if protocol == "udp" else "")))
-        for server, port, protocol in servers]
+    out += ['<th colspan="%d" class="server">%s</th>' % (len(names), html.escape(
+        (target_name(server, port) if server else "server unknown")
+        + (" UDP" if protocol == "udp" else ""))) for server, port, protocol in servers]
     out.append("</tr><tr>" + "".join("<th>%s</th>" % name for _ in servers for name in names)
                + "</tr></thead><tbody>")
     for client in clients:
@@ -2819,26 +3136,26 @@ def _html_matrix(links, overview, direction):
 
 def _html_summary(summary):
     return ["<h2>Summary</h2>", _html_table(
-        ("direction", "tests", "ok", "failed", "failed %", "median", "mean", "p5", "p95",
-         "min", "max", "retransmits"),
+        ("direction", "tests", "ok", "failed", "failed %", "skipped runs", "median", "mean",
+         "p5", "p95", "min", "max", "retransmits"),
         [[name, str(stats["count"]), str(stats["ok"]), str(stats["failed"]),
-          "%.1f" % (100.0 * stats["failed"] / stats["count"]) if stats["count"] else "-"]
+          "%.1f" % (100.0 * stats["failed"] / stats["count"]) if stats["count"] else "-",
+          str(stats["skipped"])]
          + [human_bps(stats[key]) for key in
             ("median_bps", "mean_bps", "p5_bps", "p95_bps", "min_bps", "max_bps")]
          + [str(stats["retransmits"])] for name, stats in summary.items()], "summary", (0,))]
 
 
-def _html_failed(failed, limit):
+def _html_failed(link, total, limit):
     """The table of the latest `limit` failed tests, newest first."""
-    if not failed:
+    if not total:
         return ["<h2>Failed runs</h2>", "<p>None.</p>"]
-    shown = failed[-limit:][::-1]
+    shown = list(link.failures)[-limit:][::-1]
     return ["<h2>Failed runs</h2>", "<p>%s, newest first.</p>" % (
-        "All %d" % len(failed) if len(failed) <= limit
-        else "The latest %d of %d" % (limit, len(failed))),
+        "All %d" % total if total <= len(shown) else "The latest %d of %d" % (len(shown), total)),
         _html_table(("time", "direction", "error", "file"), [
-            [row[Col.TIMESTAMP][:10] + " " + row[Col.TIMESTAMP][11:19], row[Col.DIRECTION],
-             row[Col.ERROR], row[Col.FILE]] for row in shown], "failed", (0, 1, 3), 2)]
+            [stamp[:10] + " " + stamp[11:19], direction, error, name]
+            for stamp, direction, error, name in shown], "failed", (0, 1, 3), 2)]
 
 
 # --- Pure helpers: the Prometheus textfile --------------------------------------------------------
@@ -4177,7 +4494,11 @@ def build_report_parser(parser_class=_Parser):
                         help="which tests (default: %(default)s)")
     parser.add_argument("--format", choices=("text", "csv", "json"), default=REPORT_FORMAT,
                         help="text for a person, csv (the selected ledger rows) or json "
-                             "(summary and rows) (default: %(default)s)")
+                             "(each link's summary; its rows with --runs) (default: "
+                             "%(default)s)")
+    parser.add_argument("--runs", action="store_true",
+                        help="with --format json, also give every selected ledger row, as "
+                             "\"runs\" before \"links\" (streamed: a year of rows is large)")
     parser.add_argument("--rebuild", action="store_true",
                         help="first regenerate the ledger from the result files (the remedy "
                              "for a missing or damaged ledger)")
@@ -4286,8 +4607,8 @@ def report_main(argv):
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     folders = distinct_folders(options.results_dir or [RESULTS_DIR])
-    # Hundreds of thousands of rows are lists that live until the end: the cyclic garbage
-    # collector would walk them again and again for nothing (it doubles the report's time).
+    # The report's pass makes millions of short-lived lists and keeps few objects (its figures
+    # are arrays): the cyclic garbage collector would walk the kept ones again and again.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -4333,8 +4654,39 @@ def distinct_folders(texts):
     return folders
 
 
+def tally_folders(folders, selection, emit=None):
+    """One pass over the ledgers of the results folders: the ReportTally of the selected rows.
+    A folder is one client's: rows written before version 2.2 (no client) take the latest
+    client name of their ledger, else, with several folders, the folder's base name. Two
+    folders naming the same client are said once on stderr. Raises IperfError."""
+    tally = ReportTally(selection, emit)
+    for folder in folders:
+        ledger = os.path.join(folder, LEDGER_NAME)
+        if not os.path.isdir(folder):
+            raise IperfError("cannot read results folder %s: no such folder" % folder)
+        if not os.path.exists(ledger) and not any(map(RESULT_NAME_RE.match, os.listdir(folder))):
+            continue  # a folder where no test ran yet: a report that says so
+        fallback = latest_client(ledger) if os.path.exists(ledger) else ""
+        fallback = fallback or (os.path.basename(folder) if len(folders) > 1 else "")
+        for rows in ledger_chunks(ledger):
+            tally_rows(tally, rows, fallback, folder)
+        tally.end_folder()
+    seen, shared = {}, set()
+    for folder, clients in tally.clients.items():
+        for client in clients:
+            if seen.setdefault(client, folder) != folder:
+                shared.add(client)
+    if shared:
+        say("warning: the client name%s %s appear%s in more than one folder: their tests are "
+            "taken as one host's (give each host its own --client-name)" % (
+                "s" if len(shared) > 1 else "", ", ".join(sorted(shared)),
+                "" if len(shared) > 1 else "s"))
+    return tally
+
+
 def _report(options, folders, since, until, now):
-    """The report proper (after a --rebuild when asked): text, csv, json or a page."""
+    """The report proper (after a --rebuild when asked): text, csv, json or a page, from one
+    pass over the ledgers."""
     for folder in folders:
         if not os.path.isdir(folder):
             raise IperfError("cannot read results folder %s: no such folder" % folder)
@@ -4347,71 +4699,76 @@ def _report(options, folders, since, until, now):
             finally:
                 os.close(lock_fd)
             say("rebuilt %s: %d rows" % (os.path.join(folder, LEDGER_NAME), count))
-    if len(folders) == 1 and options.format == "csv" and not options.html:
-        rows = _ledger_rows(folders[0])  # the ledger's rows as they are
-    else:
-        rows = merge_folders(folders, _ledger_rows)
-    rows = select_link(select_rows(rows, options.prefix, since, until, options.direction),
-                       options.client, options.server, options.protocol)
+    selection = Selection(options.prefix, since, until, directions_of(options.direction),
+                          options.client, options.server, options.protocol)
+    out, folder = sys.stdout, ", ".join(folders)
+    if options.format == "csv" and not options.html:
+        _write_csv(out, folders, selection)
+        return 0
+    runs = RunsWriter(out) if options.format == "json" and options.runs and not options.html \
+        else None
+    tally = tally_folders(folders, selection, runs.write if runs else None)
+    links = tally.sorted_links()
+    overview = link_overview(links, names_of(links), options.direction, now)
     if options.html:
-        _write_html(options.html, options, rows, ", ".join(folders), since, until, now)
+        page = html_report(tally, links, overview, folder, options.prefix, since, until, now)
+        _write_html(options.html, page)
+    elif options.format == "json":
+        if runs:
+            runs.close()
+        out.write('%s"links": %s}\n' % ("" if runs else "{", json.dumps(overview)))
     else:
-        _write_report(sys.stdout, options, rows, ", ".join(folders), since, until)
+        # A ledger cell may hold control characters (a hand edit, a hostile error text): they
+        # must not reach the operator's terminal as escape sequences.
+        out.write(printable("\n".join(text_report(tally, links, overview, folder,
+                                                  options.prefix, since, until, now))) + "\n")
+    out.flush()
     return 0
 
 
-def _write_report(out, options, rows, folder, since, until):
-    links = group_links(rows) if options.format != "csv" else {}
-    if len(links) > 1:
-        _write_links_report(out, options, links, folder, since, until)
-        return
-    received = _received(rows)
-    summary = summary_of(rows, options.direction, received)
-    if options.format == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(LEDGER_COLUMNS)
-        writer.writerows(rows)
-    elif options.format == "json":
-        out.write('{"summary": %s,\n"runs": [' % json.dumps(summary))
-        _write_runs_json(out, rows)
-    else:
-        lines = text_report(rows, summary, folder, options.prefix, since, until, received,
-                            time.time())
-        out.write(printable("\n".join(lines)) + "\n")
+def _write_csv(out, folders, selection):
+    """--format csv: the selected ledger rows, with the header, as they are read (their client
+    filled in when several folders are read as one set of links)."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(LEDGER_COLUMNS)
+    several = len(folders) > 1
+
+    def emit(row, key):
+        if several and (row[Col.CLIENT] != key[0] or row[Col.PROTOCOL] != key[3]):
+            row = list(row)
+            row[Col.CLIENT], row[Col.PROTOCOL] = key[0], key[3]
+        writer.writerow(row)
+    tally_folders(folders, selection, emit)
     out.flush()
 
 
-def _write_links_report(out, options, links, folder, since, until):
-    """Several links: the text report's overview and sections, or the per-link JSON layout
-    {"links": [{name, client, server, port, label, summary, ...}], "runs": [...]}."""
-    names = link_names(links)
-    if options.format == "json":
-        overview = link_overview(links, names, options.direction, time.time())
-        out.write('{"links": %s,\n"runs": [' % json.dumps(overview))
-        _write_runs_json(out, [row for group in links.values() for row in group])
-    else:
-        lines = links_text_report(links, names, options.direction, folder, options.prefix,
-                                  since, until, time.time())
-        out.write(printable("\n".join(lines)) + "\n")
-    out.flush()
+class RunsWriter:
+    """report --format json --runs: each selected row written as it is read (a JSON object,
+    its client and protocol filled in), so that a year of rows never sits in memory."""
+
+    def __init__(self, out):
+        self.out, self.buffer, self.first = out, [], True
+        out.write('{"runs": [')
+
+    def write(self, row, key):
+        if row[Col.CLIENT] != key[0] or row[Col.PROTOCOL] != key[3]:
+            row = list(row)
+            row[Col.CLIENT], row[Col.PROTOCOL] = key[0], key[3]
+        self.buffer.append(run_json(row))
+        if len(self.buffer) >= 2000:
+            self.flush()
+
+    def flush(self):
+        if self.buffer:
+            self.out.write(("\n" if self.first else ",\n") + ",\n".join(self.buffer))
+            self.first, self.buffer = False, []
+
+    def close(self):
+        self.flush()
+        self.out.write("\n],\n")
 
 
-def _write_runs_json(out, rows):
-    for start in range(0, len(rows), 2000):
-        out.write(("\n" if start == 0 else ",\n") + ",\n".join(
-            run_json(row) for row in rows[start:start + 2000]))
-    out.write("\n]}\n")
-
-
-def _write_html(path, options, rows, folder, since, until, now):
-    links = group_links(rows)
-    if len(links) > 1:
-        page = links_html_report(links, link_names(links), options.direction, folder,
-                                 options.prefix, since, until, now)
-    else:
-        received = _received(rows)
-        page = html_report(rows, summary_of(rows, options.direction, received), folder,
-                           options.prefix, since, until, now, received)
+def _write_html(path, page):
     path = os.path.abspath(os.path.expanduser(path))
     try:
         write_atomic(path, page.encode("utf-8"))

@@ -59,7 +59,7 @@ def test_rtt_both_ways_and_old_files_rebuilt_into_the_new_columns(iperf3, tmp_pa
     rebuilt = read_ledger(folder)
     assert [(row["protocol"], row["min_rtt_ms"], row["mean_rtt_ms"]) for row in rebuilt] == [
         (row["protocol"], row["min_rtt_ms"], row["mean_rtt_ms"]) for row in rows]
-    summary = json.loads(done.stdout)["summary"]
+    summary = json.loads(done.stdout)["links"][0]["summary"]
     assert summary["reverse"]["median_rtt_ms"] == float(rows[1]["mean_rtt_ms"])
 
 
@@ -142,8 +142,9 @@ def test_tcp_and_udp_runs_sharing_a_folder_are_never_mixed(tmp_path):
     assert check.returncode == 1, check.stdout
     assert "forward UDP 3.00% lost > 1%, jitter 0.25 ms" in check.stdout, check.stdout
     only_udp = json.loads(run_script(CLIENT_SCRIPT, [
-        "report", "-d", tmp_path, "--protocol", "udp", "--format", "json"]).stdout)
-    assert list(only_udp) == ["summary", "runs"] and len(only_udp["runs"]) == 4
+        "report", "-d", tmp_path, "--protocol", "udp", "--format", "json", "--runs"]).stdout)
+    assert list(only_udp) == ["runs", "links"] and len(only_udp["runs"]) == 4
+    assert [link["protocol"] for link in only_udp["links"]] == ["udp"]
 
 
 @pytest.mark.parametrize("extra", [["-u"], ["-uZ"], ["--udp"], ["-b", "5M", "-u"]])

@@ -182,7 +182,7 @@ def test_client_records_the_figures_iperf3_measured(iperf3_of, servers, tmp_path
         assert float(row["sent_bps"]) == end["sum_sent"]["bits_per_second"]
         assert float(row["received_bps"]) == end["sum_received"]["bits_per_second"]
     report = run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path, "--format", "json"])
-    summary = json.loads(report.stdout)["summary"]
+    summary = json.loads(report.stdout)["links"][0]["summary"]
     for row in rows:
         assert summary[row["direction"]]["median_bps"] == float(row["received_bps"])
 

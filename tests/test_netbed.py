@@ -262,7 +262,7 @@ class Hosts:
             [sys.executable, CLIENT_SCRIPT, "report", "-d", self.folder / results,
              "--format", "json"], check=False, timeout=60)
         assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)["summary"]
+        return json.loads(done.stdout)["links"][0]["summary"]
 
     def wait_until_idle(self, timeout=30):
         """Wait until the server answers a tiny test (it is neither busy nor gone)."""
@@ -512,7 +512,7 @@ def test_latency_under_load_each_way_on_a_50ms_round_trip_with_a_deep_queue(make
         hosts.bed.client_ns, [sys.executable, CLIENT_SCRIPT, "report", "-d",
                               hosts.folder / "results", "--prefix", "loaded.", "--format",
                               "json"], check=False, timeout=60)
-    summary = json.loads(done.stdout)["summary"]
+    summary = json.loads(done.stdout)["links"][0]["summary"]
     for direction in ("forward", "reverse"):
         stats = summary[direction]
         assert stats["added_delay_ms"] == pytest.approx(

@@ -23,7 +23,8 @@ import iperf_client  # noqa: E402
 COLUMNS = list(iperf_client.LEDGER_COLUMNS)
 SUMMARY_KEYS = ["count", "ok", "failed", "skipped", "min_bps", "p5_bps", "median_bps", "mean_bps",
                 "p95_bps", "max_bps", "retransmits", "median_rtt_ms", "median_min_rtt_ms",
-                "added_delay_ms", "median_jitter_ms", "median_lost_percent", "lost_percent",
+                "added_delay_ms", "latency_grade", "median_jitter_ms", "median_lost_percent",
+                "lost_percent",
                 "bytes", "test_seconds"]
 THROUGHPUT_KEYS = SUMMARY_KEYS[:11]
 
@@ -58,9 +59,14 @@ def report(capsys, folder, *args):
 
 
 def report_json(capsys, folder, *args):
-    code, out, err = report(capsys, folder, "--format", "json", *args)
+    """The JSON of a folder of one link (3.0: its link's summary, in `links`), as 2.2 gave it:
+    {"summary": ..., "runs": ...}."""
+    code, out, err = report(capsys, folder, "--format", "json", "--runs", *args)
     assert (code, err) == (0, "")
-    return json.loads(out)
+    data = json.loads(out)
+    assert len(data["links"]) <= 1
+    summary = data["links"][0]["summary"] if data["links"] else None
+    return {"summary": summary, "runs": data["runs"]}
 
 
 def utc(hour, minute=0, day=1):
@@ -200,7 +206,7 @@ def test_empty_folder_is_a_report_without_results(tmp_path, capsys):
     code, out, err = report(capsys, tmp_path)
     assert (code, err) == (0, "")
     assert "no results" in out
-    assert report_json(capsys, tmp_path)["summary"]["forward"]["count"] == 0
+    assert report_json(capsys, tmp_path)["summary"] is None
 
 
 def test_missing_folder_exits_1(tmp_path, capsys):
@@ -238,9 +244,9 @@ def test_text_report_with_only_failures(tmp_path, capsys):
                                         error="busy")])
     code, out, err = report(capsys, tmp_path)
     assert (code, err) == (0, "")
-    assert "forward: 1 tests, 0 ok, 1 failed (100.0%)" in out
+    assert "forward: 1 test, 0 ok, 1 failed (100.0%)" in out
     assert "unable to connect" in out and "busy" in out
-    assert "median" not in out
+    assert "received: median" not in out and "by hour of day" not in out
 
 
 def test_text_report_for_a_person(tmp_path, capsys):
@@ -527,7 +533,7 @@ def test_a_reordered_header_puts_the_figures_in_their_columns(tmp_path, fake_ipe
         row[sent], row[received] = row[received], row[sent]
     with open(str(folder / "results.csv"), "w", newline="") as handle:
         csv.writer(handle, lineterminator="\n").writerows(table)
-    done = run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--format", "json"])
+    done = run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--format", "json", "--runs"])
     assert done.returncode == 0, done.stderr
     runs = json.loads(done.stdout)["runs"]
     assert [(run["sent_bps"], run["received_bps"]) for run in runs] == [

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Benchmark of `iperf_client.py report` at a fleet's scale (run by hand, not by pytest).
+
+Generates its own ledgers in a temporary folder and prints, each command a whole process with
+its output to a file (best of --repeat), its time against a bare `csv.reader` pass over the same
+file measured in the same run, and its peak memory (ru_maxrss of the process):
+
+1. 5 links x a year of five-minute runs, both ways (1,051,200 rows): text, JSON and --html.
+   Goals: each within 2x the bare read and 100 MB.
+2. The growth of memory with rows: the same over a quarter of the rows (about 250,000); goal:
+   no more than about 40 bytes a row beyond a fixed base.
+3. The README's mesh: 4 folders (hosts), each testing the 3 others, a year (12 links, 2.5
+   million rows) as one HTML page; goal: under 15 s and 200 MB.
+4. `report --check` over the 1,000,000 rows (it reads the ledger's end only).
+
+The machine is often shared: compare the ratios of one run, and read the load it prints.
+
+Usage: python3 tests/benchmarks/bench_scale.py [--days 365] [--repeat 2] [--keep DIR]
+       [--skip-mesh]
+"""
+
+import argparse
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLIENT = os.path.join(ROOT, "iperf_client.py")
+sys.path.insert(0, ROOT)
+import iperf_client  # noqa: E402
+
+BARE_READ = ("import csv, sys\n"
+             "with open(sys.argv[1], newline='') as f:\n"
+             "    for row in csv.reader(f):\n"
+             "        pass\n")
+INTERVAL = 300
+
+
+def measure(argv, stdout_path, repeat, codes=(0,)):
+    """Best wall time (s) of `repeat` runs of argv with stdout to a file, the peak RSS (MB)
+    of the process and its best CPU time (user + system, s: on a shared machine the fairer
+    figure); an exit code not in `codes` stops the benchmark."""
+    best, peak, cpu = float("inf"), 0.0, float("inf")
+    for _ in range(repeat):
+        with open(stdout_path, "wb") as out:
+            started = time.perf_counter()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(proc.pid, 0)
+            elapsed = time.perf_counter() - started
+            error = proc.stderr.read().decode()
+            proc.stderr.close()
+        code = os.waitstatus_to_exitcode(status)
+        if code not in codes:
+            raise SystemExit("%s failed (%s): %s" % (" ".join(argv), code, error))
+        best = min(best, elapsed)
+        peak = max(peak, usage.ru_maxrss / 1024.0)
+        cpu = min(cpu, usage.ru_utime + usage.ru_stime)
+    CPU[tuple(argv)] = cpu
+    return best, peak
+
+
+CPU = {}  # argv -> the best CPU time measure() saw
+
+
+def write_ledger(folder, client, servers, runs, rng, end=None):
+    """A ledger of `runs` five-minute runs ending at `end`, each testing every server both
+    ways: received ramps daily from 900 down to 613 Mbit/s and back, RTT under load rises with
+    the load, 2% of the tests fail, 0.1% of the runs are skipped. Returns its row count."""
+    end = time.time() if end is None else end
+    start = end - runs * INTERVAL
+    columns = iperf_client.LEDGER_COLUMNS
+    count = 0
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, iperf_client.LEDGER_NAME), "w") as handle:
+        handle.write(",".join(columns) + "\n")
+        for index in range(runs):
+            moment = start + index * INTERVAL
+            run_ts = time.strftime(iperf_client.TIMESTAMP_FORMAT, time.localtime(moment))
+            if rng.random() < 0.001:
+                handle.write(skipped_row(moment, run_ts, client))
+                count += 1
+                continue
+            load = 0.5 - 0.5 * math.cos(2 * math.pi * ((moment / 86400.0) % 1.0))
+            lines = []
+            for number, server in enumerate(servers):
+                for offset, direction in ((1 + 130 * number, "forward"),
+                                          (65 + 130 * number, "reverse")):
+                    lines.append(test_row(moment + offset, run_ts, client, server, direction,
+                                          load, rng))
+            handle.write("".join(lines))
+            count += len(lines)
+    return count
+
+
+def test_row(moment, run_ts, client, server, direction, load, rng):
+    label = server.replace(".", "-")
+    name = "%s_%s_%s.json" % (run_ts, label, "client" if direction == "forward" else "server")
+    stamp = iperf_client.iso_time(moment)
+    if rng.random() < 0.02:
+        cells = [stamp, run_ts, "", direction, server, "5201", "30", "60", "error",
+                 "unable to connect to server: Connection refused", "", "", "", "1", name,
+                 client, label, "tcp", "", "", "", "", "", ""]
+    else:
+        received = (900e6 - 287e6 * load) * rng.uniform(0.97, 1.0)
+        base = 12.0 + rng.uniform(0, 0.4)
+        cells = [stamp, run_ts, "", direction, server, "5201", "30", "60", "ok", "",
+                 repr(received * 1.002), repr(received), str(rng.randint(0, 3000)), "1", name,
+                 client, label, "tcp", repr(base), repr(base + 40 * load * rng.uniform(0.8, 1.2)),
+                 "", "", "", ""]
+    return ",".join(cells) + "\n"
+
+
+def skipped_row(moment, run_ts, client):
+    cells = [iperf_client.iso_time(moment), run_ts, "", "forward", "", "", "", "", "skipped",
+             "another run held the results folder", "", "", "", "", "", client, "", "", "", "",
+             "", "", "", ""]
+    return ",".join(cells) + "\n"
+
+
+def load_text():
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def section(title, rows_path, folder, out, repeat, formats):
+    """Print the bare read and each format's figures over one folder; returns
+    {label: (seconds, MB)}."""
+    python = sys.executable
+    print("\n%s (%s)" % (title, load_text()))
+    argvs = {"bare": [python, "-c", BARE_READ, rows_path]}
+    for label, extra in formats:
+        argvs[label] = [python, CLIENT, "report", "-d", folder] + extra
+    figures = {label: measure(argv, out, repeat) for label, argv in argvs.items()}
+    bare, bare_cpu = figures["bare"][0], CPU[tuple(argvs["bare"])]
+    print("  %-28s %8s %9s %9s %9s %10s" % (
+        "", "time", "vs bare", "CPU", "vs bare", "peak RSS"))
+    for label, (seconds, memory) in figures.items():
+        cpu = CPU[tuple(argvs[label])]
+        print("  %-28s %7.2fs %8.2fx %8.2fs %8.2fx %7.0f MB" % (
+            "bare csv.reader pass" if label == "bare" else label, seconds, seconds / bare,
+            cpu, cpu / bare_cpu, memory))
+    return figures
+
+
+FORMATS = (("report (text)", []), ("report --format json", ["--format", "json"]),
+           ("report --html", ["--html", "OUT.html"]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--days", type=float, default=365.0, help="days of runs (a year)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each command (best)")
+    parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
+    parser.add_argument("--skip-mesh", action="store_true", help="leave out section 3")
+    options = parser.parse_args()
+    rng = random.Random(20)
+    work = options.keep or tempfile.mkdtemp(prefix="bench-scale-")
+    os.makedirs(work, exist_ok=True)
+    out = os.path.join(work, "out")
+    formats = [(label, [out + ".html" if arg == "OUT.html" else arg for arg in extra])
+               for label, extra in FORMATS]
+    runs = int(options.days * 86400 / INTERVAL)
+    servers = ["192.0.2.%d" % (10 + number) for number in range(5)]
+    print("machine: %d CPUs, Python %s, %s" % (os.cpu_count(), sys.version.split()[0],
+                                               load_text()))
+    try:
+        big = os.path.join(work, "big")
+        rows = write_ledger(big, "bench", servers, runs, rng)
+        ledger = os.path.join(big, iperf_client.LEDGER_NAME)
+        large = section("1. 5 links x %g days, both ways: %d rows, %.0f MB" % (
+            options.days, rows, os.path.getsize(ledger) / 1e6), ledger, big, out,
+            options.repeat, formats)
+        bare = large["bare"][0]
+        print("  goals: within 2x the bare read and 100 MB: %s" % ", ".join(
+            "%s %s" % (label.replace("report ", ""), "met" if seconds <= 2 * bare
+                       and memory <= 100 else "MISSED")
+            for label, (seconds, memory) in large.items() if label != "bare"))
+        small = os.path.join(work, "small")
+        quarter = write_ledger(small, "bench", servers, runs // 4, rng)
+        few = section("2. the same over a quarter of the runs: %d rows" % quarter,
+                      os.path.join(small, iperf_client.LEDGER_NAME), small, out,
+                      options.repeat, formats)
+        print("  memory growth per row, from %d to %d rows:" % (quarter, rows))
+        for label, _ in formats:
+            growth = (large[label][1] - few[label][1]) * 1024 * 1024 / (rows - quarter)
+            print("    %-26s %5.1f bytes/row (goal: about 40 or less): %s" % (
+                label, growth, "met" if growth <= 44 else "MISSED"))
+        check, check_mem = measure([sys.executable, CLIENT, "report", "-d", big, "--check",
+                                    "--warn-below", "100", "--crit-below", "10"], out,
+                                   options.repeat, codes=(0, 1, 2, 3))
+        print("\n4. report --check over %d rows: %.3f s, %.0f MB (2.2: 0.2 s, 32 MB)" % (
+            rows, check, check_mem))
+        if not options.skip_mesh:
+            mesh(work, runs, rng, out, options.repeat)
+    finally:
+        if not options.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def mesh(work, runs, rng, out, repeat):
+    """Section 3: the README's mesh of four hosts, each testing the three others."""
+    hosts = ["a", "b", "c", "d"]
+    folders, rows = [], 0
+    for host in hosts:
+        folder = os.path.join(work, "mesh", host)
+        others = ["%s.example.net" % other for other in hosts if other != host]
+        rows += write_ledger(folder, host, others, runs, rng)
+        folders.append(folder)
+    argv = [sys.executable, CLIENT, "report"]
+    for folder in folders:
+        argv += ["-d", folder]
+    print("\n3. the README's mesh: 4 folders, 12 links, %d rows, one HTML page (%s)" % (
+        rows, load_text()))
+    bare = bare_cpu = 0.0
+    for folder in folders:  # the four ledgers read one after the other, as the report does
+        reading = [sys.executable, "-c", BARE_READ, os.path.join(folder,
+                                                                 iperf_client.LEDGER_NAME)]
+        bare += measure(reading, out, repeat)[0]
+        bare_cpu += CPU[tuple(reading)]
+    seconds, memory = measure(argv + ["--html", out + ".html"], out, repeat)
+    cpu = CPU[tuple(argv + ["--html", out + ".html"])]
+    print("  bare csv.reader passes over the 4 ledgers: %.2f s (CPU %.2f s)" % (bare, bare_cpu))
+    print("  report -d a -d b -d c -d d --html: %.2f s (%.2fx), CPU %.2f s (%.2fx), %.0f MB, "
+          "page %.0f kB; goal: under 15 s and 200 MB: %s" % (
+              seconds, seconds / bare, cpu, cpu / bare_cpu, memory,
+              os.path.getsize(out + ".html") / 1e3,
+              "met" if seconds < 15 and memory < 200 else "MISSED"))
+
+
+if __name__ == "__main__":
+    main()
