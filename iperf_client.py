@@ -68,7 +68,7 @@ import sys
 import tempfile
 import time
 
-__version__ = "2.2.0"  # the project's version: both scripts and the package
+__version__ = "2.3.0"  # the project's version: both scripts and the package
 
 # --- Settings an admin may edit (the command-line flags default to these) -------------------------
 

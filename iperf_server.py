@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-__version__ = "2.2.0"  # the project's version: both scripts and the package
+__version__ = "2.3.0"  # the project's version: both scripts and the package
 
 # --- Settings an admin may edit (each one is also a command-line flag) ----------------------------
 # The two files below are IPERF_PORT's; a server on another port gets its own, named after the
