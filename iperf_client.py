@@ -218,11 +218,8 @@ _ROW_OK_RE = re.compile("\x1f".join(
 # One ledger row as a JSON object, string cells known to need no escaping, number cells valid.
 _RUN_TEMPLATE = "{" + ",".join(
     '"%s":%s' % (c, "%s" if c in NUMBER_COLUMNS else '"%s"') for c in LEDGER_COLUMNS) + "}"
-# A row's cells for _RUN_TEMPLATE, an empty number cell made null: one expression compiled from
-# the columns (a loop over the cells costs a third of `report --format json`).
-_run_cells = eval("lambda row: (%s,)" % ", ".join(  # noqa: S307 -- built from the constants above
-    "row[%d] or 'null'" % index if column in NUMBER_COLUMNS else "row[%d]" % index
-    for index, column in enumerate(LEDGER_COLUMNS)))
+# What an empty cell becomes in _RUN_TEMPLATE: null in a number column, "" in a string column.
+_EMPTY_CELL_AS = tuple("null" if column in NUMBER_COLUMNS else "" for column in LEDGER_COLUMNS)
 # The bufferbloat grade of the delay a test's own load adds (mean RTT minus base RTT), on the
 # DSLReports scale (also 8x8's and LibreQoS's): (grade, the added delay in ms it stays under).
 # Approximate from iperf3's figures: its min RTT is a smoothed sample and no idle probe is taken,
@@ -1863,7 +1860,7 @@ def _quiet_worker():
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-# --- Pure helpers: the report ---------------------------------------------------------------------
+# --- Statistics: selections, links, the one pass over the ledger ----------------------------------
 
 def parse_when(text, now):
     """A --since/--until value -> Unix seconds.
@@ -2026,11 +2023,16 @@ def _number_json(cell):
 def run_json(row):
     """One ledger row as a JSON object (text), its number columns as numbers."""
     if _ROW_OK_RE.match("\x1f".join(row)):  # the common case, made fast: 200,000 rows a year
-        return _RUN_TEMPLATE % _run_cells(row)
+        return _RUN_TEMPLATE % tuple([cell or empty for cell, empty in zip(row, _EMPTY_CELL_AS)])
     return "{" + ",".join(
         "%s:%s" % (json.dumps(name), _number_json(cell) if name in NUMBER_COLUMNS
                    else json.dumps(cell, ensure_ascii=False))
         for name, cell in zip(LEDGER_COLUMNS, row)) + "}"
+
+
+def _in_minutes(seconds):
+    """A span for a person, in minutes: "4.2 min" (the text report's ages, the check's)."""
+    return "%.1f min" % (seconds / 60.0)
 
 
 def human_bps(value):
@@ -2429,6 +2431,8 @@ def tally_rows(tally, rows, fallback, folder):
         if emit is not None:
             emit(row, key)
 
+
+# --- The reports: overview, text and JSON ---------------------------------------------------------
 
 def names_of(links):
     """{key: name} of the links of a tally (see link_names)."""
@@ -3334,10 +3338,6 @@ def _perf_number(value):
     return "%d" % round(value) if abs(value - round(value)) < 1e-6 else "%.3f" % value
 
 
-def _in_minutes(seconds):
-    return "%.1f min" % (seconds / 60.0)
-
-
 # What --check judges by; a threshold left out (None) is not judged. drop and rise are
 # (warning %, critical % or None); baseline is in seconds.
 CheckLimits = collections.namedtuple("CheckLimits", (
@@ -4120,6 +4120,15 @@ def _rate(text):
     return value
 
 
+def _span_seconds(text):
+    """--baseline's SPAN -> seconds: a number and m, h, d or w (90m, 24h, 7d)."""
+    span = SPAN_RE.match(text)
+    seconds = float(span.group(1)) * SPAN_UNITS[span.group(2)] if span else 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError("%r is not a span such as 90m, 24h or 7d" % text)
+    return seconds
+
+
 _minutes = _real_number(0, "a number of minutes > 0", above=True)
 
 
@@ -4537,7 +4546,7 @@ def _add_check_flags(parser):
     check.add_argument("--recent", type=_whole_number(1, None, "a number of tests >= 1"),
                        default=RECENT_TESTS, metavar="N",
                        help="the latest tests compared with the baseline (default: %(default)s)")
-    check.add_argument("--baseline", default=BASELINE_SPAN, metavar="SPAN",
+    check.add_argument("--baseline", type=_span_seconds, default=BASELINE_SPAN, metavar="SPAN",
                        help="the span before the latest tests that is the link's normal: 90m, "
                             "24h, 7d (default: %(default)s)")
     check.add_argument("--consecutive", type=_whole_number(1, None, "a number of tests >= 1"),
@@ -4577,10 +4586,6 @@ def _check_report_options(parser, options):
                     "lower" if lower else "higher"))
         if options.html or options.rebuild:
             parser.error("--check does not go with --html or --rebuild")
-        span = SPAN_RE.match(options.baseline)
-        options.baseline_seconds = float(span.group(1)) * SPAN_UNITS[span.group(2)] if span else 0
-        if options.baseline_seconds <= 0:
-            parser.error("--baseline %r is not a span such as 90m, 24h or 7d" % options.baseline)
     elif any(given) or options.max_age is not None or (options.drop_below, options.rtt_rise) != (
             None, None):
         parser.error("--warn-below, --crit-below, --warn-loss, --crit-loss, --drop-below, "
@@ -4812,7 +4817,8 @@ def _ledger_rows(folder):
 def check_main(options, folders, since, until, now):
     """`report --check`: print the status line, return the plugin's exit code."""
     try:
-        rows = merge_folders(folders, lambda folder: _latest_rows(folder, options, since, until))
+        rows = merge_folders(folders,
+                             lambda folder: _latest_rows(folder, options, since, until, now))
         rows = select_link(rows, options.client, options.server, options.protocol)
     except (IperfError, OSError) as exc:
         state, line = "UNKNOWN", "UNKNOWN - %s" % one_line(exc)
@@ -4834,7 +4840,7 @@ def _check_rows(options, rows, now):
     limits = CheckLimits(
         warn_bps=mbps(options.warn_below), crit_bps=mbps(options.crit_below),
         warn_loss=options.warn_loss, crit_loss=options.crit_loss, drop=options.drop_below,
-        rise=options.rtt_rise, recent=options.recent, baseline=options.baseline_seconds,
+        rise=options.rtt_rise, recent=options.recent, baseline=options.baseline,
         consecutive=options.consecutive,
         max_age=options.max_age)  # None: each link's own usual interval (judge_link)
     directions = directions_of(options.direction)
@@ -4865,7 +4871,7 @@ def thresholds_unjudged(protocols, limits):
     return None
 
 
-def _latest_rows(folder, options, since, until):
+def _latest_rows(folder, options, since, until, now):
     """The selected rows among the ledger's latest: enough for the latest test of each link
     and direction seen there, and the usual interval (INTERVAL_ROWS), read from the ledger's
     end only, reading further back only when the selection finds too little there. A link
@@ -4879,7 +4885,7 @@ def _latest_rows(folder, options, since, until):
     # Back a day at least, so that a link tested then but no more is judged (stale), not
     # forgotten; with --drop-below or --rtt-rise, back to the baseline's start and a day.
     relative = options.drop_below is not None or options.rtt_rise is not None
-    back = CHECK_REACH + (options.baseline_seconds if relative else 0)
+    back = CHECK_REACH + (options.baseline if relative else 0)
     while True:
         tail, whole = read_ledger_tail(ledger, wanted)
         rows = select_link(select_rows(tail, options.prefix, since, until, options.direction),
@@ -4890,17 +4896,16 @@ def _latest_rows(folder, options, since, until):
         oldest = row_time(tail[0][Col.TIMESTAMP]) if tail else None
         if whole or (len(rows) >= INTERVAL_ROWS and found and all(
                 seen >= directions for seen in found.values()) and (
-                oldest is not None and oldest <= latest_moment(tail) - back)):
+                oldest is not None and oldest <= latest_moment(tail, now) - back)):
             # The day runs back from the selection's latest test, not from now: a client
             # whose runs all stopped (or the one link --server names) stays judged, stale.
-            return links_within(rows, latest_moment(rows) - CHECK_REACH)
+            return links_within(rows, latest_moment(rows, now) - CHECK_REACH)
         wanted *= 4
 
 
-def latest_moment(rows, now=None):
+def latest_moment(rows, now):
     """The latest test's start among `rows` (Unix seconds), but never later than `now`: a test
     dated in the future (a clock off) must not push every other link out of the check."""
-    now = time.time() if now is None else now
     moments = [moment for moment in map(row_time, (row[Col.TIMESTAMP] for row in rows))
                if moment is not None]
     return min(max(moments), now) if moments else now
