@@ -125,7 +125,8 @@ def test_two_ports_with_default_files_keep_their_daemons(tmp_path, iperf3):
                 assert_quiet_success(done)
                 with open(str(tmp_path / ("iperf-%d.pid" % port)), "rb") as handle:
                     pid = iperf_server.parse_pidfile(handle.read())
-                assert pids.setdefault(port, pid) == pid, "round %d restarted" % round_
+                assert pids.setdefault(port, pid) == pid, "round %d restarted: %s" % (
+                    round_, (tmp_path / ("iperf_monitor-%d.log" % port)).read_text())
         for port in ports:
             assert listening(port) and probe_measures(iperf3, port)
             assert (tmp_path / ("iperf_monitor-%d.log" % port)).exists()
