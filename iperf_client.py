@@ -2657,6 +2657,9 @@ def _failure_lines(link, total):
 
 # --- Pure helpers: the HTML report (drawing only: the figures come from the report's helpers) -----
 
+Box = collections.namedtuple("Box", "left right top bottom")  # a chart's plot area, pixels
+
+
 def chart_unit(top):
     """(divisor, unit) of an axis that reaches `top` bits/s: Gbit/s from 1 Gbit/s, else Mbit/s."""
     return (1e9, "Gbit/s") if top >= 1e9 else (1e6, "Mbit/s")
@@ -2808,9 +2811,6 @@ def svg_time_chart(series, failures, medians, start, end, width=SVG_WIDTH, heigh
                             ", shaded: p5-p95 of a slot" if banded else ""))
     out.append("</svg>")
     return "\n".join(out)
-
-
-Box = collections.namedtuple("Box", "left right top bottom")  # a chart's plot area, pixels
 
 
 class YScale:
@@ -2999,7 +2999,8 @@ def html_report(tally, links, overview, folder, prefix, since, until, now, faile
     clients (a mesh), then each link's charts and tables, all on one time axis (one link or
     many alike). Every figure comes from the same tally as the text report's."""
     out = _html_head(folder, prefix, now)
-    span = _html_period(tally, since, until, now, out)
+    period_lines, span = _html_period(tally, since, until, now)
+    out += period_lines
     if span is None or not links:
         out.append("</body></html>")
         return "\n".join(out) + "\n"
@@ -3029,15 +3030,16 @@ def _html_head(folder, prefix, now):
                 if prefix is not None else "all prefixes", iso_time(now))]
 
 
-def _html_period(tally, since, until, now, out):
-    """Appends the period's line (or "No results") to `out`; returns the charts' time span
-    (start, end), or None when there is nothing to draw. The axis starts with the data: a
-    --since reaching before the first test says where the data starts instead."""
+def _html_period(tally, since, until, now):
+    """(the page's lines about the period, or "No results"; the charts' time span (start, end),
+    or None when there is nothing to draw). The axis starts with the data: a --since reaching
+    before the first test says where the data starts instead."""
     moments = tally.period()
     if not moments:
-        out.append("<p>No results%s.</p>" % (" in the selected period" if since or until else ""))
-        return None
+        return ["<p>No results%s.</p>" % (
+            " in the selected period" if since or until else "")], None
     first, last = moments
+    out = []
     out.append('<p class="meta">period: %s to %s, %d runs; times are local (UTC%s)</p>' % (
         iso_time(first), iso_time(last), tally.run_count(), iso_time(last)[19:] or "+00:00"))
     if since is not None and first - since > 3600:
@@ -3047,7 +3049,7 @@ def _html_period(tally, since, until, now, out):
     end = min(until, max(now, last)) if until is not None else last
     if end - start < 600:
         start, end = start - 300, end + 300
-    return start, end
+    return out, (start, end)
 
 
 def _html_link_body(link, item, span, failed_limit, heading, limit=MAX_POINTS):
