@@ -182,6 +182,7 @@ def loopback_grades(port, tmp_path):
         "--retries", "0", "--prometheus-textfile", prom])
     assert_quiet_success(done)
     graded = assert_grades_match_the_ledger(prom.read_text(), read_ledger(tmp_path / "loop"))
+    assert_report_grades(tmp_path / "loop", graded)
     print("loopback:", graded)
     return graded
 
@@ -259,6 +260,21 @@ def test_a_shaped_loaded_link_grades_by_its_queue_and_worse_than_loopback(
     assert 20 <= added_ms <= queue_ms, rows  # the queue's delay: 20 ms at least, a round trip in
     assert GRADE_ORDER.index(grade) > GRADE_ORDER.index(loopback["forward"][1]), (
         graded, loopback)
+    assert_report_grades(tmp_path / "bed", graded)
+
+
+def assert_report_grades(folder, graded):
+    """The report (JSON and text) grades each direction as the textfile does: one test a
+    direction, so the medians are that test's figures."""
+    done = run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--format", "json"])
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)["links"][0]["summary"]
+    for direction, (added_ms, grade) in graded.items():
+        assert summary[direction]["latency_grade"] == grade, summary[direction]
+        assert abs(summary[direction]["added_delay_ms"] - added_ms) < 0.01, summary[direction]
+    text = run_script(CLIENT_SCRIPT, ["report", "-d", folder]).stdout
+    for direction, (added_ms, grade) in graded.items():
+        assert "grade (approx.) %s" % grade in text, text
 
 
 def by_direction(rows):
