@@ -4,14 +4,13 @@ loss: test_netbed.py; the relative check: test_check.py.)"""
 
 import csv
 import json
-import sys
 
 import pytest
 
-from conftest import CLIENT_SCRIPT, IperfServer, free_port, read_ledger, run_script
+from conftest import (CLIENT_SCRIPT, IperfServer, free_port, ledger_cells, read_ledger,
+                      run_script)
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 QUICK = ["-t", "1", "-P", "2", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
 
@@ -53,7 +52,7 @@ def test_rtt_both_ways_and_old_files_rebuilt_into_the_new_columns(iperf3, tmp_pa
     with open(str(folder / "results.csv"), "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(iperf_client.BASE_COLUMNS)
-        writer.writerows([[row[column] for column in iperf_client.BASE_COLUMNS] for row in rows])
+        writer.writerows([ledger_cells(row, iperf_client.BASE_COLUMNS) for row in rows])
     done = run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--rebuild", "--format", "json"])
     assert done.returncode == 0, done.stderr
     rebuilt = read_ledger(folder)
@@ -93,7 +92,7 @@ def test_rtt_gauges_are_seconds():
     row.update(timestamp=iperf_client.iso_time(1700000000), server="h", port="1",
                direction="forward", status="ok", received_bps="5", protocol="tcp",
                min_rtt_ms="10.5", mean_rtt_ms="25.0")
-    text = iperf_client.prometheus_text("", [[row[c] for c in iperf_client.LEDGER_COLUMNS]])
+    text = iperf_client.prometheus_text("", [ledger_cells(row)])
     assert 'iperf_rtt_seconds{server="h",port="1",direction="forward"} 0.025' in text
     assert 'iperf_min_rtt_seconds{server="h",port="1",direction="forward"} 0.0105' in text
     assert "protocol=" not in text  # TCP series keep the labels they always had

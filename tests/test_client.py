@@ -13,24 +13,20 @@ import time
 import pytest
 
 from conftest import (
-    CANNOT_CONNECT, CLIENT_SCRIPT, FAKE_RESULT, SAYS_BUSY, assert_one_line_error, free_port,
-    kill_process, pids_with, read_ledger, run_script, says, wait_until,
+    CANNOT_CONNECT, CLIENT_SCRIPT, FAKE_RESULT, LEDGER_COLUMNS, SAYS_BUSY, assert_one_line_error,
+    free_port, kill_process, pids_with, read_ledger, run_script, says, wait_until,
 )
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 TS_RE = r"\d{8}_\d{6}"
-COLUMNS = ("timestamp,run,prefix,direction,server,port,streams,duration,status,error,sent_bps,"
-           "received_bps,retransmits,attempts,file,client,label,protocol,min_rtt_ms,mean_rtt_ms,"
-           "jitter_ms,lost_percent,lost_packets,packets").split(",")
 
 
 # --- helpers ------------------------------------------------------------------------------------
 
 def named(row):
     """A ledger row (a list in LEDGER_COLUMNS order) as a dict, for assertions by name."""
-    return dict(zip(COLUMNS, row))
+    return dict(zip(LEDGER_COLUMNS, row))
 
 
 def read_json(path):
@@ -548,8 +544,8 @@ def test_ledger_row_from_a_known_document():
                    "sum_received": {"bits_per_second": 123456789.123}},
            "error": "a\nmulti-line,  error"}
     row = iperf_client.ledger_row(doc, "p20240101_000000_server.json")
-    assert len(row) == len(COLUMNS) and all(isinstance(cell, str) for cell in row)
-    assert dict(zip(COLUMNS, row)) == {
+    assert len(row) == len(LEDGER_COLUMNS) and all(isinstance(cell, str) for cell in row)
+    expected = {
         "timestamp": iperf_client.iso_time(1704067201), "run": "20240101_000000",
         "prefix": "p", "direction": "reverse", "server": "s", "port": "5201", "streams": "4",
         "duration": "10", "status": "error", "error": "a multi-line, error",
@@ -557,6 +553,8 @@ def test_ledger_row_from_a_known_document():
         "attempts": "3", "file": "p20240101_000000_server.json", "client": "", "label": "",
         "protocol": "", "min_rtt_ms": "", "mean_rtt_ms": "", "jitter_ms": "", "lost_percent": "",
         "lost_packets": "", "packets": ""}
+    assert list(expected) == LEDGER_COLUMNS  # the ledger's format: its names, in this order
+    assert named(row) == expected
 
 
 def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):

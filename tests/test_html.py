@@ -9,7 +9,6 @@ import signal
 import statistics
 import struct
 import subprocess
-import sys
 import zlib
 from html.parser import HTMLParser
 
@@ -18,8 +17,7 @@ import pytest
 from conftest import (CANNOT_CONNECT, CLIENT_SCRIPT, free_port, require, row_at, run_script, says,
                       write_ledger)
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 NOW = 1764331200.0  # 2025-11-28 12:00 UTC: the fixed "now" of the made-up ledgers
 

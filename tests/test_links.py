@@ -10,12 +10,11 @@ import sys
 
 import pytest
 
-from conftest import (BASE_ROW, CLIENT_SCRIPT, FAKE_RESULT, IperfServer, free_port,
-                      kill_process, read_ledger, run_script, wait_until)
+from conftest import (CLIENT_SCRIPT, FAKE_RESULT, IperfServer, free_port, kill_process, old_rows,
+                      read_ledger, run_script, wait_until)
 from test_html import Page, chromium
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 QUICK = ["-t", "1", "-P", "1", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
 
@@ -242,11 +241,11 @@ def test_an_old_ledger_is_continued_by_a_new_run(tmp_path, fake_iperf3):
     old row as it was, and the report and --rebuild read it."""
     folder = tmp_path / "results"
     folder.mkdir()
-    old_rows = [[cell.replace("000000", "00000%d" % n) for cell in BASE_ROW] for n in range(3)]
+    rows = old_rows(3)
     with open(str(folder / "results.csv"), "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(iperf_client.BASE_COLUMNS)
-        writer.writerows(old_rows)
+        writer.writerows(rows)
     assert "3 runs" in report("-d", folder).stdout  # read as it is, before any run
     fake = fake_iperf3(FAKE_RESULT + "\nprint(json.dumps(doc))\n")
     done = run_client(folder, "--iperf3", fake, "-c", "h", "--client-name", "lab")
@@ -255,7 +254,7 @@ def test_an_old_ledger_is_continued_by_a_new_run(tmp_path, fake_iperf3):
         lines = list(csv.reader(handle))
     assert lines[0] == list(iperf_client.LEDGER_COLUMNS)
     blank = [""] * len(iperf_client.ADDED_COLUMNS)
-    assert lines[1:4] == [row + blank for row in old_rows]
+    assert lines[1:4] == [row + blank for row in rows]
     new = [dict(zip(lines[0], line)) for line in lines[4:]]
     assert [(row["client"], row["label"], row["status"]) for row in new] == [
         ("lab", "h", "ok")] * 2

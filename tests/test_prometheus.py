@@ -4,7 +4,6 @@ back by the official prometheus_client parser and compared with the ledger."""
 import csv
 import fcntl
 import os
-import sys
 import threading
 import time
 
@@ -12,10 +11,9 @@ import pytest
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CLIENT_SCRIPT, run_script
+from conftest import CLIENT_SCRIPT, ledger_cells, run_script
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 METRICS = ("iperf_received_bits_per_second", "iperf_sent_bits_per_second", "iperf_retransmits",
            "iperf_success", "iperf_last_run_timestamp_seconds")
@@ -133,7 +131,7 @@ def ledger_rows(server_port, direction_status):
             "error": "" if status == "ok" else "boom", "sent_bps": "1000.5",
             "received_bps": "999.25", "retransmits": "" if direction == "reverse" else "4",
             "attempts": "1", "file": "f"}
-        rows.append([cells.get(column, "") for column in iperf_client.LEDGER_COLUMNS])
+        rows.append(ledger_cells(cells))
     return rows
 
 

@@ -14,13 +14,11 @@ import time
 
 import pytest
 
-from conftest import (CLIENT_SCRIPT, FAKE_RESULT, read_ledger, row_stamped, run_script, wait_until,
-                      write_ledger)
+from conftest import (CLIENT_SCRIPT, FAKE_RESULT, LEDGER_COLUMNS as COLUMNS, old_rows, read_ledger,
+                      row_stamped, run_script, wait_until, write_ledger)
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
-COLUMNS = list(iperf_client.LEDGER_COLUMNS)
 SUMMARY_KEYS = ["count", "ok", "failed", "skipped", "min_bps", "p5_bps", "median_bps", "mean_bps",
                 "p95_bps", "max_bps", "retransmits", "median_rtt_ms", "median_min_rtt_ms",
                 "added_delay_ms", "median_jitter_ms", "median_lost_percent", "lost_percent",
@@ -595,10 +593,6 @@ def test_sigterm_during_a_rebuild_stops_it_in_one_line(tmp_path):
 
 # --- rebuilding the ledger -----------------------------------------------------------------
 
-LEDGER_ROW = ["2026-01-01T00:00:00+00:00", "20260101_000000", "", "forward", "h", "5201", "2", "1",
-              "ok", "", "1.5", "1.25", "0", "1", "20260101_000000_client.json"]
-
-
 def write_raw_ledger(path, header, rows, extra_lines=()):
     """A ledger file as it may be found: any header, rows and stray lines, as given."""
     lines = [",".join(header)] + [",".join(row) for row in rows] + list(extra_lines)
@@ -608,7 +602,7 @@ def write_raw_ledger(path, header, rows, extra_lines=()):
 @pytest.mark.parametrize("damage", ["header", "bad-line"])
 def test_rebuild_salvages_rows_whose_files_are_gone(tmp_path, damage):
     """After --keep-days the ledger's old rows exist nowhere else: damage must not cost them."""
-    rows = [[cell.replace("000000", "00000%d" % n) for cell in LEDGER_ROW] for n in range(6)]
+    rows = old_rows(6)
     header = list(iperf_client.BASE_COLUMNS)  # a ledger of version 2.1
     if damage == "header":
         header[0] = "tmestamp"  # misspelled: the header no longer says where "timestamp" is
