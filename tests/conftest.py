@@ -26,6 +26,22 @@ SERVER_SCRIPT = ROOT / "iperf_server.py"
 CLIENT_SCRIPT = ROOT / "iperf_client.py"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Order and group the tests for xdist's workers (setup.cfg: `-n 4 --dist loadgroup`).
+
+    The test-bed tests (marker netns) run one at a time, on one worker, so that no two beds
+    share the CPU (their figures are timed); the other workers take everything else. They go
+    first, then the other tests marked slow, so the longest waits start early and the short
+    tests fill the gaps at the end, instead of one long test starting last.
+    """
+    for item in items:
+        if item.get_closest_marker("netns"):
+            item.add_marker(pytest.mark.xdist_group("netns"))
+    items.sort(key=lambda item: (item.get_closest_marker("netns") is None,
+                                 item.get_closest_marker("slow") is None))
+
+
 def require(tool_ok, what, env_var):
     """Skip the calling test when `tool_ok` is false, or fail it when `env_var` is set to 1.
 

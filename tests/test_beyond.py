@@ -29,6 +29,7 @@ def measured(iperf3, tmp_path, server_extra=(), *args):
     return folder
 
 
+@pytest.mark.slow
 def test_rtt_both_ways_and_old_files_rebuilt_into_the_new_columns(iperf3, tmp_path):
     """Against a daemon that writes JSON (as iperf_server.py starts it), the reverse test's RTT
     is the server's own; then the folder is made what version 2.1 left (a 15-column ledger,
@@ -62,12 +63,14 @@ def test_rtt_both_ways_and_old_files_rebuilt_into_the_new_columns(iperf3, tmp_pa
     assert summary["reverse"]["median_rtt_ms"] == float(rows[1]["mean_rtt_ms"])
 
 
+@pytest.mark.slow
 def test_without_a_json_daemon_the_reverse_rtt_stays_empty(iperf3, tmp_path):
     forward, reverse = read_ledger(measured(iperf3, tmp_path))
     assert float(forward["mean_rtt_ms"]) > 0
     assert reverse["min_rtt_ms"] == reverse["mean_rtt_ms"] == ""  # never 0
 
 
+@pytest.mark.slow
 def test_udp_run_on_loopback_and_its_gauges(iperf3, tmp_path):
     prom = tmp_path / "iperf.prom"
     folder = measured(iperf3, tmp_path, (), "--udp", "20M", "--prometheus-textfile", prom)

@@ -187,6 +187,7 @@ def test_thresholds_without_check_are_a_usage_error(tmp_path, capsys):
     assert out == "" and len(err.splitlines()) == 1 and "go with --check" in err
 
 
+@pytest.mark.slow
 def test_check_of_real_runs_as_monitoring_runs_it(iperf3_server, tmp_path):
     args = ["--server", "127.0.0.1", "--port", iperf3_server.port, "-t", "1", "-P", "2",
             "-d", tmp_path, "--busy-wait", "0", "--timeout-margin", "5"]

@@ -18,6 +18,7 @@ from conftest import (
 )
 
 import iperf_client
+import iperf_server
 
 TS_RE = r"\d{8}_\d{6}"
 
@@ -141,6 +142,7 @@ def start_holder(iperf3, port, seconds):
     raise AssertionError("holder client did not start: %r" % said)
 
 
+@pytest.mark.slow
 def test_busy_server_is_waited_out(iperf3, server, tmp_path):
     holder = start_holder(iperf3, server.port, 2)
     try:
@@ -157,6 +159,7 @@ def test_busy_server_is_waited_out(iperf3, server, tmp_path):
     assert "server busy" in next(tmp_path.glob("*_iperf_mon.log")).read_text()
 
 
+@pytest.mark.slow
 def test_busy_server_gives_up_after_busy_wait(iperf3, server, tmp_path):
     holder = start_holder(iperf3, server.port, 5)
     try:
@@ -174,6 +177,7 @@ def test_busy_server_gives_up_after_busy_wait(iperf3, server, tmp_path):
     assert len(proc.stderr.splitlines()) == 2, proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_mid_test_keeps_partial_result(server, tmp_path, signame):
     signum = getattr(signal, signame)
@@ -183,8 +187,11 @@ def test_signal_mid_test_keeps_partial_result(server, tmp_path, signame):
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True)
     try:
-        assert wait_until(lambda: pids_with("-c", "127.0.0.1", "-p", port), timeout=10)
-        time.sleep(1.5)  # let it measure something
+        # Signalled once both streams send (the control connection and two more on the
+        # server's port) and have measured a little: the -t 20 is never waited out.
+        assert wait_until(lambda: len(iperf_server.established_peers(server.port)) >= 3,
+                          timeout=10)
+        time.sleep(0.3)
         script.send_signal(signum)
         out, err = script.communicate(timeout=20)
     finally:
@@ -203,6 +210,7 @@ def test_signal_mid_test_keeps_partial_result(server, tmp_path, signame):
     assert float(rows[0]["sent_bps"]) == doc["end"]["sum_sent"]["bits_per_second"]
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_have_the_folder_is_recorded_as_skipped_and_exits_75(server, tmp_path):
     first = subprocess.Popen(
         [sys.executable, str(CLIENT_SCRIPT), *client_args(server.port, tmp_path),
@@ -248,6 +256,7 @@ time.sleep(300)
 """
 
 
+@pytest.mark.slow
 def test_hung_iperf3_is_stopped_at_the_hard_limit(fake_iperf3, tmp_path):
     fake = fake_iperf3(HANG)
     marker = "hang-marker-%d" % os.getpid()
@@ -372,6 +381,7 @@ def test_fast_runs_in_one_second_do_not_overwrite(fake_iperf3, tmp_path):
     assert len(list(tmp_path.glob("*_iperf_mon.log"))) == 2
 
 
+@pytest.mark.slow
 def test_progress_line_only_on_a_terminal(fake_iperf3, tmp_path):
     fake = fake_iperf3(FAKE_RESULT + "time.sleep(1.2)\nprint(json.dumps(doc))")
     master, slave = pty.openpty()

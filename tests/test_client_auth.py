@@ -79,6 +79,7 @@ def working_login(iperf3):
         pytest.skip(CLIENT_LOGIN_BUG)
 
 
+@pytest.mark.slow
 def test_right_password_from_the_environment(auth_server, tmp_path, working_login):
     results = tmp_path / "results"
     seen = []
@@ -103,6 +104,7 @@ def test_right_password_from_the_environment(auth_server, tmp_path, working_logi
     assert files_containing(results, PASSWORD) == []
 
 
+@pytest.mark.slow
 def test_right_password_from_a_file(auth_server, tmp_path, working_login):
     results = tmp_path / "results"
     password_file = tmp_path / "password"

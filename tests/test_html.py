@@ -274,6 +274,7 @@ def test_a_line_breaks_where_no_test_ran_or_a_test_failed():
 
 # --- from real runs ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_html_from_real_runs_and_a_failed_one(start_iperf3_server, tmp_path):
     folder = tmp_path / "results"
     port = free_port()
@@ -380,6 +381,7 @@ def report_page(tmp_path):
     return tmp_path / "report.html"
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_browser_dom_holds_the_chart_lines(report_page, tmp_path):
     dom = Page(chromium(tmp_path, "--dump-dom", report_page.as_uri()))

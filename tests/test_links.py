@@ -96,6 +96,7 @@ def two_servers(iperf3):
             server.stop()
 
 
+@pytest.mark.slow
 def test_a_two_target_run_names_each_targets_files_and_reports_per_link(two_servers, tmp_path):
     folder = tmp_path / "results"
     first, second = ("a=127.0.0.1:%d" % two_servers[0].port,
@@ -165,6 +166,7 @@ def test_one_target_writes_todays_names(two_servers, tmp_path):
     assert [name[15:] for name in result_files(folder)] == ["_client.json", "_server.json"]
 
 
+@pytest.mark.slow
 def test_ipv6_loopback(iperf3, tmp_path):
     port = free_port()
     server = subprocess.Popen([iperf3, "-s", "-B", "::1", "-p", str(port)],
@@ -187,6 +189,7 @@ def test_ipv6_loopback(iperf3, tmp_path):
         kill_process(server)
 
 
+@pytest.mark.slow
 def test_two_crontab_lines_started_together_are_both_measured(two_servers, tmp_path):
     """Two lines sharing a folder, started in the same second: the second waits for the lock
     (the interval leaves room) instead of losing its run."""
@@ -290,6 +293,7 @@ print(json.dumps(doc))
     return folders
 
 
+@pytest.mark.slow
 def test_check_judges_each_link_and_names_the_worst(tmp_path, fake_iperf3):
     alpha, beta = mesh(tmp_path, fake_iperf3)
     thresholds = ["--warn-below", "0.0005", "--crit-below", "0.0001"]
@@ -305,6 +309,7 @@ def test_check_judges_each_link_and_names_the_worst(tmp_path, fake_iperf3):
     assert only.returncode == 0, only.stdout
 
 
+@pytest.mark.slow
 def test_report_across_two_folders_and_the_mesh_page_in_a_browser(tmp_path, fake_iperf3):
     alpha, beta = mesh(tmp_path, fake_iperf3)
     text = report("-d", alpha, "-d", beta)

@@ -28,7 +28,7 @@ from conftest import (CLIENT_SCRIPT, SERVER_SCRIPT, assert_quiet_success, kill_p
                       says)
 from netbed import SERVER_ADDR, NetBed, Shape
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 FWD_MBIT = 50
 REV_MBIT = 20

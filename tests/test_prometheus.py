@@ -63,6 +63,7 @@ def assert_matches_ledger(metrics, rows, port):
                 assert key not in metrics.get(metric, {}), metric  # never a fake 0 bits/s
 
 
+@pytest.mark.slow
 def test_good_run_then_failed_run(iperf3_server, tmp_path):
     folder, prom = tmp_path / "results", tmp_path / "textfile" / "iperf.prom"
     prom.parent.mkdir()
@@ -89,6 +90,7 @@ def test_good_run_then_failed_run(iperf3_server, tmp_path):
     assert os.listdir(str(prom.parent)) == ["iperf.prom"]
 
 
+@pytest.mark.slow
 def test_two_clients_share_one_textfile(start_iperf3_server, tmp_path):
     first, second = start_iperf3_server(), start_iperf3_server()
     prom = tmp_path / "iperf.prom"
@@ -110,6 +112,7 @@ def test_two_clients_share_one_textfile(start_iperf3_server, tmp_path):
     assert sorted(os.listdir(str(tmp_path))) == ["a", "b", "iperf.prom"]
 
 
+@pytest.mark.slow
 def test_unwritable_textfile_is_one_error_line_and_the_results_stay(iperf3_server, tmp_path):
     folder = tmp_path / "results"
     done = client(iperf3_server.port, folder, tmp_path / "no-such-folder" / "iperf.prom")

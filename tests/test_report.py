@@ -290,6 +290,7 @@ def test_report_into_a_closed_pipe_is_quiet(tmp_path, fmt):
 
 # --- rebuild ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_rebuild_equals_the_ledger_from_plain_gzipped_failed_and_corrupt_files(
         tmp_path, capsys, fake_iperf3):
     folder = tmp_path / "r"
@@ -537,6 +538,7 @@ def test_a_reordered_header_puts_the_figures_in_their_columns(tmp_path, fake_ipe
     assert (appended["sent_bps"], appended["received_bps"]) == ("1001.5", "901.25")
 
 
+@pytest.mark.slow
 def test_a_newer_versions_extra_column_keeps_every_row_and_its_cells(tmp_path, fake_iperf3):
     folder = runs_with_a_fake(tmp_path, fake_iperf3, count=2)
     lines = ledger_lines(folder)
@@ -563,6 +565,7 @@ def test_damaged_copies_never_overwrite_each_other(tmp_path):
     assert (open(first).read(), open(second).read()) == ("first", "second")
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_rebuild_stops_it_in_one_line(tmp_path):
     """The rebuild reads files in worker processes: none may print a traceback."""
     # About 150 KB of numbers in each file, which is parsed whole (no metadata of ours first).

@@ -208,6 +208,7 @@ def test_pidfile_naming_another_process_while_ours_runs(host):
         kill_process(sleeper)
 
 
+@pytest.mark.slow
 def test_stopped_daemon_is_replaced(host):
     assert_quiet_success(host.run())
     old = host.pid()
@@ -219,6 +220,7 @@ def test_stopped_daemon_is_replaced(host):
     assert "failed its health probe: no answer" in host.log()
 
 
+@pytest.mark.slow
 def test_status_says_unhealthy_for_a_hung_daemon(host):
     assert_quiet_success(host.run())
     pid = host.pid()
