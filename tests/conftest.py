@@ -1,6 +1,7 @@
 """Shared fixtures: free ports, real iperf3 servers, fake iperf3 executables, and the switches
 that turn a missing tool from a skip (a developer's laptop) into a failure (CI)."""
 
+import atexit
 import csv
 import datetime
 import itertools
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +21,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Test the scripts in this working tree, even when an older copy is pip-installed.
 sys.path.insert(0, str(ROOT))
+# Each test process (each xdist worker) its own empty HOME, set before the scripts are imported
+# (iperf_client's RESULTS_DIR is read then): a default path such as ~/iperf.pid or
+# ~/iperf_results is never another worker's, nor the developer's own. Tests that run a script
+# with its defaults give it a HOME of their own as well.
+os.environ["HOME"] = tempfile.mkdtemp(prefix="cip-home-")
+atexit.register(shutil.rmtree, os.environ["HOME"], True)
 
 import iperf_client  # noqa: E402 (needs the path above)
 import iperf_server  # noqa: E402
@@ -88,13 +96,6 @@ def client_login_broken(path):
     """True for an iperf3 whose client fails every login (CLIENT_LOGIN_BUG)."""
     version = iperf3_version(path)
     return version is not None and (3, 16) <= version[:2] < (3, 21)
-
-
-@pytest.fixture(autouse=True)
-def own_home(tmp_path_factory, monkeypatch):
-    """Each test its own empty HOME: the scripts' defaults (~/iperf.pid, ~/iperf_results) are
-    never another test's (tests run in parallel, in xdist's workers) nor the developer's own."""
-    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
 
 
 @pytest.fixture
