@@ -34,18 +34,23 @@ SERVER_SCRIPT = ROOT / "iperf_server.py"
 CLIENT_SCRIPT = ROOT / "iperf_client.py"
 
 
+# Two beds at a time: one alone (about 105 s of timed tests) would be the longest wait of a run.
+NETNS_GROUPS = 2
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Order and group the tests for xdist's workers (setup.cfg: `-n 4 --dist loadgroup`).
 
-    The test-bed tests (marker netns) run one at a time, on one worker, so that no two beds
-    share the CPU (their figures are timed); the other workers take everything else. They go
-    first, then the other tests marked slow, so the longest waits start early and the short
-    tests fill the gaps at the end, instead of one long test starting last.
+    The test-bed tests (marker netns) go in NETNS_GROUPS groups, each run one test at a time on
+    one worker: at most that many beds share the CPU (their figures are timed; netbed gives a
+    bed's processes the CPU first). They go first, then the other tests marked slow, so the
+    longest waits start early and the short tests fill the gaps at the end, instead of one long
+    test starting last.
     """
-    for item in items:
-        if item.get_closest_marker("netns"):
-            item.add_marker(pytest.mark.xdist_group("netns"))
+    beds = [item for item in items if item.get_closest_marker("netns")]
+    for index, item in enumerate(beds):
+        item.add_marker(pytest.mark.xdist_group("netns-%d" % (index % NETNS_GROUPS)))
     items.sort(key=lambda item: (item.get_closest_marker("netns") is None,
                                  item.get_closest_marker("slow") is None))
 
