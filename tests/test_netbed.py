@@ -157,7 +157,9 @@ def test_teardown_leaves_nothing_and_leftovers_are_cleaned(make_bed):
     # A daemon (it forks away from us) and a plain background process, as tests leave them.
     bed.exec_in(bed.server_ns, ["iperf3", "-s", "-D", "-B", SERVER_ADDR, "-p", "5201"])
     bed.popen_in(bed.client_ns, ["sleep", "300"])
-    assert netbed.wait_for(lambda: len(netbed.netns_pids(bed.server_ns)) == 1)
+    # Both running (`ip netns exec` may take a while to start `sleep` on a loaded machine).
+    assert netbed.wait_for(lambda: len(netbed.netns_pids(bed.server_ns)) == 1
+                           and len(netbed.netns_pids(bed.client_ns)) == 1)
     pids = netbed.netns_pids(bed.server_ns) + netbed.netns_pids(bed.client_ns)
     assert len(pids) == 2
     bed.destroy()
