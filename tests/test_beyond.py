@@ -4,14 +4,13 @@ loss: test_netbed.py; the relative check: test_check.py.)"""
 
 import csv
 import json
-import sys
 
 import pytest
 
-from conftest import CLIENT_SCRIPT, IperfServer, free_port, read_ledger, run_script
+from conftest import (CLIENT_SCRIPT, IperfServer, free_port, ledger_cells, read_ledger,
+                      run_script)
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 QUICK = ["-t", "1", "-P", "2", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
 
@@ -30,6 +29,7 @@ def measured(iperf3, tmp_path, server_extra=(), *args):
     return folder
 
 
+@pytest.mark.slow
 def test_rtt_both_ways_and_old_files_rebuilt_into_the_new_columns(iperf3, tmp_path):
     """Against a daemon that writes JSON (as iperf_server.py starts it), the reverse test's RTT
     is the server's own; then the folder is made what version 2.1 left (a 15-column ledger,
@@ -53,7 +53,7 @@ def test_rtt_both_ways_and_old_files_rebuilt_into_the_new_columns(iperf3, tmp_pa
     with open(str(folder / "results.csv"), "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(iperf_client.BASE_COLUMNS)
-        writer.writerows([[row[column] for column in iperf_client.BASE_COLUMNS] for row in rows])
+        writer.writerows([ledger_cells(row, iperf_client.BASE_COLUMNS) for row in rows])
     done = run_script(CLIENT_SCRIPT, ["report", "-d", folder, "--rebuild", "--format", "json"])
     assert done.returncode == 0, done.stderr
     rebuilt = read_ledger(folder)
@@ -63,12 +63,14 @@ def test_rtt_both_ways_and_old_files_rebuilt_into_the_new_columns(iperf3, tmp_pa
     assert summary["reverse"]["median_rtt_ms"] == float(rows[1]["mean_rtt_ms"])
 
 
+@pytest.mark.slow
 def test_without_a_json_daemon_the_reverse_rtt_stays_empty(iperf3, tmp_path):
     forward, reverse = read_ledger(measured(iperf3, tmp_path))
     assert float(forward["mean_rtt_ms"]) > 0
     assert reverse["min_rtt_ms"] == reverse["mean_rtt_ms"] == ""  # never 0
 
 
+@pytest.mark.slow
 def test_udp_run_on_loopback_and_its_gauges(iperf3, tmp_path):
     prom = tmp_path / "iperf.prom"
     folder = measured(iperf3, tmp_path, (), "--udp", "20M", "--prometheus-textfile", prom)
@@ -94,7 +96,7 @@ def test_rtt_gauges_are_seconds():
     row.update(timestamp=iperf_client.iso_time(1700000000), server="h", port="1",
                direction="forward", status="ok", received_bps="5", protocol="tcp",
                min_rtt_ms="10.5", mean_rtt_ms="25.0")
-    text = iperf_client.prometheus_text("", [[row[c] for c in iperf_client.LEDGER_COLUMNS]])
+    text = iperf_client.prometheus_text("", [ledger_cells(row)])
     labels = 'client="",label="",server="h",port="1",direction="forward"'
     assert 'iperf_rtt_seconds{%s} 0.025' % labels in text
     assert 'iperf_min_rtt_seconds{%s} 0.0105' % labels in text

@@ -2,15 +2,13 @@
 missing data, wrong arguments, and one check of real iperf3 runs."""
 
 import re
-import sys
 import time
 
 import pytest
 
-from conftest import CLIENT_SCRIPT, row_at, run_script, write_ledger
+from conftest import CLIENT_SCRIPT, ledger_cells, row_at, run_script, write_ledger
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 PERF_RE = re.compile(r"^(forward|reverse)=(\d+|U);(\d+):;(\d+):$")
 
@@ -189,6 +187,7 @@ def test_thresholds_without_check_are_a_usage_error(tmp_path, capsys):
     assert out == "" and len(err.splitlines()) == 1 and "go with --check" in err
 
 
+@pytest.mark.slow
 def test_check_of_real_runs_as_monitoring_runs_it(iperf3_server, tmp_path):
     args = ["--server", "127.0.0.1", "--port", iperf3_server.port, "-t", "1", "-P", "2",
             "-d", tmp_path, "--busy-wait", "0", "--timeout-margin", "5"]
@@ -239,7 +238,7 @@ def test_check_reads_only_the_end_of_a_large_ledger(tmp_path, capsys):
     assert code == 0 and line.startswith("OK - "), line
     tail, whole = iperf_client.read_ledger_tail(str(tmp_path / "results.csv"), 2000)
     assert len(tail) == 2000 and not whole
-    assert tail == [[one.get(c, "") for c in iperf_client.LEDGER_COLUMNS] for one in rows[-2000:]]
+    assert tail == [ledger_cells(one) for one in rows[-2000:]]
 
 
 # --- against the link's own normal (--drop-below, --rtt-rise) ---------------------------------

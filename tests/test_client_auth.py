@@ -79,6 +79,7 @@ def working_login(iperf3):
         pytest.skip(CLIENT_LOGIN_BUG)
 
 
+@pytest.mark.slow
 def test_right_password_from_the_environment(auth_server, tmp_path, working_login):
     results = tmp_path / "results"
     seen = []
@@ -103,6 +104,7 @@ def test_right_password_from_the_environment(auth_server, tmp_path, working_logi
     assert files_containing(results, PASSWORD) == []
 
 
+@pytest.mark.slow
 def test_right_password_from_a_file(auth_server, tmp_path, working_login):
     results = tmp_path / "results"
     password_file = tmp_path / "password"
@@ -110,7 +112,7 @@ def test_right_password_from_a_file(auth_server, tmp_path, working_login):
     os.chmod(str(password_file), 0o600)
     env = dict(os.environ)
     env.pop("IPERF3_PASSWORD", None)
-    done = subprocess.run(["python3", str(CLIENT_SCRIPT),
+    done = subprocess.run([sys.executable, str(CLIENT_SCRIPT),
                            *map(str, auth_args(auth_server, results, "--password-file",
                                                password_file))],
                           env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -142,8 +144,8 @@ def test_missing_password_without_a_terminal_exits_2_at_once(auth_server, tmp_pa
     results = tmp_path / "results"
     env = dict(os.environ)
     env.pop("IPERF3_PASSWORD", None)
-    done = subprocess.run(["python3", str(CLIENT_SCRIPT), *map(str, auth_args(auth_server,
-                                                                              results))],
+    done = subprocess.run([sys.executable, str(CLIENT_SCRIPT),
+                           *map(str, auth_args(auth_server, results))],
                           env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=20)
     assert_one_line_error(done, 2, "IPERF3_PASSWORD", "--password-file")

@@ -11,10 +11,9 @@ import sys
 import pytest
 
 import iperf_client
-from conftest import CLIENT_SCRIPT
+from conftest import CLIENT_SCRIPT, ledger_cells, ledger_row
 
-ROW = ["2026-01-01T00:00:00+00:00", "20260101_000000", "", "forward", "h", "5201", "2", "1", "ok",
-       "", "1.5", "1.25", "0", "1", "20260101_000000_client.json"]  # in LEDGER_COLUMNS order
+ROW = ledger_cells(ledger_row())
 
 
 def ledger_rows(path):

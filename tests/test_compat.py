@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,6 +110,7 @@ def ledger(results):
 
 # --- the watchdog ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_watchdog_starts_keeps_and_replaces_a_hung_daemon(watched):
     assert_quiet_success(watched.run("--iperf3", watched.iperf3))
     pid = watched.pid()
@@ -124,6 +126,7 @@ def test_watchdog_starts_keeps_and_replaces_a_hung_daemon(watched):
     assert "failed its health probe: no answer" in watched.log()
 
 
+@pytest.mark.slow
 def test_watchdog_keeps_a_busy_daemon(watched):
     assert_quiet_success(watched.run("--iperf3", watched.iperf3))
     pid = watched.pid()
@@ -170,6 +173,7 @@ def test_legacy_clients_only_where_the_version_has_the_switch(watched, credentia
 
 # --- the client -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_client_records_the_figures_iperf3_measured(iperf3_of, servers, tmp_path):
     server = servers()
     done = client(iperf3_of, server.port, tmp_path)
@@ -211,11 +215,12 @@ def test_client_waits_out_a_busy_server_and_says_so(iperf3_of, servers, tmp_path
     assert "server still busy" in log, log
 
 
+@pytest.mark.slow
 def test_client_stopped_by_sigterm_keeps_the_partial_result(iperf3_of, servers, tmp_path):
     server = servers()
     args = ["--iperf3", iperf3_of, "--server", "127.0.0.1", "--port", server.port, "-t", "8",
             "-P", "2", "-d", tmp_path, "--busy-wait", "0"]
-    proc = subprocess.Popen(["python3", str(CLIENT_SCRIPT), *map(str, args)],
+    proc = subprocess.Popen([sys.executable, str(CLIENT_SCRIPT), *map(str, args)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
     try:
@@ -234,6 +239,7 @@ def test_client_stopped_by_sigterm_keeps_the_partial_result(iperf3_of, servers, 
 
 # --- authentication -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_login_with_the_right_password(iperf3_of, servers, credentials, tmp_path):
     if client_login_broken(iperf3_of):
         pytest.skip(CLIENT_LOGIN_BUG)
@@ -279,6 +285,7 @@ def old_and_new():
     return old, matrix_iperf3("3.21")
 
 
+@pytest.mark.slow
 def test_old_client_new_server_is_explained_then_fixed_by_legacy_clients(
         old_and_new, credentials, tmp_path):
     old, new = old_and_new

@@ -16,8 +16,7 @@ import pytest
 from conftest import (CLIENT_SCRIPT, FAKE_RESULT, SERVER_SCRIPT, kill_process, pids_with, require,
                       row_at, run_script, wait_until, write_ledger)
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 
 # --- writes never damage what they replace --------------------------------------------------------

@@ -9,7 +9,6 @@ import signal
 import statistics
 import struct
 import subprocess
-import sys
 import zlib
 from html.parser import HTMLParser
 
@@ -18,8 +17,7 @@ import pytest
 from conftest import (CANNOT_CONNECT, CLIENT_SCRIPT, free_port, require, row_at, run_script, says,
                       write_ledger)
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 NOW = 1764331200.0  # 2025-11-28 12:00 UTC: the fixed "now" of the made-up ledgers
 
@@ -280,6 +278,7 @@ def test_a_line_breaks_where_no_test_ran_or_a_test_failed():
 
 # --- from real runs ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_html_from_real_runs_and_a_failed_one(start_iperf3_server, tmp_path):
     folder = tmp_path / "results"
     port = free_port()
@@ -386,6 +385,7 @@ def report_page(tmp_path):
     return tmp_path / "report.html"
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_browser_dom_holds_the_chart_lines(report_page, tmp_path):
     dom = Page(chromium(tmp_path, "--dump-dom", report_page.as_uri()))

@@ -11,12 +11,11 @@ import sys
 
 import pytest
 
-from conftest import (BASE_ROW, CLIENT_SCRIPT, FAKE_RESULT, IperfServer, free_port,
-                      kill_process, read_ledger, run_script, wait_until)
+from conftest import (CLIENT_SCRIPT, FAKE_RESULT, IperfServer, free_port, kill_process, old_rows,
+                      read_ledger, run_script, wait_until)
 from test_html import Page, chromium
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 QUICK = ["-t", "1", "-P", "1", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
 
@@ -98,6 +97,7 @@ def two_servers(iperf3):
             server.stop()
 
 
+@pytest.mark.slow
 def test_a_two_target_run_names_each_targets_files_and_reports_per_link(two_servers, tmp_path):
     folder = tmp_path / "results"
     first, second = ("a=127.0.0.1:%d" % two_servers[0].port,
@@ -168,6 +168,7 @@ def test_one_target_writes_todays_names(two_servers, tmp_path):
     assert [name[15:] for name in result_files(folder)] == ["_client.json", "_server.json"]
 
 
+@pytest.mark.slow
 def test_ipv6_loopback(iperf3, tmp_path):
     port = free_port()
     server = subprocess.Popen([iperf3, "-s", "-B", "::1", "-p", str(port)],
@@ -190,6 +191,7 @@ def test_ipv6_loopback(iperf3, tmp_path):
         kill_process(server)
 
 
+@pytest.mark.slow
 def test_two_crontab_lines_started_together_are_both_measured(two_servers, tmp_path):
     """Two lines sharing a folder, started in the same second: the second waits for the lock
     (the interval leaves room) instead of losing its run."""
@@ -245,11 +247,11 @@ def test_an_old_ledger_is_continued_by_a_new_run(tmp_path, fake_iperf3):
     old row as it was, and the report and --rebuild read it."""
     folder = tmp_path / "results"
     folder.mkdir()
-    old_rows = [[cell.replace("000000", "00000%d" % n) for cell in BASE_ROW] for n in range(3)]
+    rows = old_rows(3)
     with open(str(folder / "results.csv"), "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(iperf_client.BASE_COLUMNS)
-        writer.writerows(old_rows)
+        writer.writerows(rows)
     assert "3 runs" in report("-d", folder).stdout  # read as it is, before any run
     fake = fake_iperf3(FAKE_RESULT + "\nprint(json.dumps(doc))\n")
     done = run_client(folder, "--iperf3", fake, "-c", "h", "--client-name", "lab")
@@ -258,7 +260,7 @@ def test_an_old_ledger_is_continued_by_a_new_run(tmp_path, fake_iperf3):
         lines = list(csv.reader(handle))
     assert lines[0] == list(iperf_client.LEDGER_COLUMNS)
     blank = [""] * len(iperf_client.ADDED_COLUMNS)
-    assert lines[1:4] == [row + blank for row in old_rows]
+    assert lines[1:4] == [row + blank for row in rows]
     new = [dict(zip(lines[0], line)) for line in lines[4:]]
     assert [(row["client"], row["label"], row["status"]) for row in new] == [
         ("lab", "h", "ok")] * 2
@@ -294,6 +296,7 @@ print(json.dumps(doc))
     return folders
 
 
+@pytest.mark.slow
 def test_check_judges_each_link_and_names_the_worst(tmp_path, fake_iperf3):
     alpha, beta = mesh(tmp_path, fake_iperf3)
     thresholds = ["--warn-below", "0.0005", "--crit-below", "0.0001"]
@@ -309,6 +312,7 @@ def test_check_judges_each_link_and_names_the_worst(tmp_path, fake_iperf3):
     assert only.returncode == 0, only.stdout
 
 
+@pytest.mark.slow
 def test_report_across_two_folders_and_the_mesh_page_in_a_browser(tmp_path, fake_iperf3):
     alpha, beta = mesh(tmp_path, fake_iperf3)
     text = report("-d", alpha, "-d", beta)

@@ -4,7 +4,6 @@ back by the official prometheus_client parser and compared with the ledger."""
 import csv
 import fcntl
 import os
-import sys
 import threading
 import time
 
@@ -12,10 +11,9 @@ import pytest
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CLIENT_SCRIPT, run_script
+from conftest import CLIENT_SCRIPT, ledger_cells, run_script
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
 METRICS = ("iperf_received_bits_per_second", "iperf_sent_bits_per_second", "iperf_retransmits",
            "iperf_success", "iperf_last_run_timestamp_seconds")
@@ -66,6 +64,7 @@ def assert_matches_ledger(metrics, rows, port):
                 assert key not in metrics.get(metric, {}), metric  # never a fake 0 bits/s
 
 
+@pytest.mark.slow
 def test_good_run_then_failed_run(iperf3_server, tmp_path):
     folder, prom = tmp_path / "results", tmp_path / "textfile" / "iperf.prom"
     prom.parent.mkdir()
@@ -92,6 +91,7 @@ def test_good_run_then_failed_run(iperf3_server, tmp_path):
     assert os.listdir(str(prom.parent)) == ["iperf.prom"]
 
 
+@pytest.mark.slow
 def test_two_clients_share_one_textfile(start_iperf3_server, tmp_path):
     first, second = start_iperf3_server(), start_iperf3_server()
     prom = tmp_path / "iperf.prom"
@@ -113,6 +113,7 @@ def test_two_clients_share_one_textfile(start_iperf3_server, tmp_path):
     assert sorted(os.listdir(str(tmp_path))) == ["a", "b", "iperf.prom"]
 
 
+@pytest.mark.slow
 def test_unwritable_textfile_is_one_error_line_and_the_results_stay(iperf3_server, tmp_path):
     folder = tmp_path / "results"
     done = client(iperf3_server.port, folder, tmp_path / "no-such-folder" / "iperf.prom")
@@ -134,7 +135,7 @@ def ledger_rows(server_port, direction_status):
             "error": "" if status == "ok" else "boom", "sent_bps": "1000.5",
             "received_bps": "999.25", "retransmits": "" if direction == "reverse" else "4",
             "attempts": "1", "file": "f", "client": "me", "label": "lab"}
-        rows.append([cells.get(column, "") for column in iperf_client.LEDGER_COLUMNS])
+        rows.append(ledger_cells(cells))
     return rows
 
 

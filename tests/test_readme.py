@@ -30,6 +30,7 @@ def test_ci_runs_the_readme_test_command():
     assert quick_start_commands()[1] in ci
 
 
+@pytest.mark.slow
 def test_quick_start_main_job_measures_loopback_both_ways(tmp_path, iperf3):
     # The quick start uses the default port: it must be free (CI fails rather than skips).
     require(not listening(iperf_server.IPERF_PORT),

@@ -14,13 +14,11 @@ import time
 
 import pytest
 
-from conftest import (CLIENT_SCRIPT, FAKE_RESULT, read_ledger, row_stamped, run_script, wait_until,
-                      write_ledger)
+from conftest import (CLIENT_SCRIPT, FAKE_RESULT, LEDGER_COLUMNS as COLUMNS, old_rows, read_ledger,
+                      row_stamped, run_script, wait_until, write_ledger)
 
-sys.path.insert(0, str(CLIENT_SCRIPT.parent))
-import iperf_client  # noqa: E402
+import iperf_client
 
-COLUMNS = list(iperf_client.LEDGER_COLUMNS)
 SUMMARY_KEYS = ["count", "ok", "failed", "skipped", "min_bps", "p5_bps", "median_bps", "mean_bps",
                 "p95_bps", "max_bps", "retransmits", "median_rtt_ms", "median_min_rtt_ms",
                 "added_delay_ms", "latency_grade", "median_jitter_ms", "median_lost_percent",
@@ -298,6 +296,7 @@ def test_report_into_a_closed_pipe_is_quiet(tmp_path, fmt):
 
 # --- rebuild ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_rebuild_equals_the_ledger_from_plain_gzipped_failed_and_corrupt_files(
         tmp_path, capsys, fake_iperf3):
     folder = tmp_path / "r"
@@ -545,6 +544,7 @@ def test_a_reordered_header_puts_the_figures_in_their_columns(tmp_path, fake_ipe
     assert (appended["sent_bps"], appended["received_bps"]) == ("1001.5", "901.25")
 
 
+@pytest.mark.slow
 def test_a_newer_versions_extra_column_keeps_every_row_and_its_cells(tmp_path, fake_iperf3):
     folder = runs_with_a_fake(tmp_path, fake_iperf3, count=2)
     lines = ledger_lines(folder)
@@ -575,13 +575,14 @@ def test_sigterm_during_a_rebuild_stops_it_in_one_line(tmp_path):
     """The rebuild reads files in worker processes: none may print a traceback."""
     # About 150 KB of numbers in each file, which is parsed whole (no metadata of ours first).
     padding = [{"start": n + 0.25, "bytes": n * 1000, "sender": True} for n in range(3000)]
+    document = {"start": {"timestamp": {"timesecs": "TIMESECS"}},
+                "intervals": padding,
+                "end": {"sum_sent": {"bits_per_second": 1e6},
+                        "sum_received": {"bits_per_second": 9e5}}}
+    text = json.dumps(document)  # once: 600 times took 4 s of CPU from the tests beside it
     for index in range(600):
-        document = {"start": {"timestamp": {"timesecs": 1700000000 + index}},
-                    "intervals": padding,
-                    "end": {"sum_sent": {"bits_per_second": 1e6},
-                            "sum_received": {"bits_per_second": 9e5}}}
         name = "20240101_%06d_client.json" % index
-        (tmp_path / name).write_text(json.dumps(document))
+        (tmp_path / name).write_text(text.replace('"TIMESECS"', str(1700000000 + index)))
     proc = subprocess.Popen([sys.executable, str(CLIENT_SCRIPT), "report", "-d", str(tmp_path),
                              "--rebuild"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
@@ -601,10 +602,6 @@ def test_sigterm_during_a_rebuild_stops_it_in_one_line(tmp_path):
 
 # --- rebuilding the ledger -----------------------------------------------------------------
 
-LEDGER_ROW = ["2026-01-01T00:00:00+00:00", "20260101_000000", "", "forward", "h", "5201", "2", "1",
-              "ok", "", "1.5", "1.25", "0", "1", "20260101_000000_client.json"]
-
-
 def write_raw_ledger(path, header, rows, extra_lines=()):
     """A ledger file as it may be found: any header, rows and stray lines, as given."""
     lines = [",".join(header)] + [",".join(row) for row in rows] + list(extra_lines)
@@ -614,7 +611,7 @@ def write_raw_ledger(path, header, rows, extra_lines=()):
 @pytest.mark.parametrize("damage", ["header", "bad-line"])
 def test_rebuild_salvages_rows_whose_files_are_gone(tmp_path, damage):
     """After --keep-days the ledger's old rows exist nowhere else: damage must not cost them."""
-    rows = [[cell.replace("000000", "00000%d" % n) for cell in LEDGER_ROW] for n in range(6)]
+    rows = old_rows(6)
     header = list(iperf_client.BASE_COLUMNS)  # a ledger of version 2.1
     if damage == "header":
         header[0] = "tmestamp"  # misspelled: the header no longer says where "timestamp" is

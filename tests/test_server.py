@@ -1,11 +1,11 @@
 """iperf_server.py: the watchdog, against real iperf3 daemons on random free ports."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -216,6 +216,7 @@ def test_pidfile_naming_another_process_while_ours_runs(host):
         kill_process(sleeper)
 
 
+@pytest.mark.slow
 def test_stopped_daemon_is_replaced(host):
     assert_quiet_success(host.run())
     old = host.pid()
@@ -227,6 +228,7 @@ def test_stopped_daemon_is_replaced(host):
     assert "failed its health probe: no answer" in host.log()
 
 
+@pytest.mark.slow
 def test_status_says_unhealthy_for_a_hung_daemon(host):
     assert_quiet_success(host.run())
     pid = host.pid()
@@ -260,26 +262,38 @@ def test_busy_for_less_than_max_busy_is_kept(busy_server):
     assert "is busy with a test" in busy_server.log()
 
 
+def age_busy_clock(host, seconds):
+    """Move the watchdog's busy clock (busy_since in its state file) `seconds` back: the next
+    run sees the server busy for that much longer, with no test waiting for it."""
+    state_file = host.pidfile + ".state"
+    with open(state_file) as handle:
+        state = json.load(handle)
+    assert isinstance(state.get("busy_since"), (int, float)), state
+    state["busy_since"] -= seconds
+    with open(state_file, "w") as handle:
+        json.dump(state, handle)
+
+
 def test_busy_for_longer_than_max_busy_is_restarted(busy_server):
     pid = busy_server.pid()
-    assert_quiet_success(busy_server.run("--max-busy", "0.01"))  # 0.6 s
+    assert_quiet_success(busy_server.run("--max-busy", "1"))
     assert busy_server.pid() == pid, "the first busy answer only starts the clock"
-    time.sleep(1)
-    assert_quiet_success(busy_server.run("--max-busy", "0.01"))
+    age_busy_clock(busy_server, 61)
+    assert_quiet_success(busy_server.run("--max-busy", "1"))
     assert busy_server.pid() != pid
     assert "longer than --max-busy" in busy_server.log()
 
 
 def test_back_to_back_tests_do_not_add_up_to_max_busy(busy_server, iperf3):
     pid = busy_server.pid()
-    assert_quiet_success(busy_server.run("--max-busy", "0.01"))  # the clock starts: 0.6 s
+    assert_quiet_success(busy_server.run("--max-busy", "1"))  # the clock starts
     kill_process(busy_server.clients[0])
     busy_server.clients.append(hold_server(iperf3, busy_server.port))  # the next client's test
-    time.sleep(1)
-    assert_quiet_success(busy_server.run("--max-busy", "0.01"))
+    age_busy_clock(busy_server, 61)
+    assert_quiet_success(busy_server.run("--max-busy", "1"))
     assert busy_server.pid() == pid, "a new test restarted the clock, it is no stuck server"
-    time.sleep(1)
-    assert_quiet_success(busy_server.run("--max-busy", "0.01"))
+    age_busy_clock(busy_server, 61)
+    assert_quiet_success(busy_server.run("--max-busy", "1"))
     assert busy_server.pid() != pid, "the same test for longer than --max-busy is stuck"
 
 

@@ -4,6 +4,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +14,7 @@ from conftest import (SERVER_SCRIPT, assert_one_line_error, assert_quiet_success
 
 
 def run_with_stdin(args, text):
-    return subprocess.run(["python3", str(SERVER_SCRIPT), *args], input=text,
+    return subprocess.run([sys.executable, str(SERVER_SCRIPT), *args], input=text,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=60)
 
@@ -90,7 +91,7 @@ def test_add_user_keeps_the_files_owner(users):
 
 def test_add_user_refuses_a_password_that_is_not_text(tmp_path):
     path = tmp_path / "users.csv"
-    done = subprocess.run(["python3", str(SERVER_SCRIPT), "--add-user", "x",
+    done = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--add-user", "x",
                            "--authorized-users-path", str(path)], input=b"\xff\xfe\n",
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     assert done.returncode == 2 and b"Traceback" not in done.stderr

@@ -281,6 +281,7 @@ def run_as_systemd(argv, parsed, home, iperf3, folders=None):
                           start_new_session=True, timeout=90)
 
 
+@pytest.mark.slow
 def test_the_units_commands_keep_a_server_and_measure_it_both_ways(host, iperf3, tmp_path):
     server = unit(SERVER + ".service")
     state = directory(server, "StateDirectory", "/var/lib")
