@@ -389,6 +389,11 @@ class Fleet:
             kill_process(proc)
 
 
+# The tests on the real Prometheus share one (a module fixture) on one xdist worker, in file
+# order: the last one takes the client's server down.
+ONE_PROMETHEUS = pytest.mark.xdist_group("prometheus")
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """A TCP run and a UDP run of one client into its textfile folder, served and scraped; both
@@ -404,6 +409,8 @@ def fleet(tmp_path_factory):
         assert_quiet_success(fleet.client(server.port, "--udp", "10M", "--prefix", "udp-"))
         fleet.server_port = str(server.port)
         fleet.start(node_exporter, prometheus)
+        # Every test reads what Prometheus scraped: wait for the first scrape of both runs.
+        scraped(fleet, 'iperf_received_bits_per_second{client="%s"}' % CLIENT_NAME, 4)
         yield fleet
     finally:
         fleet.stop()
@@ -419,6 +426,7 @@ def scraped(fleet, expr, count=1):
     return found
 
 
+@ONE_PROMETHEUS
 def test_prometheus_has_every_series_with_its_labels(fleet):
     expected = {}
     for name, labels, _ in samples(fleet.prom.read_text()):
@@ -436,6 +444,7 @@ def test_prometheus_has_every_series_with_its_labels(fleet):
             assert series["metric"]["job"] == "node"
 
 
+@ONE_PROMETHEUS
 def test_every_rule_loads_and_evaluates_healthy(fleet):
     shipped = len(re.findall(r"^\s+- (?:record|alert):", RULES.read_text(), re.M))
 
@@ -480,6 +489,7 @@ def concrete(expr):
     return expr
 
 
+@ONE_PROMETHEUS
 def test_every_dashboard_query_is_valid_promql_and_throughput_shows_the_client(fleet):
     queries, _ = dashboard_queries()
     assert len(queries) >= 10
@@ -493,6 +503,7 @@ def test_every_dashboard_query_is_valid_promql_and_throughput_shows_the_client(f
                 CLIENT_NAME}, (title, expr, result)
 
 
+@ONE_PROMETHEUS
 def test_dashboard_variables_list_the_client_and_its_server(fleet):
     _, variables = dashboard_queries()
     assert {v["name"]: (v["includeAll"], v["allValue"]) for v in variables} == {
@@ -506,6 +517,7 @@ def test_dashboard_variables_list_the_client_and_its_server(fleet):
             {"client": CLIENT_NAME, "server": "127.0.0.1"}[variable["name"]]], answer
 
 
+@ONE_PROMETHEUS
 def test_three_failed_runs_fire_the_failing_alert(fleet):
     """Last, as it takes the client's server down: three failed runs in a row fire
     IperfTestsFailing for the link, in each direction."""
