@@ -2733,9 +2733,10 @@ def chart_points(times, values, failure_times, span, limit=MAX_POINTS):
     def slot_of(moments):
         return map(int, map(operator.floordiv, map(operator.sub, moments, itertools.repeat(
             start)), itertools.repeat(width)))
-    times = array.array("d", itertools.compress(times, keep))
-    values = array.array("d", itertools.compress(values, keep))
-    if all(map(operator.le, times, times[1:])):  # in time order, as a ledger is
+    if not all(keep):  # no copy of a year's columns in the usual case
+        times = array.array("d", itertools.compress(times, keep))
+        values = array.array("d", itertools.compress(values, keep))
+    if all(map(operator.le, times, itertools.islice(times, 1, None))):  # in time order
         slots = _ordered_slots(times, values, lambda moment: next(slot_of((moment,))))
     else:
         slots = {}
