@@ -2073,7 +2073,13 @@ class Selection(collections.namedtuple("Selection", (
 
 
 def _finite_sorted(values):
-    """The finite numbers of a column, as a sorted list (NaN marks a test without the figure)."""
+    """The finite numbers of a column, as a sorted list (NaN marks a test without the figure).
+    A column whose sum is finite has no NaN nor infinity: sorted as it is (C loops only)."""
+    if not isinstance(values, (array.array, list, tuple)):
+        values = list(values)
+    total = sum(values)
+    if total - total == 0:
+        return sorted(values)
     return sorted(filter(math.isfinite, values))
 
 
@@ -2167,20 +2173,29 @@ class DirectionTally:
             "bytes": self.bytes / 8, "test_seconds": self.seconds,
         }
 
-    def by_hour(self, name, column):
-        """{(name, "HH"): (median, number of tests)} of a column by the hour of day of each
-        test's start, in the local time written in the ledger (where busy-hour dips show)."""
-        if not any(map(math.isfinite, column)):
-            return {}
-        order = sorted(range(len(column)), key=self.hours.__getitem__)  # C loops, stable
-        counts, medians, start = collections.Counter(self.hours), {}, 0
-        for hour in sorted(counts):
-            chosen = order[start:start + counts[hour]]
-            start += counts[hour]
-            values = _finite_sorted(map(column.__getitem__, chosen)) if hour >= 0 else []
-            if values:
-                medians[name, "%02d" % hour] = (percentile(values, 0.5), len(values))
-        return medians
+    def by_hour(self, name, *columns):
+        """[{(name, "HH"): (median, number of tests)}, one a column] of columns by the hour of
+        day of each test's start, in the local time written in the ledger (where busy-hour
+        dips show). The tests' order by hour is sorted once for all the columns."""
+        order, tables = None, []
+        for column in columns:
+            tables.append({})
+            if not any(map(math.isfinite, column)):
+                continue
+            if order is None:
+                order = sorted(range(len(column)), key=self.hours.__getitem__)  # C, stable
+                counts = sorted(collections.Counter(self.hours).items())
+            start = 0
+            for hour, count in counts:
+                chosen, start = order[start:start + count], start + count
+                if hour < 0:
+                    continue
+                cells = operator.itemgetter(*chosen)(column) if count > 1 else [
+                    column[chosen[0]]]
+                values = _finite_sorted(cells)
+                if values:
+                    tables[-1][name, "%02d" % hour] = (percentile(values, 0.5), len(values))
+        return tables
 
     def period(self):
         """(first, last) start of its tests in Unix seconds, or None."""
@@ -2541,8 +2556,9 @@ def hour_tables(link, names):
     received, rtt = {}, {}
     for name in names:
         side = link.directions[name]
-        received.update(side.by_hour(name, side.received))
-        rtt.update(side.by_hour(name, side.rtt))
+        by_received, by_rtt = side.by_hour(name, side.received, side.rtt)
+        received.update(by_received)
+        rtt.update(by_rtt)
     return received, rtt
 
 
@@ -2724,11 +2740,17 @@ def chart_points(times, values, failure_times, span, limit=MAX_POINTS):
     def slot_of(moments):
         return map(int, map(operator.floordiv, map(operator.sub, moments, itertools.repeat(
             start)), itertools.repeat(width)))
-    slots = {}
-    for number, group in itertools.groupby(zip(slot_of(itertools.compress(times, keep)),
-                                               itertools.compress(values, keep)),
-                                           key=operator.itemgetter(0)):
-        slots.setdefault(number, array.array("d")).extend(map(operator.itemgetter(1), group))
+    if not all(keep):  # no copy of a year's columns in the usual case
+        times = array.array("d", itertools.compress(times, keep))
+        values = array.array("d", itertools.compress(values, keep))
+    if all(map(operator.le, times, itertools.islice(times, 1, None))):  # in time order
+        slots = _ordered_slots(times, values, lambda moment: next(slot_of((moment,))))
+    else:
+        slots = {}
+        for number, group in itertools.groupby(zip(slot_of(times), values),
+                                               key=operator.itemgetter(0)):
+            slots.setdefault(number, array.array("d")).extend(
+                map(operator.itemgetter(1), group))
     for number in slot_of(failures):
         slots.setdefault(number, array.array("d"))
     points = []
@@ -2738,6 +2760,23 @@ def chart_points(times, values, failure_times, span, limit=MAX_POINTS):
                        (percentile(ordered, 0.05), percentile(ordered, 0.95)) if ordered
                        else None))
     return points
+
+
+def _ordered_slots(times, values, slot):
+    """{slot number: its values (an array slice)} of tests in time order, each slot's end
+    found by a binary search of `slot` (monotonic in time): a few steps a slot, not one a
+    test."""
+    slots, low, count = {}, 0, len(times)
+    while low < count:
+        number, high, end = slot(times[low]), low + 1, count
+        while high < end:
+            middle = (high + end) // 2
+            if slot(times[middle]) > number:
+                end = middle
+            else:
+                high = middle + 1
+        slots[number], low = values[low:high], high
+    return slots
 
 
 def split_at_gaps(points, factor=GAP_FACTOR):

@@ -12,6 +12,8 @@ file measured in the same run, and its peak memory (ru_maxrss of the process):
 3. The README's mesh: 4 folders (hosts), each testing the 3 others, a year (12 links, 2.5
    million rows) as one HTML page; goal: under 15 s and 200 MB.
 4. `report --check` over the 1,000,000 rows (it reads the ledger's end only).
+5. Where the time goes: the bare read, the chunk reader, the pass and the figures at its end,
+   timed in one process over section 1's ledger (CPU seconds).
 
 The machine is often shared: compare the ratios of one run, and read the load it prints.
 
@@ -195,11 +197,53 @@ def main():
                                    options.repeat, codes=(0, 1, 2, 3))
         print("\n4. report --check over %d rows: %.3f s, %.0f MB (2.2: 0.2 s, 32 MB)" % (
             rows, check, check_mem))
+        split(big)
         if not options.skip_mesh:
             mesh(work, runs, rng, out, options.repeat)
     finally:
         if not options.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+SPLIT = """import csv, gc, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import iperf_client as client
+gc.disable()  # as the report runs
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+folder, ledger, figures = sys.argv[2], sys.argv[2] + "/" + client.LEDGER_NAME, []
+start = cpu()
+with open(ledger, newline="") as handle:
+    for row in csv.reader(handle):
+        pass
+figures.append(("bare csv.reader pass", cpu() - start))
+start = cpu()
+for rows in client.ledger_chunks(ledger):
+    pass
+figures.append(("ledger_chunks (read, split, map)", cpu() - start))
+start = cpu()
+tally = client.tally_folders([folder], client.Selection(
+    None, None, None, ("forward", "reverse"), None, None, None))
+figures.append(("tally_folders (the pass: read + tally)", cpu() - start))
+start = cpu()
+links = tally.sorted_links()
+overview = client.link_overview(links, client.names_of(links), "both", time.time())
+figures.append(("link_overview (statistics, hours)", cpu() - start))
+start = cpu()
+client.html_report(tally, links, overview, folder, None, None, None, time.time())
+figures.append(("html_report (tables, charts)", cpu() - start))
+for label, seconds in figures:
+    print("  %-40s %6.2f s CPU %6.2fx" % (label, seconds, seconds / figures[0][1]))
+"""
+
+
+def split(folder):
+    """Where the time goes: the report's parts timed in one process (CPU seconds)."""
+    print("\n5. where the time goes, in one process over section 1's ledger (%s)" % load_text())
+    sys.stdout.flush()
+    subprocess.run([sys.executable, "-c", SPLIT, ROOT, folder], check=True,
+                   stdin=subprocess.DEVNULL)
 
 
 def mesh(work, runs, rng, out, repeat):
