@@ -57,7 +57,8 @@ def measure(argv, stdout_path, repeat, codes=(0,)):
             elapsed = time.perf_counter() - started
             error = proc.stderr.read().decode()
             proc.stderr.close()
-        code = os.waitstatus_to_exitcode(status)
+        code = os.waitstatus_to_exitcode(status) if hasattr(  # Python 3.9+
+            os, "waitstatus_to_exitcode") else status >> 8
         if code not in codes:
             raise SystemExit("%s failed (%s): %s" % (" ".join(argv), code, error))
         best = min(best, elapsed)
