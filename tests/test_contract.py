@@ -67,9 +67,9 @@ def test_the_shared_block_stands_above_every_other_definition():
     """High in the file, after the settings and constants: everything below may use it."""
     for path in SCRIPTS:
         first, last = shared_span(path)
-        outside = [name for name, (start, _) in top_level_definitions(path).items()
-                   if not first < start < last]
-        assert all(top_level_definitions(path)[name][0] > last for name in outside), path
+        definitions = top_level_definitions(path)
+        above = [name for name, (start, _) in definitions.items() if start < first]
+        assert above == [], (path, above)
 
 
 def test_each_script_names_itself_for_the_shared_program_name():
