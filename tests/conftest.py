@@ -37,6 +37,7 @@ CLIENT_SCRIPT = ROOT / "iperf_client.py"
 # One bed at a time. Two (halving the longest wait of a run, about 105 s of timed tests) failed
 # the wire's 10 ms test once in four runs on a loaded machine.
 NETNS_GROUPS = 1
+BED_RERUNS = 1
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -52,6 +53,11 @@ def pytest_collection_modifyitems(config, items):
     beds = [item for item in items if item.get_closest_marker("netns")]
     for index, item in enumerate(beds):
         item.add_marker(pytest.mark.xdist_group("netns-%d" % (index % NETNS_GROUPS)))
+        # A bed's wire and its hosts are processes of this machine: a virtual machine whose
+        # host is busy delays them (seen: 5 ms sleeps overslept by up to 6 ms, the 40 ms wire
+        # read 52-61 ms at its 99th percentile). A bed test that fails is measured once more;
+        # one that fails twice fails the run (pytest-rerunfailures says each rerun).
+        item.add_marker(pytest.mark.flaky(reruns=BED_RERUNS))
     items.sort(key=lambda item: (item.get_closest_marker("netns") is None,
                                  item.get_closest_marker("slow") is None))
 
