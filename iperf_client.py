@@ -1379,28 +1379,42 @@ def _parse_lines(lines):
     return cells
 
 
+LEDGER_REMEDY = "run 'iperf_client.py report --rebuild' to regenerate it from the result files"
+
+
+def _ledger_mapper(path, header):
+    """_mapper's (function, extra names) for a ledger's header; LedgerError when damaged."""
+    mapper = (None, []) if tuple(header) == LEDGER_COLUMNS else _mapper(header)
+    if mapper is None:
+        raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, LEDGER_REMEDY))
+    return mapper
+
+
+def _check_widths(path, rows, header, first_number):
+    """LedgerError naming the first of `rows` (lines from `first_number` on) whose number of
+    fields is not the header's."""
+    if set(map(len, rows)) - {len(header)}:
+        bad = next(index for index, row in enumerate(rows) if len(row) != len(header))
+        raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
+            path, first_number + bad, len(rows[bad]), len(header), LEDGER_REMEDY))
+
+
 def _ledger_from_lines(path, lines, extra=None):
     """Rows of a ledger from its lines, the header first; see read_ledger."""
-    remedy = "run 'iperf_client.py report --rebuild' to regenerate it from the result files"
     try:
         rows = _parse_lines(lines)
     except csv.Error as exc:
-        raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, remedy))
+        raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, LEDGER_REMEDY))
     if not rows:
         return []
     header = rows.pop(0)
-    mapper = (None, []) if tuple(header) == LEDGER_COLUMNS else _mapper(header)
-    if mapper is None:
-        raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, remedy))
+    mapper = _ledger_mapper(path, header)
     if rows and not lines[-1].endswith("\n"):
         # A run appending it this very moment (a reader may see half a write), or a crash cut
         # it: no row yet, even when its cells look whole (`...,3` may be `...,39` cut short).
         # The next run cuts a dead one off; --rebuild restores it from its file.
         rows.pop()
-    bad = [index for index, row in enumerate(rows) if len(row) != len(header)]
-    if bad:
-        raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
-            path, bad[0] + 2, len(rows[bad[0]]), len(header), remedy))
+    _check_widths(path, rows, header, 2)
     getter, names = mapper
     if getter is not None:
         rows = [list(getter(row)) for row in rows]
@@ -1585,8 +1599,7 @@ def read_ledger(path, extra=None):
         with open(path, newline="", encoding="utf-8", errors="replace") as handle:
             lines = handle.readlines()
     except FileNotFoundError:
-        raise LedgerError("no ledger %s: run 'iperf_client.py report --rebuild' to regenerate "
-                          "it from the result files" % path)
+        raise LedgerError("no ledger %s: %s" % (path, LEDGER_REMEDY))
     except OSError as exc:
         raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
     return _ledger_from_lines(path, lines, extra)
@@ -1609,8 +1622,7 @@ def read_ledger_tail(path, wanted):
                 data = handle.read(step) + data
                 block *= 2
     except FileNotFoundError:
-        raise LedgerError("no ledger %s: run 'iperf_client.py report --rebuild' to regenerate "
-                          "it from the result files" % path)
+        raise LedgerError("no ledger %s: %s" % (path, LEDGER_REMEDY))
     except OSError as exc:
         raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
     if not size:
@@ -1670,19 +1682,16 @@ def ledger_chunks(path):
     time (REPORT_CHUNK bytes of lines): its memory does not grow with the ledger. A last line
     cut short (a run appending it this moment, or a crash) is no row yet. Raises LedgerError
     when the ledger is missing or damaged, IperfError when it cannot be read."""
-    remedy = "run 'iperf_client.py report --rebuild' to regenerate it from the result files"
     try:
         handle = open(path, newline="", encoding="utf-8-sig", errors="replace")
     except FileNotFoundError:
-        raise LedgerError("no ledger %s: %s" % (path, remedy))
+        raise LedgerError("no ledger %s: %s" % (path, LEDGER_REMEDY))
     except OSError as exc:
         raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
     with handle:
         first = handle.readline()
         header = _parse_lines([first])[0] if first else []
-        mapper = (None, []) if tuple(header) == LEDGER_COLUMNS else _mapper(header)
-        if first and mapper is None:
-            raise LedgerError("ledger %s is damaged (unexpected header): %s" % (path, remedy))
+        mapper = _ledger_mapper(path, header) if first else None
         number = 1
         while first:
             lines = handle.readlines(REPORT_CHUNK)
@@ -1695,11 +1704,8 @@ def ledger_chunks(path):
             try:
                 rows = _parse_lines(lines)
             except csv.Error as exc:
-                raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, remedy))
-            if set(map(len, rows)) - {len(header)}:
-                bad = next(index for index, row in enumerate(rows) if len(row) != len(header))
-                raise LedgerError("ledger %s is damaged (line %d has %d fields, not %d): %s" % (
-                    path, number + bad + 1, len(rows[bad]), len(header), remedy))
+                raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, LEDGER_REMEDY))
+            _check_widths(path, rows, header, number + 1)
             number += len(lines)
             if mapper[0] is not None:
                 rows = list(map(mapper[0], rows))
