@@ -301,8 +301,10 @@ def users_file_with(lines, username, digest):
 
 
 def probe_argv(executable, address, port):
-    """A tiny client test: 1 KB, JSON output, a 2 s connect timeout (iperf3 3.2+)."""
-    return [executable, "-c", address, "-p", str(port), "-n", "1K", "-J",
+    """A tiny client test: 1 KB, JSON output, a 2 s connect timeout (iperf3 3.2+). `-i 0.1`:
+    a 3.16+ client ends a test only at its next report tick and spins on a core until then
+    (a second of CPU a probe at the default `-i 1`, a tenth at 0.1; `-i 0` never ends)."""
+    return [executable, "-c", address, "-p", str(port), "-n", "1K", "-i", "0.1", "-J",
             "--connect-timeout", "2000"]
 
 
@@ -987,6 +989,16 @@ class Watchdog:
             return "fail", detail
         return verdict, detail
 
+    def health(self, pid, address=None, port=None, authenticating=None):
+        """The probe's (verdict, detail) for our daemon `pid`. A stopped one fails at once: the
+        kernel would take the probe's connection and nobody answer it, a probe would only
+        wait out PROBE_TIMEOUT."""
+        info = process_info(pid)
+        if info is not None and info[0] in ("T", "t"):
+            return "fail", ("stopped (process state %s: SIGSTOP or a debugger), it cannot "
+                            "answer" % info[0])
+        return self.probe(address, port, authenticating)
+
     def remember(self, pid, verdict, detail, busy_since=None, busy_peers=(), restarted=False):
         """Keep what the next run needs: the last verdict, since when and with whom the
         server has been busy, and when it was (re)started lately."""
@@ -1085,13 +1097,19 @@ class Watchdog:
             pid = pid if daemon_argv_of(pid, pidfile) else None
             if pid and port_listening(self.address, port, self.bind):
                 return pid
-            if time.monotonic() > deadline:
+            # The parent forked the daemon before it exited: when no process writing our
+            # pidfile is left, the daemon died (a --logfile it cannot open, a port it cannot
+            # bind), and waiting out START_TIMEOUT would only delay the verdict.
+            exited = not our_daemons(pidfile)
+            if exited or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         if said:
             raise IperfError("iperf3 failed to start: %s" % said[0])
-        raise IperfError("iperf3 did not come up within %g s (%s); for its own reason, %s" % (
-            START_TIMEOUT, "no pidfile" if not pid else "not listening on port %d" % port,
+        raise IperfError("iperf3 %s; for its own reason, %s" % (
+            "exited before it listened on port %d" % port if exited else
+            "did not come up within %g s (%s)" % (
+                START_TIMEOUT, "no pidfile" if not pid else "not listening on port %d" % port),
             "see its --logfile" if sets_option(argv, "--logfile")
             else "pass -- --logfile /tmp/iperf3.log"))
 
@@ -1228,7 +1246,7 @@ class Watchdog:
         if not self.probe_enabled:
             log.debug("iperf3 is running (pid %d); not probed", pid)
             return pid
-        verdict, detail = self.probe()
+        verdict, detail = self.health(pid)
         if verdict == "ok":
             self.remember(pid, verdict, detail)
             log.debug("iperf3 is running (pid %d) and %s", pid, detail)
@@ -1271,8 +1289,8 @@ class Watchdog:
             pid, port, format_duration(uptime) if uptime is not None else "?")
         if self.probe_enabled:
             # Judged as the daemon runs, whatever flags --status was given.
-            verdict, detail = self.probe(probe_address(option_value(argv, "-B", "--bind")), port,
-                                         "--rsa-private-key-path" in argv)
+            verdict, detail = self.health(pid, probe_address(option_value(argv, "-B", "--bind")),
+                                          port, "--rsa-private-key-path" in argv)
             when = "probe"
         else:
             state = read_state(self.state_file)

@@ -4,6 +4,7 @@ that turn a missing tool from a skip (a developer's laptop) into a failure (CI).
 import atexit
 import csv
 import datetime
+import functools
 import itertools
 import os
 import shutil
@@ -79,6 +80,7 @@ def iperf3_path():
     return shutil.which("iperf3")
 
 
+@functools.lru_cache(maxsize=None)
 def iperf3_version(path):
     """The version tuple of the iperf3 at `path` (None when its banner holds none)."""
     done = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -278,6 +280,32 @@ def add_user(users_file, username, password):
     assert added.returncode == 0, added.stderr
 
 
+# --- Logins: one RSA key pair and one users file a worker, each test its own copy ---
+
+USER, PASSWORD = "tester", "Corr3ct-Horse"
+
+
+@pytest.fixture(scope="session")
+def worker_credentials(tmp_path_factory):
+    """The key pair made by `iperf_server.py --make-keys` and a users file with USER made by
+    `--add-user`, once a worker: a 2048-bit key costs openssl 0.1-0.3 s of CPU, and a pair a
+    test was 16 s of a run."""
+    folder = tmp_path_factory.mktemp("credentials")
+    done = run_script(SERVER_SCRIPT, ["--make-keys", folder / "keys"])
+    assert done.returncode == 0, done.stderr
+    add_user(folder / "users.csv", USER, PASSWORD)
+    return folder
+
+
+@pytest.fixture
+def credentials(worker_credentials, tmp_path):
+    """(private key, public key, users file) for USER / PASSWORD: this test's own copies (the
+    private key and the users file 0600, as made)."""
+    shutil.copytree(str(worker_credentials), str(tmp_path / "credentials"))
+    folder = tmp_path / "credentials"
+    return folder / "keys" / "private.pem", folder / "keys" / "public.pem", folder / "users.csv"
+
+
 @pytest.fixture
 def fake_iperf3(tmp_path):
     """Factory writing an executable Python script named `iperf3` into its own folder.
@@ -312,6 +340,24 @@ def run_script(script, args, env=None, timeout=120, cwd=None):
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True, env=full_env, timeout=timeout, cwd=cwd,
     )
+
+
+# The suite's real iperf3 tests send PACE a stream. On loopback an unpaced test keeps a core busy
+# on each side for its whole length: four workers of them took most of a 2-core machine and
+# starved the test bed's timers. What those tests check (files, rows, logins, daemons) needs no
+# speed; the tests of figures (test bed, latency grades) run unpaced.
+PACE = "50M"
+QUICK = ["-t", "1", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
+
+
+def paced(args, iperf3=None):
+    """A client command line (words) whose iperf3 tests send PACE a stream (a --udp run has its
+    own rate). A paced iperf3 3.16 spins a core a stream (esnet/iperf 1741, fixed in 3.17): a
+    run of `iperf3` 3.16 stays unpaced, cheaper so."""
+    words = [str(arg) for arg in args]
+    if "--udp" in words or (iperf3 and (iperf3_version(str(iperf3)) or ())[:2] == (3, 16)):
+        return words
+    return words + ([] if "--" in words else ["--"]) + ["-b", PACE]
 
 
 def hold_server(iperf3, port):

@@ -7,12 +7,10 @@ import json
 
 import pytest
 
-from conftest import (CLIENT_SCRIPT, IperfServer, free_port, ledger_cells, read_ledger,
-                      run_script)
+from conftest import (CLIENT_SCRIPT, QUICK, IperfServer, free_port, ledger_cells, paced,
+                      read_ledger, run_script)
 
 import iperf_client
-
-QUICK = ["-t", "1", "-P", "2", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
 
 
 def measured(iperf3, tmp_path, server_extra=(), *args):
@@ -21,8 +19,8 @@ def measured(iperf3, tmp_path, server_extra=(), *args):
     server = IperfServer(iperf3, free_port(), server_extra)
     try:
         folder = tmp_path / "results"
-        done = run_script(CLIENT_SCRIPT, QUICK + ["-c", "127.0.0.1", "-p", server.port,
-                                                  "-d", folder] + list(args))
+        done = run_script(CLIENT_SCRIPT, paced([*QUICK, "-P", "2", "-c", "127.0.0.1", "-p",
+                                                server.port, "-d", folder, *args]))
         assert (done.returncode, done.stderr) == (0, "")
     finally:
         server.stop()

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import CLIENT_SCRIPT, ledger_cells, row_at, run_script, write_ledger
+from conftest import CLIENT_SCRIPT, ledger_cells, paced, row_at, run_script, write_ledger
 
 import iperf_client
 
@@ -191,7 +191,7 @@ def test_thresholds_without_check_are_a_usage_error(tmp_path, capsys):
 def test_check_of_real_runs_as_monitoring_runs_it(iperf3_server, tmp_path):
     args = ["--server", "127.0.0.1", "--port", iperf3_server.port, "-t", "1", "-P", "2",
             "-d", tmp_path, "--busy-wait", "0", "--timeout-margin", "5"]
-    assert run_script(CLIENT_SCRIPT, args).returncode == 0
+    assert run_script(CLIENT_SCRIPT, paced(args)).returncode == 0
     done = run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path, "--check", "--warn-below",
                                       "1", "--crit-below", "0.5"])
     assert done.returncode == 0 and done.stderr == ""

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import (
     CANNOT_CONNECT, CLIENT_SCRIPT, FAKE_RESULT, LEDGER_COLUMNS, SAYS_BUSY, assert_one_line_error,
-    free_port, kill_process, pids_with, read_ledger, run_script, says, wait_until,
+    free_port, kill_process, paced, pids_with, read_ledger, run_script, says, wait_until,
 )
 
 import iperf_client
@@ -46,7 +46,7 @@ def no_temp_files(folder):
 def client_args(port, folder, *more):
     args = ["--server", "127.0.0.1", "--port", port, "-t", "1", "-P", "2", "-d", folder,
             "--timeout-margin", "5", "--busy-wait", "0", *more]
-    return [str(arg) for arg in args]
+    return paced(args)
 
 
 def assert_clean(proc):
@@ -195,7 +195,7 @@ def test_signal_mid_test_keeps_partial_result(server, tmp_path, signame):
     signum = getattr(signal, signame)
     port = str(server.port)
     script = subprocess.Popen(
-        [sys.executable, str(CLIENT_SCRIPT), *client_args(port, tmp_path), "-t", "20"],
+        [sys.executable, str(CLIENT_SCRIPT), *client_args(port, tmp_path, "-t", "20")],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True)
     try:
@@ -227,8 +227,8 @@ def test_signal_mid_test_keeps_partial_result(server, tmp_path, signame):
 @pytest.mark.slow
 def test_a_run_that_cannot_have_the_folder_is_recorded_as_skipped_and_exits_75(server, tmp_path):
     first = subprocess.Popen(
-        [sys.executable, str(CLIENT_SCRIPT), *client_args(server.port, tmp_path),
-         "--timeout-margin", "60"],
+        [sys.executable, str(CLIENT_SCRIPT),
+         *client_args(server.port, tmp_path, "--timeout-margin", "60")],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True)
     try:
@@ -238,8 +238,8 @@ def test_a_run_that_cannot_have_the_folder_is_recorded_as_skipped_and_exits_75(s
         # iperf3's hard limit is far enough).
         first.send_signal(signal.SIGSTOP)
         before = names(tmp_path)
-        second = run_script(CLIENT_SCRIPT, client_args(server.port, tmp_path) + [
-            "--lock-wait", "0.5"])
+        second = run_script(CLIENT_SCRIPT,
+                            client_args(server.port, tmp_path, "--lock-wait", "0.5"))
         after = names(tmp_path)
         first.send_signal(signal.SIGCONT)
         out, err = first.communicate(timeout=30)

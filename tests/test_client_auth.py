@@ -3,14 +3,15 @@ through iperf3's environment, and a run without one fails fast instead of hangin
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import threading
 
 import pytest
 
-from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, SERVER_SCRIPT, add_user,
-                      assert_one_line_error, client_login_broken, run_script)
+from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, add_user,
+                      assert_one_line_error, client_login_broken, paced, run_script)
 
 PASSWORD = "Corr3ct-Horse_batter"  # 20 characters: the most iperf3 3.7 takes
 USER = "tester"
@@ -29,21 +30,27 @@ def all_argvs():
     return found
 
 
-@pytest.fixture(params=["script", "openssl"])
-def keys(request, tmp_path):
-    """RSA keys made by iperf_server.py --make-keys, or by openssl directly."""
-    folder = tmp_path / "keys"
+@pytest.fixture(scope="session")
+def openssl_keys(tmp_path_factory):
+    """A key pair made by openssl directly, as an admin without the script would, once a
+    worker."""
+    folder = tmp_path_factory.mktemp("openssl-keys")
     private, public = folder / "private.pem", folder / "public.pem"
-    if request.param == "script":
-        assert run_script(SERVER_SCRIPT, ["--make-keys", folder]).returncode == 0
-    else:
-        folder.mkdir()
-        subprocess.run(["openssl", "genrsa", "-out", str(private), "2048"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run(["openssl", "rsa", "-in", str(private), "-pubout", "-out", str(public)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.chmod(str(private), 0o600)
-    return private, public
+    subprocess.run(["openssl", "genrsa", "-out", str(private), "2048"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["openssl", "rsa", "-in", str(private), "-pubout", "-out", str(public)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.chmod(str(private), 0o600)
+    return folder
+
+
+@pytest.fixture(params=["script", "openssl"])
+def keys(request, worker_credentials, openssl_keys, tmp_path):
+    """This test's copy of RSA keys made by iperf_server.py --make-keys, or by openssl."""
+    made = worker_credentials / "keys" if request.param == "script" else openssl_keys
+    folder = tmp_path / "keys"
+    shutil.copytree(str(made), str(folder))
+    return folder / "private.pem", folder / "public.pem"
 
 
 @pytest.fixture
@@ -57,9 +64,9 @@ def auth_server(keys, tmp_path, start_iperf3_server):
 
 
 def auth_args(server, results, *more):
-    return ["--server", "127.0.0.1", "--port", server.port, "-t", "1", "-P", "2", "-d", results,
-            "--timeout-margin", "5", "--busy-wait", "0", "--retries", "0", "--username", USER,
-            "--rsa-public-key-path", server.public_key, *more]
+    return paced(["--server", "127.0.0.1", "--port", server.port, "-t", "1", "-P", "2", "-d",
+                  results, "--timeout-margin", "5", "--busy-wait", "0", "--retries", "0",
+                  "--username", USER, "--rsa-public-key-path", server.public_key, *more])
 
 
 def ledger(results):

@@ -21,14 +21,13 @@ from pathlib import Path
 import pytest
 
 import iperf_server
-from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, SERVER_SCRIPT, IperfServer, ServerHost,
-                      add_user, assert_quiet_success, client_login_broken, free_port,
-                      hold_server, iperf3_path, iperf3_version, kill_pid, kill_process, require,
+from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, PASSWORD, USER, IperfServer, ServerHost,
+                      assert_quiet_success, client_login_broken, free_port, hold_server,
+                      iperf3_path, iperf3_version, kill_pid, kill_process, paced, require,
                       run_script, wait_until)
 
 MATRIX = ("3.7", "3.9", "3.16", "3.18", "3.21")
 BUILDS = Path(os.environ.get("IPERF3_BUILDS", "/var/cache/continuous-iperf/iperf3"))
-USER, PASSWORD = "tester", "Corr3ct-Horse"
 
 
 def built_iperf3(version):
@@ -78,16 +77,6 @@ def servers(iperf3_of, start_iperf3_server):
     return lambda extra=(): start_iperf3_server(extra, executable=iperf3_of)
 
 
-@pytest.fixture
-def credentials(tmp_path):
-    """(private key, public key, users file) for USER/PASSWORD, made by the server script."""
-    folder = tmp_path / "keys"
-    assert run_script(SERVER_SCRIPT, ["--make-keys", folder]).returncode == 0
-    users = tmp_path / "users.csv"
-    add_user(users, USER, PASSWORD)
-    return folder / "private.pem", folder / "public.pem", users
-
-
 def server_auth_args(credentials):
     return ["--rsa-private-key-path", str(credentials[0]),
             "--authorized-users-path", str(credentials[2])]
@@ -96,7 +85,7 @@ def server_auth_args(credentials):
 def client(iperf3, port, results, *more, env=None):
     args = ["--iperf3", iperf3, "--server", "127.0.0.1", "--port", port, "-t", "1", "-P", "2",
             "-d", results, "--timeout-margin", "5", "--busy-wait", "0", "--retries", "0", *more]
-    return run_script(CLIENT_SCRIPT, [str(arg) for arg in args], env=env)
+    return run_script(CLIENT_SCRIPT, paced(args, iperf3), env=env)
 
 
 def login_args(credentials):
@@ -123,7 +112,7 @@ def test_watchdog_starts_keeps_and_replaces_a_hung_daemon(watched):
     assert_quiet_success(watched.run("--iperf3", watched.iperf3))
     assert watched.pid() != pid
     assert watched.daemons() == [watched.pid()]
-    assert "failed its health probe: no answer" in watched.log()
+    assert "failed its health probe: stopped" in watched.log()
 
 
 @pytest.mark.slow

@@ -11,17 +11,17 @@ import sys
 
 import pytest
 
-from conftest import (CLIENT_SCRIPT, FAKE_RESULT, IperfServer, free_port, kill_process, old_rows,
-                      read_ledger, run_script, wait_until)
+from conftest import (CLIENT_SCRIPT, FAKE_RESULT, QUICK, IperfServer, free_port, kill_process,
+                      old_rows, paced, read_ledger, run_script, wait_until)
 from test_html import Page, chromium
 
 import iperf_client
 
-QUICK = ["-t", "1", "-P", "1", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
+ONE_STREAM = [*QUICK, "-P", "1"]
 
 
 def run_client(folder, *args):
-    return run_script(CLIENT_SCRIPT, [*QUICK, "-d", folder, *args])
+    return run_script(CLIENT_SCRIPT, paced([*ONE_STREAM, "-d", folder, *args]))
 
 
 def report(*args):
@@ -197,8 +197,9 @@ def test_two_crontab_lines_started_together_are_both_measured(two_servers, tmp_p
     (the interval leaves room) instead of losing its run."""
     folder = tmp_path / "results"
     procs = [subprocess.Popen(
-        [sys.executable, str(CLIENT_SCRIPT), *QUICK, "-d", str(folder), "--prefix", prefix,
-         "--server", "127.0.0.1:%d" % server.port, "--interval", "60"],
+        [sys.executable, str(CLIENT_SCRIPT), *paced([*ONE_STREAM, "-d", folder, "--prefix", prefix,
+                                                     "--server", "127.0.0.1:%d" % server.port,
+                                                     "--interval", "60"])],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True) for prefix, server in zip(("one.", "two."), two_servers)]
     try:

@@ -505,7 +505,9 @@ def test_latency_under_load_each_way_on_a_50ms_round_trip_with_a_deep_queue(make
     for row in hosts.ledger():
         print(row["direction"], "paced: min RTT %s ms, mean %s ms" % (
             row["min_rtt_ms"], row["mean_rtt_ms"]))
-        assert 45 <= float(row["min_rtt_ms"]) <= 55, row
+        # Up to 8 ms over the path: the wire is a process of this machine, and a busy host
+        # delayed it 5-7 ms (55.4 and 56.8 in one CI run); a queue shows 77 ms and more.
+        assert 45 <= float(row["min_rtt_ms"]) <= 58, row
         base[row["direction"]] = float(row["min_rtt_ms"])
     done, _ = hosts.client("--prefix", "loaded.", duration=4)
     assert_quiet_success(done)

@@ -225,7 +225,7 @@ def test_stopped_daemon_is_replaced(host):
     assert host.pid() != old
     assert not pid_alive(old)
     assert host.daemons() == [host.pid()]
-    assert "failed its health probe: no answer" in host.log()
+    assert "failed its health probe: stopped (process state T" in host.log()
 
 
 @pytest.mark.slow
@@ -235,8 +235,34 @@ def test_status_says_unhealthy_for_a_hung_daemon(host):
     os.kill(pid, signal.SIGSTOP)
     done = host.run("--status")
     assert done.returncode == 1, done.stdout
-    assert "pid %d" % pid in done.stdout and "no answer" in done.stdout
+    assert "pid %d" % pid in done.stdout and "probe: stopped" in done.stdout
     assert host.pid() == pid, "--status must not restart anything"
+
+
+@pytest.mark.slow
+def test_a_daemon_that_never_answers_fails_its_probe_and_is_replaced(host, iperf3, tmp_path):
+    """A real daemon whose probes go unanswered, as a hung one's would (a real daemon hangs on
+    demand only when stopped, and a stopped one is judged by its process state): the first two
+    probes wait out PROBE_TIMEOUT; the third, of the daemon that replaced it, measures."""
+    wrapper = tmp_path / "bin" / "iperf3"
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        "#!/bin/bash\n"
+        "if [[ \" $* \" == *\" -c \"* ]]; then\n"
+        "    echo probe >> %s\n"
+        "    [ \"$(wc -l < %s)\" -ge 3 ] || exec sleep 60\n"
+        "fi\n"
+        "exec -a \"$0\" %s \"$@\"\n" % (tmp_path / "probes", tmp_path / "probes", iperf3))
+    wrapper.chmod(0o755)
+    assert_quiet_success(host.run("--iperf3", wrapper, "--no-probe"))
+    old = host.pid()
+    done = host.run("--iperf3", wrapper, "--status")
+    assert done.returncode == 1 and "no answer within 5 s" in done.stdout, done.stdout
+    assert host.pid() == old
+    assert_quiet_success(host.run("--iperf3", wrapper))
+    assert host.pid() != old and not pid_alive(old)
+    assert host.daemons() == [host.pid()]
+    assert "failed its health probe: no answer within 5 s" in host.log()
 
 
 @pytest.fixture
@@ -409,6 +435,25 @@ def test_failing_daemon_start_reports_iperf3s_words(host, fake_iperf3):
     """)
     done = host.run("--iperf3", str(fake))
     assert_one_line_error(done, 1, "iperf3 failed to start", "not supported")
+
+
+def test_a_daemon_that_dies_after_forking_is_reported_without_waiting(host, fake_iperf3):
+    """Like iperf3 with a --logfile it cannot open: the -D parent exits 0 in silence and its
+    child dies a moment later. Seen gone, it is reported as such, not after START_TIMEOUT as
+    "did not come up" (a --version run answers first, as a real iperf3's would)."""
+    fake = fake_iperf3("""
+        if "--version" in args:
+            print("iperf 3.12 (cJSON 1.7.15)")
+            sys.exit(0)
+        if os.fork() == 0:  # the daemon: it lives a moment, with iperf3's command line
+            time.sleep(0.3)
+            os._exit(1)
+        sys.exit(0)
+    """)
+    done = host.run("--iperf3", str(fake), "--no-probe")
+    assert_one_line_error(done, 1, "iperf3 exited before it listened on port %d" % host.port,
+                          "pass -- --logfile")
+    assert host.daemons() == []
 
 
 def test_main_in_process_returns_2_for_owned_options(capsys):

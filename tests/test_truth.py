@@ -16,15 +16,16 @@ import time
 import pytest
 
 import iperf_client
-from conftest import (BASE_ROW, CANNOT_CONNECT, CLIENT_SCRIPT, FAKE_RESULT, LEDGER_COLUMNS,
-                      assert_one_line_error, read_ledger, row_at, run_script, says, write_ledger)
+from conftest import (BASE_ROW, CANNOT_CONNECT, CLIENT_SCRIPT, FAKE_RESULT, LEDGER_COLUMNS, QUICK,
+                      assert_one_line_error, paced, read_ledger, row_at, run_script, says,
+                      write_ledger)
 
-QUICK = ["-t", "1", "-P", "1", "--busy-wait", "0", "--retries", "0", "--timeout-margin", "5"]
+ONE_STREAM = [*QUICK, "-P", "1"]
 THRESHOLDS = ("--warn-below", "5000", "--crit-below", "1000")  # Mbit/s
 
 
 def run_client(folder, *args, env=None):
-    return run_script(CLIENT_SCRIPT, [*QUICK, "-d", folder, *args], env=env)
+    return run_script(CLIENT_SCRIPT, paced([*ONE_STREAM, "-d", folder, *args]), env=env)
 
 
 def report(*args):
@@ -195,8 +196,8 @@ def test_a_root_owned_ledger_run_as_another_user(iperf3_server):
         os.chown(folder, 65534, 65534)
         # A copy nobody can read: the checkout may lie in a folder only root can enter.
         script = shutil.copy(str(CLIENT_SCRIPT), os.path.join(base, "iperf_client.py"))
-        as_nobody = AS_NOBODY + [python_for_nobody(), script, *QUICK, "-d", folder,
-                                 "-c", "127.0.0.1", "-p", str(iperf3_server.port)]
+        as_nobody = AS_NOBODY + [python_for_nobody(), script, *paced([
+            *ONE_STREAM, "-d", folder, "-c", "127.0.0.1", "-p", iperf3_server.port])]
 
         def run_as_nobody():
             return subprocess.run(as_nobody, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

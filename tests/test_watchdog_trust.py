@@ -16,12 +16,11 @@ import pytest
 
 import iperf_client
 import iperf_server
-from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, SERVER_SCRIPT, ServerHost, add_user,
-                      assert_one_line_error, assert_quiet_success, client_login_broken,
+from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, PACE, PASSWORD, SERVER_SCRIPT, USER,
+                      ServerHost, assert_one_line_error, assert_quiet_success, client_login_broken,
                       free_port, iperf3_path, iperf3_version, kill_pid, listening, pid_alive,
-                      pids_naming, require, run_script)
+                      paced, pids_naming, require, run_script)
 
-USER, PASSWORD = "tester", "Corr3ct-Horse"
 BUILDS = os.environ.get("IPERF3_BUILDS", "/var/cache/continuous-iperf/iperf3")
 
 
@@ -260,26 +259,17 @@ def test_an_accepted_settings_change_still_restarts(watched):
 
 # --- Authentication: a daemon that drops the login-less probe has answered ------------------------
 
-@pytest.fixture
-def credentials(tmp_path):
-    """(private key, public key, users file) for USER / PASSWORD."""
-    done = run_script(SERVER_SCRIPT, ["--make-keys", tmp_path / "keys"])
-    assert done.returncode == 0, done.stderr
-    users = tmp_path / "users.csv"
-    add_user(users, USER, PASSWORD)
-    return tmp_path / "keys" / "private.pem", tmp_path / "keys" / "public.pem", users
-
-
 def auth_flags(credentials):
     return ["--rsa-private-key-path", credentials[0], "--authorized-users-path", credentials[2]]
 
 
 def logged_in_client(watched, credentials, results):
     """iperf_client.py's forward and reverse test with a login, as cron runs it."""
-    return run_script(CLIENT_SCRIPT, [
+    return run_script(CLIENT_SCRIPT, paced([
         "--server", "127.0.0.1", "--port", watched.port, "-t", "1", "-P", "2", "-d", results,
         "--iperf3", watched.iperf3, "--timeout-margin", "5", "--busy-wait", "0",
         "--retries", "0", "--username", USER, "--rsa-public-key-path", credentials[1]],
+        watched.iperf3),
         env={"IPERF3_PASSWORD": PASSWORD})
 
 
@@ -304,7 +294,7 @@ def test_logged_in_tests_between_runs_keep_one_daemon(watched, credentials, tmp_
 def old_client_test(client, port, public_key, *more):
     env = dict(os.environ, IPERF3_PASSWORD=PASSWORD)
     return subprocess.run([client, "-c", "127.0.0.1", "-p", str(port), "-t", "1", "-P", "2",
-                           "-J", "--get-server-output", "--username", USER,
+                           "-b", PACE, "-J", "--get-server-output", "--username", USER,
                            "--rsa-public-key-path", str(public_key), *more],
                           env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
@@ -337,7 +327,7 @@ def test_a_hung_authenticating_daemon_is_still_replaced(watched, credentials):
     try:
         assert_quiet_success(watched.run(*flags))
         assert watched.pid() != old
-        assert "failed its health probe: no answer" in watched.log()
+        assert "failed its health probe: stopped" in watched.log()
     finally:
         kill_pid(old)
 
