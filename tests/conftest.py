@@ -35,9 +35,10 @@ SERVER_SCRIPT = ROOT / "iperf_server.py"
 CLIENT_SCRIPT = ROOT / "iperf_client.py"
 
 
-# One bed at a time. Two (halving the longest wait of a run, about 105 s of timed tests) failed
-# the wire's 10 ms test once in four runs on a loaded machine.
-NETNS_GROUPS = 1
+# Two beds at a time: one at a time made the longest wait of a run (about 135 s of timed tests),
+# longer than the rest of the run. Two beds failed the wire's 10 ms test once in four runs when
+# unpaced loopback tests beside them kept both CPUs busy; the suite's tests are paced now.
+NETNS_GROUPS = 2
 BED_RERUNS = 1
 
 

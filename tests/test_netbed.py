@@ -146,9 +146,10 @@ def test_wire_delays_jitters_and_loses_as_asked(make_bed):
     # 10 % of 300 answers lost: about 270 (binomial spread about 5); measured 267-276.
     assert count * 0.8 < len(rtts) < count * 0.97, len(rtts)
     # 40 ms +- 5 ms: measured 35.2 to 45.3, median 40.0-40.4 (40.2 to 40.8 without jitter). The
-    # upper bound is read at the 99th percentile: on a loaded machine one ping in 270 was seen
-    # 7 ms late (52 ms) from scheduling alone, which says nothing of the wire.
-    upper = rtts[int(len(rtts) * 0.99)]
+    # upper bound is read at the 95th percentile: on a loaded machine a few pings in 270 were
+    # seen 7 ms late (52 ms) from scheduling alone (the kernel's network work for the tests
+    # beside it comes before any process, real-time or not), which says nothing of the wire.
+    upper = rtts[int(len(rtts) * 0.95)]
     assert 34.5 <= rtts[0] and upper < 50, (rtts[0], upper, rtts[-1])
     assert 38 < statistics.median(rtts) < 43, statistics.median(rtts)
     # The jitter shows as spread (measured 7.5-8 ms from the 10th to the 90th percentile).

@@ -279,7 +279,9 @@ def test_logged_in_tests_between_runs_keep_one_daemon(watched, credentials, tmp_
     flags = ["--iperf3", watched.iperf3] + auth_flags(credentials)
     assert_quiet_success(watched.run(*flags))
     pid = watched.pid()
-    for round_ in range(4):
+    # Two runs of the client, four logins (each run tests both ways), each run followed by the
+    # watchdog's: a 3.21 daemon drops the login-less probe from the first login on.
+    for round_ in range(2):
         tested = logged_in_client(watched, credentials, tmp_path / "results")
         assert tested.returncode == 0, tested.stderr
         assert_quiet_success(watched.run(*flags))
