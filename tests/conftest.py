@@ -44,7 +44,7 @@ BED_RERUNS = 1
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Order and group the tests for xdist's workers (setup.cfg: `-n 4 --dist loadgroup`).
+    """Order and group the tests for xdist's workers (setup.cfg: `-n 8 --dist loadgroup`).
 
     The test-bed tests (marker netns) go in NETNS_GROUPS groups, each run one test at a time on
     one worker: at most that many beds share the CPU (their figures are timed; netbed gives a

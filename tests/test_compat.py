@@ -209,7 +209,7 @@ def test_client_stopped_by_sigterm_keeps_the_partial_result(iperf3_of, servers, 
     server = servers()
     args = ["--iperf3", iperf3_of, "--server", "127.0.0.1", "--port", server.port, "-t", "8",
             "-P", "2", "-d", tmp_path, "--busy-wait", "0"]
-    proc = subprocess.Popen([sys.executable, str(CLIENT_SCRIPT), *map(str, args)],
+    proc = subprocess.Popen([sys.executable, str(CLIENT_SCRIPT), *paced(args, iperf3_of)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
     try:

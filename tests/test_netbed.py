@@ -272,7 +272,7 @@ class Hosts:
 
     def wait_until_idle(self, timeout=30):
         """Wait until the server answers a tiny test (it is neither busy nor gone)."""
-        probe = ["iperf3", "-c", SERVER_ADDR, "-p", PORT, "-n", "1K", "-J",
+        probe = ["iperf3", "-c", SERVER_ADDR, "-p", PORT, "-n", "1K", "-i", "0.1", "-J",
                  "--connect-timeout", "1000"]
 
         def idle():

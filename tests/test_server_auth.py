@@ -133,8 +133,8 @@ def test_probe_leaves_an_authenticating_server_alone(host, keys, users, iperf3):
     # The daemon really checks: the right password passes, a wrong one is refused.
     def client(password):
         env = dict(os.environ, IPERF3_PASSWORD=password)
-        return subprocess.run([iperf3, "-c", "127.0.0.1", "-p", str(host.port), "-n", "1K",
-                               "-J", "--username", "alice", "--rsa-public-key-path",
+        return subprocess.run([iperf3, "-c", "127.0.0.1", "-p", str(host.port), "-n", "1K", "-i",
+                               "0.1", "-J", "--username", "alice", "--rsa-public-key-path",
                                str(keys[1])], env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               universal_newlines=True, timeout=30)

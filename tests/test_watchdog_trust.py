@@ -97,8 +97,8 @@ def kill_all_naming(folder):
 
 def probe_measures(iperf3, port):
     """True when a plain client measures against `port` (the server answers)."""
-    done = subprocess.run([iperf3, "-c", "127.0.0.1", "-p", str(port), "-n", "1K", "-J"],
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    argv = [iperf3, "-c", "127.0.0.1", "-p", str(port), "-n", "1K", "-i", "0.1", "-J"]
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
     return '"sum_received"' in done.stdout
 
