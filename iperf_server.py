@@ -990,13 +990,13 @@ class Watchdog:
         return verdict, detail
 
     def health(self, pid, address=None, port=None, authenticating=None):
-        """The probe's (verdict, detail) for our daemon `pid`. A stopped one fails at once: the
-        kernel would take the probe's connection and nobody answer it, a probe would only
-        wait out PROBE_TIMEOUT."""
+        """The probe's (verdict, detail) for our daemon `pid`. A stopped one (SIGSTOP) fails at
+        once: the kernel would take the probe's connection and nobody answer it, a probe would
+        only wait out PROBE_TIMEOUT. A traced one (`t`) is probed: strace passes through that
+        state at every system call, and a daemon under strace still serves."""
         info = process_info(pid)
-        if info is not None and info[0] in ("T", "t"):
-            return "fail", ("stopped (process state %s: SIGSTOP or a debugger), it cannot "
-                            "answer" % info[0])
+        if info is not None and info[0] == "T":
+            return "fail", "stopped (process state T: SIGSTOP), it cannot answer"
         return self.probe(address, port, authenticating)
 
     def remember(self, pid, verdict, detail, busy_since=None, busy_peers=(), restarted=False):
