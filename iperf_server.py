@@ -1099,8 +1099,9 @@ class Watchdog:
                 return pid
             # The parent forked the daemon before it exited: when no process writing our
             # pidfile is left, the daemon died (a --logfile it cannot open, a port it cannot
-            # bind), and waiting out START_TIMEOUT would only delay the verdict.
-            exited = not our_daemons(pidfile)
+            # bind), and waiting out START_TIMEOUT would only delay the verdict. A pidfile that
+            # names a live daemon spares the scan of every process.
+            exited = pid is None and not our_daemons(pidfile)
             if exited or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
