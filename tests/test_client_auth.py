@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, add_user,
+from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, QUICK, add_user,
                       assert_one_line_error, client_login_broken, paced, run_script)
 
 PASSWORD = "Corr3ct-Horse_batter"  # 20 characters: the most iperf3 3.7 takes
@@ -64,9 +64,9 @@ def auth_server(keys, tmp_path, start_iperf3_server):
 
 
 def auth_args(server, results, *more):
-    return paced(["--server", "127.0.0.1", "--port", server.port, "-t", "1", "-P", "2", "-d",
-                  results, "--timeout-margin", "5", "--busy-wait", "0", "--retries", "0",
-                  "--username", USER, "--rsa-public-key-path", server.public_key, *more])
+    return paced(["--server", "127.0.0.1", "--port", server.port, *QUICK, "-P", "2", "-d",
+                  results, "--username", USER, "--rsa-public-key-path", server.public_key,
+                  *more])
 
 
 def ledger(results):

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 import iperf_server
-from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, PASSWORD, USER, IperfServer, ServerHost,
-                      assert_quiet_success, client_login_broken, free_port, hold_server,
-                      iperf3_path, iperf3_version, kill_pid, kill_process, paced, require,
-                      run_script, wait_until)
+from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, PASSWORD, QUICK, USER, IperfServer,
+                      ServerHost, assert_quiet_success, client_login_broken, free_port,
+                      hold_server, iperf3_path, iperf3_version, kill_pid, kill_process, paced,
+                      require, run_script, wait_until)
 
 MATRIX = ("3.7", "3.9", "3.16", "3.18", "3.21")
 BUILDS = Path(os.environ.get("IPERF3_BUILDS", "/var/cache/continuous-iperf/iperf3"))
@@ -83,8 +83,8 @@ def server_auth_args(credentials):
 
 
 def client(iperf3, port, results, *more, env=None):
-    args = ["--iperf3", iperf3, "--server", "127.0.0.1", "--port", port, "-t", "1", "-P", "2",
-            "-d", results, "--timeout-margin", "5", "--busy-wait", "0", "--retries", "0", *more]
+    args = ["--iperf3", iperf3, "--server", "127.0.0.1", "--port", port, *QUICK, "-P", "2",
+            "-d", results, *more]
     return run_script(CLIENT_SCRIPT, paced(args, iperf3), env=env)
 
 

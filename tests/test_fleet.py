@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import iperf_client
 import netbed
-from conftest import (CLIENT_SCRIPT, ROOT, SERVER_SCRIPT, IperfServer, assert_quiet_success,
+from conftest import (CLIENT_SCRIPT, QUICK, ROOT, SERVER_SCRIPT, IperfServer, assert_quiet_success,
                       free_port, iperf3_path, kill_process, require, run_script, wait_until)
 
 RULES_DIR = ROOT / "docs" / "prometheus"
@@ -341,9 +341,8 @@ class Fleet:
     def client(self, port, *more):
         """One client run, as cron runs it, into the textfile folder."""
         return run_script(CLIENT_SCRIPT, [
-            "-c", "127.0.0.1", "-p", port, "-t", "1", "-P", "2", "-d", self.folder / "results",
-            "--client-name", CLIENT_NAME, "--timeout-margin", "5", "--busy-wait", "0",
-            "--retries", "0", "--prometheus-textfile", self.prom, *more])
+            "-c", "127.0.0.1", "-p", port, *QUICK, "-P", "2", "-d", self.folder / "results",
+            "--client-name", CLIENT_NAME, "--prometheus-textfile", self.prom, *more])
 
     def start(self, node_exporter, prometheus):
         exporter_port, prometheus_port = free_port(), free_port()

@@ -14,8 +14,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from conftest import (CANNOT_CONNECT, CLIENT_SCRIPT, free_port, paced, require, row_at, run_script,
-                      says, write_ledger)
+from conftest import (CANNOT_CONNECT, CLIENT_SCRIPT, QUICK, free_port, paced, require, row_at,
+                      run_script, says, write_ledger)
 
 import iperf_client
 
@@ -282,8 +282,7 @@ def test_a_line_breaks_where_no_test_ran_or_a_test_failed():
 def test_html_from_real_runs_and_a_failed_one(start_iperf3_server, tmp_path):
     folder = tmp_path / "results"
     port = free_port()
-    args = paced(["--server", "127.0.0.1", "-t", "1", "-P", "2", "-d", folder, "--busy-wait", "0",
-                  "--retries", "0", "--timeout-margin", "5", "-p", port])
+    args = paced(["--server", "127.0.0.1", *QUICK, "-P", "2", "-d", folder, "-p", port])
     server = start_iperf3_server(port=port)
     assert run_script(CLIENT_SCRIPT, args).returncode == 0
     server.stop()  # the same link, down for one run

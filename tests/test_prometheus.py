@@ -11,7 +11,7 @@ import pytest
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CLIENT_SCRIPT, ledger_cells, paced, run_script
+from conftest import CLIENT_SCRIPT, QUICK, ledger_cells, paced, run_script
 
 import iperf_client
 
@@ -39,8 +39,7 @@ def read_textfile(path):
 
 
 def client(port, folder, textfile, *more):
-    args = ["--server", "127.0.0.1", "--port", port, "-t", "1", "-P", "2", "-d", folder,
-            "--timeout-margin", "5", "--busy-wait", "0", "--retries", "0",
+    args = ["--server", "127.0.0.1", "--port", port, *QUICK, "-P", "2", "-d", folder,
             "--prometheus-textfile", textfile, *more]
     return run_script(CLIENT_SCRIPT, paced(args))
 

@@ -16,7 +16,7 @@ import pytest
 
 import iperf_client
 import iperf_server
-from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, PACE, PASSWORD, SERVER_SCRIPT, USER,
+from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, PACE, PASSWORD, QUICK, SERVER_SCRIPT, USER,
                       ServerHost, assert_one_line_error, assert_quiet_success, client_login_broken,
                       free_port, iperf3_path, iperf3_version, kill_pid, listening, pid_alive,
                       paced, pids_naming, require, run_script)
@@ -266,9 +266,9 @@ def auth_flags(credentials):
 def logged_in_client(watched, credentials, results):
     """iperf_client.py's forward and reverse test with a login, as cron runs it."""
     return run_script(CLIENT_SCRIPT, paced([
-        "--server", "127.0.0.1", "--port", watched.port, "-t", "1", "-P", "2", "-d", results,
-        "--iperf3", watched.iperf3, "--timeout-margin", "5", "--busy-wait", "0",
-        "--retries", "0", "--username", USER, "--rsa-public-key-path", credentials[1]],
+        "--server", "127.0.0.1", "--port", watched.port, *QUICK, "-P", "2", "-d", results,
+        "--iperf3", watched.iperf3, "--username", USER, "--rsa-public-key-path",
+        credentials[1]],
         watched.iperf3),
         env={"IPERF3_PASSWORD": PASSWORD})
 
