@@ -89,6 +89,23 @@ def iperf3_version(path):
     return iperf_server.parse_version(done.stdout)
 
 
+# --- The iperf3 releases of the compatibility matrix (.ci/build-iperf3) ---
+
+MATRIX = ("3.7", "3.9", "3.16", "3.18", "3.21")
+BUILDS = Path(os.environ.get("IPERF3_BUILDS", "/var/cache/continuous-iperf/iperf3"))
+
+
+def built_iperf3(version):
+    """The iperf3 of `version`: from IPERF3_MATRIX ("VERSION PATH" lines, as .ci/build-iperf3
+    prints them), else from the build cache; None when neither has it."""
+    for line in os.environ.get("IPERF3_MATRIX", "").splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == version:
+            return words[1]
+    path = BUILDS / version / "bin" / "iperf3"
+    return str(path) if os.access(str(path), os.X_OK) else None
+
+
 # How each iperf3 says "server down" and "busy": 3.9 hides both reasons (docs/iperf3-versions.md)
 # and reports only what became of its control connection.
 CANNOT_CONNECT = ("unable to connect", "unable to send control message: Bad file descriptor")

@@ -21,24 +21,10 @@ from pathlib import Path
 import pytest
 
 import iperf_server
-from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, PASSWORD, QUICK, USER, IperfServer,
-                      ServerHost, assert_quiet_success, client_login_broken, free_port,
-                      hold_server, iperf3_path, iperf3_version, kill_pid, kill_process, paced,
-                      require, run_script, wait_until)
-
-MATRIX = ("3.7", "3.9", "3.16", "3.18", "3.21")
-BUILDS = Path(os.environ.get("IPERF3_BUILDS", "/var/cache/continuous-iperf/iperf3"))
-
-
-def built_iperf3(version):
-    """The iperf3 of `version`: from IPERF3_MATRIX ("VERSION PATH" lines, as .ci/build-iperf3
-    prints them), else from the build cache."""
-    for line in os.environ.get("IPERF3_MATRIX", "").splitlines():
-        words = line.split()
-        if len(words) == 2 and words[0] == version:
-            return words[1]
-    path = BUILDS / version / "bin" / "iperf3"
-    return str(path) if os.access(str(path), os.X_OK) else None
+from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, MATRIX, PASSWORD, QUICK, USER,
+                      IperfServer, ServerHost, assert_quiet_success, built_iperf3,
+                      client_login_broken, free_port, hold_server, iperf3_path, iperf3_version,
+                      kill_pid, kill_process, paced, require, run_script, wait_until)
 
 
 def matrix_iperf3(version):

@@ -3,8 +3,8 @@ settings change iperf3 refuses, an authenticating 3.21 daemon after real logins,
 typed without the crontab line's flags.
 
 The cases that depend on iperf3's version run with the iperf3 on PATH and with every build of
-IPERF3_MATRIX ("VERSION PATH" lines, as .ci/build-iperf3 prints them); a case that does not
-apply to a version skips by a version check that says why.
+the compatibility matrix (conftest's built_iperf3: IPERF3_MATRIX, else the build cache); a case
+is generated only for the versions it applies to.
 """
 
 import os
@@ -16,48 +16,41 @@ import pytest
 
 import iperf_client
 import iperf_server
-from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, PACE, PASSWORD, QUICK, SERVER_SCRIPT, USER,
-                      ServerHost, assert_one_line_error, assert_quiet_success, client_login_broken,
-                      free_port, iperf3_path, iperf3_version, kill_pid, listening, pid_alive,
-                      paced, pids_naming, require, run_script)
-
-BUILDS = os.environ.get("IPERF3_BUILDS", "/var/cache/continuous-iperf/iperf3")
+from conftest import (CLIENT_LOGIN_BUG, CLIENT_SCRIPT, MATRIX, PACE, PASSWORD, QUICK, SERVER_SCRIPT,
+                      USER, ServerHost, assert_one_line_error, assert_quiet_success, built_iperf3,
+                      client_login_broken, free_port, iperf3_path, iperf3_version, kill_pid,
+                      listening, pid_alive, paced, pids_naming, require, run_script)
 
 
 def matrix_builds():
-    """{version: path} of IPERF3_MATRIX, less the build that is the iperf3 on PATH already."""
+    """{version: path} of each build of the matrix (built_iperf3), less the one that is the
+    iperf3 on PATH already. A missing build is left out, or fails the collection under
+    REQUIRE_IPERF3_VERSIONS=1 (CI): its cases are generated here, so a skip could not say so."""
     on_path = shutil.which("iperf3")
     on_path = os.path.realpath(on_path) if on_path else None
     builds = {}
-    for line in os.environ.get("IPERF3_MATRIX", "").splitlines():
-        words = line.split()
-        if len(words) == 2 and os.path.realpath(words[1]) != on_path:
-            builds[words[0]] = words[1]
+    for version in MATRIX:
+        path = built_iperf3(version)
+        if path is None and os.environ.get("REQUIRE_IPERF3_VERSIONS") == "1":
+            pytest.fail("iperf3 %s is required (REQUIRE_IPERF3_VERSIONS=1) but not built (run "
+                        ".ci/build-iperf3)" % version, pytrace=False)
+        if path is not None and os.path.realpath(path) != on_path:
+            builds[version] = path
     return builds
 
 
-MATRIX = matrix_builds()
-
-
-def built_iperf3(version):
-    """The iperf3 build of `version`: from IPERF3_MATRIX, else from the build cache; or None."""
-    for line in os.environ.get("IPERF3_MATRIX", "").splitlines():
-        words = line.split()
-        if len(words) == 2 and words[0] == version:
-            return words[1]
-    path = os.path.join(BUILDS, version, "bin", "iperf3")
-    return path if os.access(path, os.X_OK) else None
+BUILT = matrix_builds()
 
 
 def iperf3s_under_test():
-    """{name: (path, version)}: the iperf3 on PATH ("path"), then each build of IPERF3_MATRIX.
+    """{name: (path, version)}: the iperf3 on PATH ("path"), then each build of the matrix.
     Read when the tests are collected, so that a case that does not apply to a version is never
     generated for it (a skip would hide a missing build; CI allows none but iperf3's own bugs)."""
     found = {}
     on_path = iperf3_path()
     if on_path:
         found["path"] = (on_path, iperf3_version(on_path))
-    for name, path in MATRIX.items():
+    for name, path in BUILT.items():
         found[name] = (path, iperf3_version(path))
     return found
 
@@ -73,7 +66,7 @@ def iperf3_params(applies=lambda version: True):
 
 @pytest.fixture(params=iperf3_params())
 def any_iperf3(request):
-    """An iperf3 under test: the one on PATH, then each build of IPERF3_MATRIX."""
+    """An iperf3 under test: the one on PATH, then each build of the matrix."""
     return request.param
 
 
