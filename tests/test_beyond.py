@@ -71,15 +71,18 @@ def test_without_a_json_daemon_the_reverse_rtt_stays_empty(iperf3, tmp_path):
 @pytest.mark.slow
 def test_udp_run_on_loopback_and_its_gauges(iperf3, tmp_path):
     prom = tmp_path / "iperf.prom"
-    folder = measured(iperf3, tmp_path, (), "--udp", "20M", "--prometheus-textfile", prom)
+    # 4 Mbit/s of 1460-byte datagrams (lo's own would be 32 KB: a datagram 2.5 % of a test, and
+    # at 20 Mbit/s a receiver starved by the tests beside it lost 34 % at its socket buffer).
+    # Here the buffer holds about a quarter second of sending. The loss figure's accuracy is the
+    # test bed's test.
+    folder = measured(iperf3, tmp_path, (), "--udp", "4M", "--prometheus-textfile", prom,
+                      "--", "-l", "1460")
     rows = read_ledger(folder)
     for row in rows:
-        assert row["protocol"] == "udp" and int(row["packets"]) > 20  # 32 KB datagrams on lo
-        # A datagram is 2.5 % of these few: a loaded machine's receiver drops one or two at its
-        # socket buffer (5.1 % seen in CI). The loss figure's accuracy is the test bed's test.
+        assert row["protocol"] == "udp" and int(row["packets"]) > 200
         assert float(row["lost_percent"]) < 20 and float(row["jitter_ms"]) >= 0
-        # 20 Mbit/s in all, 10 each for the two streams
-        assert 15e6 < float(row["received_bps"]) < 21e6, row
+        # 4 Mbit/s in all, 2 each for the two streams
+        assert 3e6 < float(row["received_bps"]) < 4.2e6, row
     text = prom.read_text()
     port = rows[0]["port"]
     labels = 'client="%s",label="127.0.0.1",server="127.0.0.1",port="%s",protocol="udp",' \
