@@ -38,6 +38,7 @@ import array
 import collections
 import contextlib
 import csv
+import codecs
 import ctypes
 import datetime
 import errno
@@ -100,6 +101,8 @@ PASSWORD_FILE = None                        # file whose first line is the passw
 #                                             else the IPERF3_PASSWORD environment variable
 REPORT_DIRECTION = "both"                   # report --direction: forward, reverse or both
 REPORT_FORMAT = "text"                      # report --format: text, csv or json
+REPORT_CACHE = True                         # report keeps what it counted beside the ledger, to
+#                                             read only new lines next time (--no-cache: False)
 RECENT_TESTS = 3                            # report --check --recent: the latest tests that
 #                                             --drop-below and --rtt-rise compare
 BASELINE_SPAN = "7d"                        # report --check --baseline: the span before them
@@ -197,8 +200,11 @@ _TIMESECS_RE = re.compile(r'"timestamp"\s*:\s*\{[^{}]*?"timesecs"\s*:\s*(\d+)\s*
 _END_RE = re.compile(r'"end"\s*:\s*(?=\{)')
 _AFTER_END_RE = re.compile(r'\s*(?:,\s*"error"\s*:\s*("(?:[^"\\]|\\.)*")\s*)?\}\s*\Z')
 
-REPORT_CHUNK = 1 << 20      # bytes of ledger lines parsed at a time
+REPORT_CHUNK = 1 << 18      # bytes of ledger lines parsed at a time (more: more memory, no faster)
 CLIENT_LOOKBACK = 64000     # rows read back from a ledger's end for its latest client name
+REPORT_CACHE_DIR = ".report-cache"  # in a results folder: what reports counted (ReportCache)
+REPORT_CACHE_MIN_BYTES = 1 << 20    # a smaller ledger is read whole in well under a second
+REPORT_CACHES_KEPT = 16             # selections (filters) whose cache a folder keeps
 
 
 # --- Constants: the reports -----------------------------------------------------------------------
@@ -1677,41 +1683,116 @@ def salvage_ledger(path, extra=None):
     return rows, dropped
 
 
-def ledger_chunks(path):
-    """The ledger's rows in LEDGER_COLUMNS order, read by its header, a list of rows at a
-    time (REPORT_CHUNK bytes of lines): its memory does not grow with the ledger. A last line
-    cut short (a run appending it this moment, or a crash) is no row yet. Raises LedgerError
-    when the ledger is missing or damaged, IperfError when it cannot be read."""
-    try:
-        handle = open(path, newline="", encoding="utf-8-sig", errors="replace")
-    except FileNotFoundError:
-        raise LedgerError("no ledger %s: %s" % (path, LEDGER_REMEDY))
-    except OSError as exc:
-        raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
-    with handle:
-        first = handle.readline()
-        header = _parse_lines([first])[0] if first else []
-        mapper = _ledger_mapper(path, header) if first else None
-        number = 1
-        while first:
-            lines = handle.readlines(REPORT_CHUNK)
-            if not lines:
-                return
-            if not lines[-1].endswith("\n"):
-                # A run appending it this very moment, or a crash cut it: no row yet, even when
-                # its cells look whole (`...,3` may be `...,39` cut short); see read_ledger.
-                lines.pop()
-            try:
-                rows = _parse_lines(lines)
-            except csv.Error as exc:
-                raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, LEDGER_REMEDY))
-            _check_widths(path, rows, header, number + 1)
-            number += len(lines)
-            if mapper[0] is not None:
-                rows = list(map(mapper[0], rows))
-            elif mapper[1]:
+class LedgerReader:
+    """The ledger's rows in LEDGER_COLUMNS order, read by its header, a list of rows at a time
+    (REPORT_CHUNK bytes of lines): its memory does not grow with the ledger. A last line cut
+    short (a run appending it this moment, or a crash) is no row yet. The reader counts the
+    bytes and lines of the whole lines it has read, and their SHA-256 (what a report cache
+    covers, see ReportCache), and can resume after a prefix it is shown to match.
+
+    Raises LedgerError when the ledger is missing or damaged, IperfError when it cannot be
+    read (on opening, and while reading)."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.handle = open(path, "rb")
+        except FileNotFoundError:
+            raise LedgerError("no ledger %s: %s" % (path, LEDGER_REMEDY))
+        except OSError as exc:
+            raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
+        first = self._read(self.handle.readline)
+        self.header_bytes = first
+        text = first[3:] if first.startswith(codecs.BOM_UTF8) else first
+        text = text.decode("utf-8", "replace")
+        self.header = _parse_lines([text])[0] if text else []
+        self.mapper = _ledger_mapper(path, self.header) if text else None
+        self._restart()
+
+    def _restart(self):
+        self.digest = hashlib.sha256(self.header_bytes)
+        self.offset, self.lines = len(self.header_bytes), 1 if self.header_bytes else 0
+        self.handle.seek(self.offset)
+
+    def _read(self, method, *args):
+        try:
+            return method(*args)
+        except OSError as exc:
+            raise IperfError("cannot read the ledger %s: %s" % (self.path, exc.strerror or exc))
+
+    def close(self):
+        self.handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def resume(self, offset, lines, digest):
+        """True, the reader then past the ledger's first `offset` bytes (`lines` lines), when
+        their SHA-256 is `digest`; else False, the reader at its first row as before."""
+        left = offset - self.offset
+        while left > 0:
+            block = self._read(self.handle.read, min(left, REPORT_CHUNK))
+            if not block:
+                break
+            self.digest.update(block)
+            left -= len(block)
+        if left == 0 and self.digest.hexdigest() == digest:
+            self.offset, self.lines = offset, lines
+            return True
+        self._restart()
+        return False
+
+    def chunks(self):
+        """The rows after the reader's place, a list at a time."""
+        if self.mapper is None:
+            return
+        carry = b""
+        while True:
+            block = self._read(self.handle.read, REPORT_CHUNK)
+            if not block:
+                return  # what is left in `carry` is a line cut short: no row yet
+            block = carry + block
+            end = block.rfind(b"\n") + 1
+            if end == 0:
+                carry = block
+                continue
+            block, carry = block[:end], block[end:]
+            self.digest.update(block)
+            text = block.decode("utf-8", "replace")
+            del block
+            if '"' in text or "\r" in text:
+                # Split as a text file read with newline="" is: a lone CR ends a line too, and
+                # a quoted cell may hold a line break (csv keeps it only with the line's end).
+                lines = io.StringIO(text, newline="").readlines()
+                del text
+                try:
+                    rows = _parse_lines(lines)
+                except csv.Error as exc:
+                    raise LedgerError("ledger %s is damaged (%s): %s" % (
+                        self.path, exc, LEDGER_REMEDY))
+            else:  # the common case: no cell is quoted
+                lines = text.split("\n")
+                del text
+                lines.pop()  # the empty text after the block's last line break
+                rows = [line.split(",") for line in lines]
+            _check_widths(self.path, rows, self.header, self.lines + 1)
+            self.offset += end
+            self.lines += len(lines)
+            del lines
+            if self.mapper[0] is not None:
+                rows = list(map(self.mapper[0], rows))
+            elif self.mapper[1]:
                 rows = [row[:len(LEDGER_COLUMNS)] for row in rows]
             yield rows
+
+
+def ledger_chunks(path):
+    """The ledger's rows, a list at a time (see LedgerReader)."""
+    with LedgerReader(path) as reader:
+        yield from reader.chunks()
 
 
 def latest_client(path):
@@ -2451,6 +2532,243 @@ def tally_rows(tally, rows, fallback, folder):
             link.add_other(side, row, moment)
         if emit is not None:
             emit(row, key)
+
+
+# --- Several folders, and the report cache ---------------------------------------------------------
+
+def absorb_tally(tally, other):
+    """Add `other`, one folder's ReportTally (after its end_folder), to `tally`, as if its rows
+    had been read after those already counted (a folder is one client's: see tally_folders)."""
+    if tally.base is None:
+        tally.base = other.base
+    for key, numbers in other.runs.items():
+        mine = tally.runs.setdefault(key, array.array("q"))
+        mine.extend(numbers[1:] if mine and numbers and mine[-1] == numbers[0] else numbers)
+    tally.odd_runs |= other.odd_runs
+    tally.clients.update(other.clients)
+    for key, link in other.links.items():
+        if key in tally.links:
+            absorb_link(tally.links[key], link)
+        else:
+            tally.links[key] = link
+
+
+def absorb_link(link, other):
+    """Add a later folder's LinkTally of the same link to `link` (see LinkTally.end_folder)."""
+    row = other.latest
+    if row is not None and row[Col.STATUS] != "skipped":  # the folder tested the link
+        link.label = other.label or link.label
+        if link.latest is None or link.latest[Col.STATUS] == "skipped" or (
+                row_time(row[0]) or 0) >= (row_time(link.latest[0]) or 0):
+            link.latest = row
+    elif link.latest is None:
+        link.latest = row
+    # The lowest runs: ties go to the earlier test, and every test of `other` is later.
+    later = [(value, order - link.seen) + tuple(rest) for value, order, *rest in other.lowest]
+    link.lowest = heapq.nlargest(LOWEST_KEPT, link.lowest + later)
+    heapq.heapify(link.lowest)
+    link.limit[0] = -link.lowest[0][0] if len(link.lowest) == LOWEST_KEPT else float("inf")
+    link.seen += other.seen
+    link.failures.extend(other.failures)
+    numbers = array.array("l", (link.errors.setdefault(error, len(link.errors))
+                                for error in other.error_texts()))
+    link.error_counts.update(other.error_counts)
+    link.skipped_span = [min(link.skipped_span[:1] + other.skipped_span[:1]),
+                         max(link.skipped_span[1:] + other.skipped_span[1:])] \
+        if link.skipped_span or other.skipped_span else []
+    for name, side in other.directions.items():
+        absorb_side(link.directions[name], side, numbers)
+
+
+def absorb_side(side, other, numbers):
+    """Add a later folder's DirectionTally to `side`; `numbers`: its error indexes' new ones."""
+    side.skipped += other.skipped
+    side.retransmits += other.retransmits
+    side.lost_packets += other.lost_packets
+    side.packets += other.packets
+    side.bytes += other.bytes
+    side.seconds += other.seconds
+    shift, times = other.base - side.base, other.times
+    if shift and times:
+        low, high = min(times), max(times)
+        if low != NO_TIME and -2 ** 31 < low + shift and high + shift < 2 ** 31:
+            times = array.array("i", map(shift.__add__, times))
+        else:  # a start that is no time, or out of the column's reach from this base
+            times = array.array("i", (t + shift if t != NO_TIME and -2 ** 31 < t + shift
+                                      < 2 ** 31 else NO_TIME for t in times))
+    side.times.extend(times)
+    side.hours.extend(other.hours)
+    side.received.extend(other.received)
+    side.first.extend(other.first)
+    side.second.extend(other.second)
+    side.failure_times.extend(other.failure_times)
+    side.failure_errors.extend(array.array("l", map(numbers.__getitem__, other.failure_errors)))
+
+
+class ReportCache:
+    """What a folder's pass counted (its ReportTally before end_folder) for one selection, kept
+    beside the ledger (REPORT_CACHE_DIR) so that the next report reads only the lines added
+    since. The ledger stays the only truth: the cache names the bytes of the ledger it covers
+    (their length, line count and SHA-256) and is believed only when the ledger's first bytes
+    still hash to that; its own content is checked by a SHA-256 too. Anything else (an edit, a
+    rebuild, a rotated ledger, another version, a torn file) and it is ignored and rewritten.
+
+    File: one line of JSON (the counts, rows and names), then the tally's arrays' bytes."""
+
+    VERSION = 1
+    _ARRAYS = ("times", "hours", "received", "first", "second", "failure_times",
+               "failure_errors")
+    _SUMS = ("skipped", "retransmits", "lost_packets", "packets", "bytes", "seconds")
+
+    def __init__(self, results, selection, fallback):
+        self.results, self.folder = results, os.path.join(results, REPORT_CACHE_DIR)
+        chosen = list(selection)
+        chosen[5] = None if selection.target is None else list(selection.target[:2])
+        key = json.dumps([self.VERSION, chosen, sys.byteorder, array.array("l").itemsize])
+        self.path = os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest()[:20])
+        self.selection, self.fallback, self.key = selection, fallback, key
+
+    def load(self, reader):
+        """The ReportTally the cache holds, `reader` resumed after the lines it covers; None
+        (the reader untouched) when there is no cache or it does not match."""
+        try:
+            with open(self.path, "rb") as handle:
+                head = json.loads(handle.readline().decode("utf-8"))
+                if head["key"] != self.key or head["fallback"] != self.fallback:
+                    return None
+                tally = self._tally(head, handle)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError):
+            return None
+        if tally is None or not reader.resume(*head["ledger"]):
+            return None
+        try:
+            os.utime(self.path)  # the caches kept are the latest used (see save)
+        except OSError:
+            pass
+        return tally
+
+    def _tally(self, head, handle):
+        tally = ReportTally(self.selection)
+        tally.base, digest = head["base"], hashlib.sha256()
+
+        def column(typecode, length):
+            data = handle.read(length * array.array(typecode).itemsize)
+            digest.update(data)
+            values = array.array(typecode)
+            values.frombytes(data)
+            if len(values) != length:
+                raise EOFError
+            return values
+        for key, length in head["runs"]:
+            tally.runs[tuple(key)] = column("q", length)
+        tally.odd_runs = {tuple(run) for run in head["odd_runs"]}
+        tally.clients = {self.results: set(head["clients"])}
+        for item in head["links"]:
+            link = tally.links[tuple(item["key"])] = LinkTally(tuple(item["key"]), tally.base)
+            link.label, link.latest, link.last_row = item["label"], item["latest"], item["last"]
+            link.lowest = [tuple(entry) for entry in item["lowest"]]
+            link.limit[0], link.seen = item["limit"], item["seen"]
+            link.failures.extend(tuple(failure) for failure in item["failures"])
+            link.errors = {error: number for number, error in enumerate(item["errors"])}
+            link.error_counts.update(dict(zip(item["errors"], item["error_counts"])))
+            link.skipped_span = item["skipped_span"]
+            for name, sums, lengths in item["sides"]:
+                side = link.directions[name]
+                for attribute, value in zip(self._SUMS, sums):
+                    setattr(side, attribute, value)
+                for attribute, length in zip(self._ARRAYS, lengths):
+                    getattr(side, attribute).extend(column(
+                        getattr(side, attribute).typecode, length))
+        return tally if digest.hexdigest() == head["content"] else None
+
+    def save(self, tally, reader):
+        """Keep `tally` (one folder's, before its end_folder) as what the ledger's lines read
+        by `reader` hold. Quietly nothing when the folder cannot be written: the cache only
+        saves time."""
+        arrays, runs = [], []
+        for key, numbers in tally.runs.items():
+            runs.append([list(key), len(numbers)])
+            arrays.append(numbers)
+        links = []
+        for key, link in tally.links.items():
+            sides = []
+            for name, side in link.directions.items():
+                columns = [getattr(side, attribute) for attribute in self._ARRAYS]
+                sides.append([name, [getattr(side, attribute) for attribute in self._SUMS],
+                              list(map(len, columns))])
+                arrays += columns
+            links.append({
+                "key": list(key), "label": link.label, "latest": link.latest,
+                "last": link.last_row, "lowest": link.lowest, "limit": link.limit[0],
+                "seen": link.seen, "failures": list(link.failures),
+                "errors": link.error_texts(),
+                "error_counts": [link.error_counts[error] for error in link.error_texts()],
+                "skipped_span": link.skipped_span, "sides": sides})
+        digest = hashlib.sha256()
+        for values in arrays:
+            digest.update(values)
+        head = {"key": self.key, "fallback": self.fallback, "base": tally.base,
+                "ledger": [reader.offset, reader.lines, reader.digest.hexdigest()],
+                "content": digest.hexdigest(), "runs": runs,
+                "odd_runs": sorted(tally.odd_runs),
+                "clients": sorted(set().union(*tally.clients.values())), "links": links}
+        try:
+            self._write(json.dumps(head).encode("utf-8") + b"\n", arrays)
+        except OSError:
+            pass
+
+    def _write(self, head, arrays):
+        owner = os.stat(self.results)
+        os.makedirs(self.folder, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(head)
+                for values in arrays:
+                    values.tofile(handle)
+            if os.geteuid() == 0:  # root's report must not leave the folder's owner a cache
+                os.chown(self.folder, owner.st_uid, owner.st_gid)  # they cannot replace
+                os.chown(temp, owner.st_uid, owner.st_gid)
+            os.chmod(temp, file_mode())
+            os.replace(temp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        # One cache per selection: keep the REPORT_CACHES_KEPT latest used.
+        names = [os.path.join(self.folder, name) for name in os.listdir(self.folder)
+                 if not name.startswith(".")]
+        for stale in sorted(names, key=_mtime_or_zero)[:-REPORT_CACHES_KEPT]:
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
+
+
+def _mtime_or_zero(path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def tally_folder(folder, selection, fallback, emit, cached):
+    """One folder's ReportTally (before its end_folder): from its report cache and the
+    ledger's lines added since, when `cached` and the ledger is large enough for it to pay,
+    else from the whole ledger. Raises IperfError."""
+    ledger = os.path.join(folder, LEDGER_NAME)
+    with LedgerReader(ledger) as reader:
+        cache = tally = None
+        if cached and emit is None:
+            cache = ReportCache(folder, selection, fallback)
+            tally = cache.load(reader)
+        covered = reader.offset
+        if tally is None:
+            tally = ReportTally(selection, emit)
+        for rows in reader.chunks():
+            tally_rows(tally, rows, fallback, folder)
+        if cache is not None and reader.offset != covered and (
+                reader.offset >= REPORT_CACHE_MIN_BYTES or os.path.exists(cache.path)):
+            cache.save(tally, reader)
+    return tally
 
 
 # --- The reports: overview, text and JSON ---------------------------------------------------------
@@ -4561,6 +4879,10 @@ def build_report_parser(parser_class=_Parser):
     parser.add_argument("--html", metavar="FILE",
                         help="write the report as one self-contained HTML page (charts, "
                              "summary, failed runs) to FILE, atomically, instead of printing it")
+    parser.add_argument("--no-cache", dest="cache", action="store_false", default=REPORT_CACHE,
+                        help="read every ledger whole, neither using nor writing the report "
+                             "cache (%s in the results folder; checked against the ledger "
+                             "before it is used)" % REPORT_CACHE_DIR)
     _add_check_flags(parser)
     return parser
 
@@ -4706,12 +5028,13 @@ def distinct_folders(texts):
     return folders
 
 
-def tally_folders(folders, selection, emit=None):
-    """One pass over the ledgers of the results folders: the ReportTally of the selected rows.
-    A folder is one client's: rows written before version 2.2 (no client) take the latest
-    client name of their ledger, else, with several folders, the folder's base name. Two
-    folders naming the same client are said once on stderr. Raises IperfError."""
-    tally = ReportTally(selection, emit)
+def tally_folders(folders, selection, emit=None, cached=False):
+    """One pass over the ledgers of the results folders: the ReportTally of the selected rows
+    (`cached`: helped by each folder's report cache, see tally_folder). A folder is one
+    client's: rows written before version 2.2 (no client) take the latest client name of
+    their ledger, else, with several folders, the folder's base name. Two folders naming the
+    same client are said once on stderr. Raises IperfError."""
+    tally = None
     for folder in folders:
         ledger = os.path.join(folder, LEDGER_NAME)
         if not os.path.isdir(folder):
@@ -4720,9 +5043,13 @@ def tally_folders(folders, selection, emit=None):
             continue  # a folder where no test ran yet: a report that says so
         fallback = latest_client(ledger) if os.path.exists(ledger) else ""
         fallback = fallback or (os.path.basename(folder) if len(folders) > 1 else "")
-        for rows in ledger_chunks(ledger):
-            tally_rows(tally, rows, fallback, folder)
-        tally.end_folder()
+        part = tally_folder(folder, selection, fallback, emit, cached)
+        part.end_folder()
+        if tally is None:
+            tally = part
+        else:
+            absorb_tally(tally, part)
+    tally = tally or ReportTally(selection, emit)
     seen, shared = {}, set()
     for folder, clients in tally.clients.items():
         for client in clients:
@@ -4759,7 +5086,10 @@ def _report(options, folders, since, until, now):
         return 0
     runs = RunsWriter(out) if options.format == "json" and options.runs and not options.html \
         else None
-    tally = tally_folders(folders, selection, runs.write if runs else None)
+    # A span back from now (--since 7d) selects other rows at every report: no cache fits it.
+    cached = options.cache and not any(SPAN_RE.match(text or "") for text in (
+        options.since, options.until))
+    tally = tally_folders(folders, selection, runs.write if runs else None, cached)
     links = tally.sorted_links()
     overview = link_overview(links, names_of(links), options.direction, now)
     if options.html:

@@ -1,0 +1,215 @@
+"""The report cache (.report-cache in a results folder): what a report counted, so that the next
+one reads only the ledger's new lines. Its figures must be those of a whole read, whatever was
+done to the ledger or to the cache in between: a cache that does not match is never believed."""
+
+import json
+import os
+import random
+import re
+
+import pytest
+
+from conftest import CLIENT_SCRIPT, run_script
+from test_report_scale import START, expected, generated_rows, stamp, write
+
+import iperf_client
+
+CACHE_DIR = iperf_client.REPORT_CACHE_DIR
+
+
+def report(folder, *args, folders=(), warning=""):
+    """The report's output (text unless args say otherwise), its ages and now-dependent
+    times blanked: two reports a moment apart must print the same."""
+    argv = ["report", "-d", folder]
+    for other in folders:
+        argv += ["-d", other]
+    done = run_script(CLIENT_SCRIPT, argv + list(args))
+    assert done.returncode == 0 and warning in done.stderr, done.stderr
+    assert done.stderr == "" or warning and done.stderr.count("\n") == 1, done.stderr
+    text = re.sub(r'"age_s": [0-9.e+-]+', '"age_s": 0', done.stdout)
+    return re.sub(r"\([0-9.]+ (?:min|h|d|s)[a-z]* ago\)", "(AGE)", text)
+
+
+def whole(folder, *args, folders=(), warning=""):
+    return report(folder, "--no-cache", *args, folders=folders, warning=warning)
+
+
+def caches(folder):
+    path = folder / CACHE_DIR
+    return sorted(os.listdir(str(path))) if path.is_dir() else []
+
+
+def cache_head(folder):
+    (name,) = caches(folder)
+    with open(str(folder / CACHE_DIR / name), "rb") as handle:
+        return json.loads(handle.readline())
+
+
+def ledger_lines(folder):
+    with open(str(folder / "results.csv"), newline="") as handle:
+        return handle.readlines()
+
+
+def write_lines(folder, lines, mode="w"):
+    with open(str(folder / "results.csv"), mode, newline="") as handle:
+        handle.write("".join(lines))
+
+
+@pytest.fixture
+def grown(tmp_path):
+    """A ledger of about 1.7 MB (a cache pays from REPORT_CACHE_MIN_BYTES): its first 5,000
+    lines written, the rest (its growth) returned."""
+    rows = generated_rows(random.Random(11), runs=1300)
+    write(tmp_path, rows)
+    lines = ledger_lines(tmp_path)
+    assert os.path.getsize(str(tmp_path / "results.csv")) > iperf_client.REPORT_CACHE_MIN_BYTES
+    write_lines(tmp_path, lines[:5000])
+    return tmp_path, lines[5000:]
+
+
+def test_the_cache_reads_only_new_lines_and_its_figures_are_a_whole_read(grown):
+    folder, later = grown
+    for fmt in (["--format", "json"], []):
+        assert report(folder, *fmt) == whole(folder, *fmt)
+    assert caches(folder) != []
+    write_lines(folder, later[:500], "a")
+    write_lines(folder, [later[500][:40]], "a")  # a run appending its row this moment
+    first = report(folder, "--format", "json")
+    covered = cache_head(folder)["ledger"][0]
+    assert covered == os.path.getsize(str(folder / "results.csv")) - 40  # whole lines only
+    assert first == whole(folder, "--format", "json")
+    write_lines(folder, [later[500][40:]] + later[501:], "a")  # the row completed, and more
+    data = report(folder, "--format", "json")
+    assert data == whole(folder, "--format", "json")
+    assert cache_head(folder)["ledger"][0] == os.path.getsize(str(folder / "results.csv"))
+    assert sum(link["summary"]["forward"]["count"] + link["summary"]["reverse"]["count"]
+               for link in json.loads(data)["links"]) > sum(
+        link["summary"]["forward"]["count"] + link["summary"]["reverse"]["count"]
+        for link in json.loads(first)["links"])
+    # The page holds what the text does not: failures' times and errors, lowest runs, buckets.
+    page, page_whole = folder / "cached.html", folder / "whole.html"
+    report(folder, "--html", page)
+    whole(folder, "--html", page_whole)
+    blank = (lambda text: re.sub(r"; made [^<]*", "", text))
+    assert blank(page.read_text()) == blank(page_whole.read_text())
+
+
+def test_an_edited_rotated_or_rebuilt_ledger_is_read_whole(grown):
+    folder, later = grown
+    lines = ledger_lines(folder)
+    report(folder, "--format", "json")
+    # One figure edited in the middle, the ledger's size and last line unchanged.
+    index, line = next((number, line) for number, line in enumerate(lines)
+                       if number > 2000 and ",ok," in line)
+    cells = line.split(",")
+    cells[11] = "1" + cells[11][1:] if cells[11][0] != "1" else "2" + cells[11][1:]
+    before = report(folder, "--format", "json")
+    write_lines(folder, lines[:index] + [",".join(cells)] + lines[index + 1:])
+    after = report(folder, "--format", "json")
+    assert after == whole(folder, "--format", "json") and after != before
+    # Rotated: a shorter ledger than the cache covers.
+    write_lines(folder, lines[:4500])
+    assert report(folder, "--format", "json") == whole(folder, "--format", "json")
+    assert cache_head(folder)["ledger"][0] == os.path.getsize(str(folder / "results.csv"))
+    # Rebuilt by hand with other rows but the same length of prefix: read whole.
+    write_lines(folder, [lines[0]] + later + lines[1:2000])
+    assert report(folder, "--format", "json") == whole(folder, "--format", "json")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "garbage", "empty"])
+def test_a_damaged_cache_is_ignored_and_rewritten(grown, damage):
+    folder, _ = grown
+    truth = whole(folder, "--format", "json")
+    report(folder, "--format", "json")
+    (name,) = caches(folder)
+    path = folder / CACHE_DIR / name
+    data = path.read_bytes()
+    damaged = {"truncated": data[:len(data) // 2],
+               "flipped": data[:-1000] + bytes([data[-1000] ^ 1]) + data[-999:],
+               "garbage": b"\x00\xff" * 100, "empty": b""}[damage]
+    path.write_bytes(damaged)
+    assert report(folder, "--format", "json") == truth
+    assert report(folder, "--format", "json") == truth
+    assert path.read_bytes() != damaged
+
+
+def test_no_cache_for_a_span_back_from_now_a_small_ledger_or_no_cache(grown, tmp_path_factory):
+    folder, _ = grown
+    report(folder, "--since", "4000d")
+    report(folder, "--no-cache")
+    report(folder, "--format", "csv")
+    report(folder, "--format", "json", "--runs")
+    assert caches(folder) == []
+    small = tmp_path_factory.mktemp("small")
+    write(small, generated_rows(random.Random(1), runs=50))
+    report(small)
+    assert caches(small) == []
+
+
+def test_each_selection_keeps_its_own_cache_and_the_latest_are_kept(grown):
+    folder, _ = grown
+    selections = [[], ["--server", "192.0.2.10"], ["--direction", "reverse"],
+                  ["--protocol", "udp"], ["--prefix", ""],
+                  ["--since", stamp(START + 86400), "--until", stamp(START + 5 * 86400)]]
+    for args in selections:
+        assert report(folder, "--format", "json", *args) == whole(folder, "--format", "json",
+                                                                  *args)
+    assert len(caches(folder)) == len(selections)
+    for args in selections:  # from the caches now
+        assert report(folder, "--format", "json", *args) == whole(folder, "--format", "json",
+                                                                  *args)
+    assert len(caches(folder)) == len(selections)
+    for day in range(iperf_client.REPORT_CACHES_KEPT):
+        report(folder, "--since", stamp(START + day * 3600))
+    assert len(caches(folder)) == iperf_client.REPORT_CACHES_KEPT
+
+
+def test_several_folders_each_with_its_cache_are_one_set_of_links(tmp_path):
+    """Two folders of one client name (a host moved): their rows are one link's, and the
+    figures are those of all the rows, exactly, from the caches as from a whole read."""
+    rows = generated_rows(random.Random(4), runs=1800)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    write(first, rows[:len(rows) // 2])
+    write(second, rows[len(rows) // 2:])
+    shared = "the client name host appears in more than one folder"
+    for _ in range(2):
+        cached = report(first, "--format", "json", folders=[second], warning=shared)
+    assert caches(first) != [] and caches(second) != []
+    assert cached == whole(first, "--format", "json", folders=[second], warning=shared)
+    text = report(first, folders=[second], warning=shared)
+    assert text == whole(first, folders=[second], warning=shared)
+    # A run cut in two by the folders' split (its rows in both) is one run.
+    assert rows[len(rows) // 2 - 1]["run"] == rows[len(rows) // 2]["run"]
+    assert re.search(r"period: .* (\d+) runs\n", text).group(1) == str(
+        len({row["run"] for row in rows}))
+    links = {(link["server"], link["protocol"]): link for link in json.loads(cached)["links"]}
+    for server, protocol in (("192.0.2.10", "tcp"), ("192.0.2.11", "tcp"),
+                             ("192.0.2.10", "udp")):
+        for direction in ("forward", "reverse"):
+            want = expected(rows, server, protocol, direction)
+            got = links[server, protocol]["summary"][direction]
+            for key in ("count", "ok", "failed", "min_bps", "max_bps", "retransmits"):
+                if key in want:
+                    assert got[key] == want[key], (server, protocol, direction, key)
+            for key in ("median_bps", "p5_bps", "p95_bps", "median_rtt_ms", "bytes"):
+                if key in want:
+                    assert got[key] == pytest.approx(want[key], rel=1e-12, abs=0), key
+
+
+def test_a_cache_that_cannot_be_written_costs_only_time(grown):
+    folder, _ = grown
+    (folder / CACHE_DIR).write_text("not a folder")
+    assert report(folder, "--format", "json") == whole(folder, "--format", "json")
+    assert (folder / CACHE_DIR).read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the report run as root")
+def test_roots_report_leaves_the_cache_to_the_folders_owner(grown):
+    folder, _ = grown
+    os.chown(str(folder), 65534, 65534)
+    report(folder)
+    (name,) = caches(folder)
+    for path in (folder / CACHE_DIR, folder / CACHE_DIR / name):
+        assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
