@@ -2534,7 +2534,7 @@ def tally_rows(tally, rows, fallback, folder):
             emit(row, key)
 
 
-# --- Several folders, and the report cache ---------------------------------------------------------
+# --- Several folders, and the report cache --------------------------------------------------------
 
 def absorb_tally(tally, other):
     """Add `other`, one folder's ReportTally (after its end_folder), to `tally`, as if its rows
