@@ -2613,7 +2613,8 @@ class ReportCache:
     still hash to that; its own content is checked by a SHA-256 too. Anything else (an edit, a
     rebuild, a rotated ledger, another version, a torn file) and it is ignored and rewritten.
 
-    File: one line of JSON (the counts, rows and names), then the tally's arrays' bytes."""
+    File: the SHA-256 of the rest; one line of JSON (the counts, rows and names); the tally's
+    arrays' bytes."""
 
     VERSION = 1
     _ARRAYS = ("times", "hours", "received", "first", "second", "failure_times",
@@ -2633,13 +2634,21 @@ class ReportCache:
         (the reader untouched) when there is no cache or it does not match."""
         try:
             with open(self.path, "rb") as handle:
-                head = json.loads(handle.readline().decode("utf-8"))
+                content = handle.readline().strip().decode("ascii")
+                line = handle.readline()
+                head = json.loads(line.decode("utf-8"))
                 if head["key"] != self.key or head["fallback"] != self.fallback:
                     return None
-                tally = self._tally(head, handle)
+                digest = hashlib.sha256(line)
+                tally = self._tally(head, handle, digest)
+            if digest.hexdigest() != content:
+                return None
+            offset, lines, ledger_digest = head["ledger"]
+            if not (isinstance(offset, int) and isinstance(lines, int)):
+                return None
         except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError):
             return None
-        if tally is None or not reader.resume(*head["ledger"]):
+        if not reader.resume(offset, lines, ledger_digest):
             return None
         try:
             os.utime(self.path)  # the caches kept are the latest used (see save)
@@ -2647,9 +2656,9 @@ class ReportCache:
             pass
         return tally
 
-    def _tally(self, head, handle):
+    def _tally(self, head, handle, digest):
         tally = ReportTally(self.selection)
-        tally.base, digest = head["base"], hashlib.sha256()
+        tally.base = head["base"]
 
         def column(typecode, length):
             data = handle.read(length * array.array(typecode).itemsize)
@@ -2679,7 +2688,9 @@ class ReportCache:
                 for attribute, length in zip(self._ARRAYS, lengths):
                     getattr(side, attribute).extend(column(
                         getattr(side, attribute).typecode, length))
-        return tally if digest.hexdigest() == head["content"] else None
+        if handle.read(1):
+            raise EOFError  # more than the head names: not this cache
+        return tally
 
     def save(self, tally, reader):
         """Keep `tally` (one folder's, before its end_folder) as what the ledger's lines read
@@ -2704,16 +2715,16 @@ class ReportCache:
                 "errors": link.error_texts(),
                 "error_counts": [link.error_counts[error] for error in link.error_texts()],
                 "skipped_span": link.skipped_span, "sides": sides})
-        digest = hashlib.sha256()
-        for values in arrays:
-            digest.update(values)
         head = {"key": self.key, "fallback": self.fallback, "base": tally.base,
                 "ledger": [reader.offset, reader.lines, reader.digest.hexdigest()],
-                "content": digest.hexdigest(), "runs": runs,
-                "odd_runs": sorted(tally.odd_runs),
+                "runs": runs, "odd_runs": sorted(tally.odd_runs),
                 "clients": sorted(set().union(*tally.clients.values())), "links": links}
+        line = json.dumps(head).encode("utf-8") + b"\n"
+        digest = hashlib.sha256(line)
+        for values in arrays:
+            digest.update(values)
         try:
-            self._write(json.dumps(head).encode("utf-8") + b"\n", arrays)
+            self._write(digest.hexdigest().encode("ascii") + b"\n" + line, arrays)
         except OSError:
             pass
 

@@ -42,6 +42,7 @@ def caches(folder):
 def cache_head(folder):
     (name,) = caches(folder)
     with open(str(folder / CACHE_DIR / name), "rb") as handle:
+        handle.readline()  # the SHA-256 of the rest
         return json.loads(handle.readline())
 
 
@@ -116,7 +117,15 @@ def test_an_edited_rotated_or_rebuilt_ledger_is_read_whole(grown):
     assert report(folder, "--format", "json") == whole(folder, "--format", "json")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped", "garbage", "empty"])
+def flip_a_figure(data):
+    """The cache with one digit of a sum in its JSON changed: still valid JSON."""
+    at = data.index(b'"sides": [["forward", [') + len(b'"sides": [["forward", [')
+    at = data.index(b", ", at) + 2  # the retransmits' sum
+    digit = data[at:at + 1]
+    return data[:at] + (b"8" if digit == b"9" else b"9") + data[at + 1:]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "figure", "garbage", "empty"])
 def test_a_damaged_cache_is_ignored_and_rewritten(grown, damage):
     folder, _ = grown
     truth = whole(folder, "--format", "json")
@@ -126,6 +135,7 @@ def test_a_damaged_cache_is_ignored_and_rewritten(grown, damage):
     data = path.read_bytes()
     damaged = {"truncated": data[:len(data) // 2],
                "flipped": data[:-1000] + bytes([data[-1000] ^ 1]) + data[-999:],
+               "figure": flip_a_figure(data),
                "garbage": b"\x00\xff" * 100, "empty": b""}[damage]
     path.write_bytes(damaged)
     assert report(folder, "--format", "json") == truth
@@ -148,20 +158,28 @@ def test_no_cache_for_a_span_back_from_now_a_small_ledger_or_no_cache(grown, tmp
 
 def test_each_selection_keeps_its_own_cache_and_the_latest_are_kept(grown):
     folder, _ = grown
-    selections = [[], ["--server", "192.0.2.10"], ["--direction", "reverse"],
-                  ["--protocol", "udp"], ["--prefix", ""],
+    selections = [[], ["--server", "192.0.2.10", "--protocol", "udp"],
+                  ["--direction", "reverse", "--prefix", ""],
                   ["--since", stamp(START + 86400), "--until", stamp(START + 5 * 86400)]]
-    for args in selections:
-        assert report(folder, "--format", "json", *args) == whole(folder, "--format", "json",
-                                                                  *args)
+    truths = [whole(folder, "--format", "json", *args) for args in selections]
+    assert len(set(truths)) == len(selections)
+    for args, truth in zip(selections, truths):
+        assert report(folder, "--format", "json", *args) == truth
     assert len(caches(folder)) == len(selections)
-    for args in selections:  # from the caches now
-        assert report(folder, "--format", "json", *args) == whole(folder, "--format", "json",
-                                                                  *args)
+    for args, truth in zip(selections, truths):  # from the caches now
+        assert report(folder, "--format", "json", *args) == truth
     assert len(caches(folder)) == len(selections)
-    for day in range(iperf_client.REPORT_CACHES_KEPT):
-        report(folder, "--since", stamp(START + day * 3600))
-    assert len(caches(folder)) == iperf_client.REPORT_CACHES_KEPT
+    # Older selections' caches (their files' times a day back and more): the oldest go.
+    kept = iperf_client.REPORT_CACHES_KEPT
+    for number in range(kept):
+        old = folder / CACHE_DIR / ("%020d" % number)
+        old.write_bytes(b"")
+        os.utime(str(old), (START, START + number * 86400))
+    stale = ["%020d" % number for number in range(kept)]
+    report(folder, "--since", stamp(START + 3600))  # one more selection
+    left = caches(folder)
+    assert len(left) == kept
+    assert [name for name in left if name in stale] == stale[len(selections) + 1:]
 
 
 def test_several_folders_each_with_its_cache_are_one_set_of_links(tmp_path):
