@@ -205,6 +205,7 @@ CLIENT_LOOKBACK = 64000     # rows read back from a ledger's end for its latest 
 REPORT_CACHE_DIR = ".report-cache"  # in a results folder: what reports counted (ReportCache)
 REPORT_CACHE_MIN_BYTES = 1 << 20    # a smaller ledger is read whole in well under a second
 REPORT_CACHES_KEPT = 16             # selections (filters) whose cache a folder keeps
+_CACHE_NAME_RE = re.compile(r"^[0-9a-f]{20}$")
 
 
 # --- Constants: the reports -----------------------------------------------------------------------
@@ -1701,12 +1702,19 @@ class LedgerReader:
             raise LedgerError("no ledger %s: %s" % (path, LEDGER_REMEDY))
         except OSError as exc:
             raise IperfError("cannot read the ledger %s: %s" % (path, exc.strerror or exc))
-        first = self._read(self.handle.readline)
+        try:
+            first = self._read(self.handle.readline)
+            text = first[3:] if first.startswith(codecs.BOM_UTF8) else first
+            text = text.decode("utf-8", "replace")
+            try:
+                self.header = _parse_lines([text])[0] if text else []
+            except csv.Error as exc:
+                raise LedgerError("ledger %s is damaged (%s): %s" % (path, exc, LEDGER_REMEDY))
+            self.mapper = _ledger_mapper(path, self.header) if text else None
+        except BaseException:
+            self.handle.close()
+            raise
         self.header_bytes = first
-        text = first[3:] if first.startswith(codecs.BOM_UTF8) else first
-        text = text.decode("utf-8", "replace")
-        self.header = _parse_lines([text])[0] if text else []
-        self.mapper = _ledger_mapper(path, self.header) if text else None
         self._restart()
 
     def _restart(self):
@@ -1755,7 +1763,9 @@ class LedgerReader:
             if not block:
                 return  # what is left in `carry` is a line cut short: no row yet
             block = carry + block
-            end = block.rfind(b"\n") + 1
+            # A line ends at a LF, or at a CR but the block's last byte (maybe half a CRLF),
+            # as a text file read with newline="" splits.
+            end = max(block.rfind(b"\n"), block.rfind(b"\r", 0, len(block) - 1)) + 1
             if end == 0:
                 carry = block
                 continue
@@ -2619,13 +2629,18 @@ class ReportCache:
     VERSION = 1
     _ARRAYS = ("times", "hours", "received", "first", "second", "failure_times",
                "failure_errors")
+    _TYPECODES = ("i", "b", "d", "d", "d", "d", "l")  # DirectionTally's, in _ARRAYS' order
     _SUMS = ("skipped", "retransmits", "lost_packets", "packets", "bytes", "seconds")
 
     def __init__(self, results, selection, fallback):
         self.results, self.folder = results, os.path.join(results, REPORT_CACHE_DIR)
         chosen = list(selection)
         chosen[5] = None if selection.target is None else list(selection.target[:2])
-        key = json.dumps([self.VERSION, chosen, sys.byteorder, array.array("l").itemsize])
+        # A timestamp without a UTC offset (a hand's edit) is read in local time: the cache of
+        # one time zone is not another's.
+        zone = [os.environ.get("TZ"), time.tzname, time.timezone, time.altzone]
+        key = json.dumps([self.VERSION, chosen, fallback, zone, sys.byteorder,
+                          array.array("l").itemsize])
         self.path = os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest()[:20])
         self.selection, self.fallback, self.key = selection, fallback, key
 
@@ -2637,7 +2652,7 @@ class ReportCache:
                 content = handle.readline().strip().decode("ascii")
                 line = handle.readline()
                 head = json.loads(line.decode("utf-8"))
-                if head["key"] != self.key or head["fallback"] != self.fallback:
+                if head["key"] != self.key or not self._sizes_fit(head, handle):
                     return None
                 digest = hashlib.sha256(line)
                 tally = self._tally(head, handle, digest)
@@ -2646,7 +2661,8 @@ class ReportCache:
             offset, lines, ledger_digest = head["ledger"]
             if not (isinstance(offset, int) and isinstance(lines, int)):
                 return None
-        except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError):
+        except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, OverflowError,
+                MemoryError):
             return None
         if not reader.resume(offset, lines, ledger_digest):
             return None
@@ -2655,6 +2671,20 @@ class ReportCache:
         except OSError:
             pass
         return tally
+
+    def _sizes_fit(self, head, handle):
+        """True when the arrays the head names fill the rest of the file exactly: a damaged
+        head must not make the report read (or allocate) what is not there."""
+        sizes = [("q", length) for _, length in head["runs"]]
+        for item in head["links"]:
+            for _, _, lengths in item["sides"]:
+                if len(lengths) != len(self._ARRAYS):
+                    return False
+                sizes += zip(self._TYPECODES, lengths)
+        if not all(type(length) is int and length >= 0 for _, length in sizes):
+            return False
+        left = os.fstat(handle.fileno()).st_size - handle.tell()
+        return sum(array.array(code).itemsize * length for code, length in sizes) == left
 
     def _tally(self, head, handle, digest):
         tally = ReportTally(self.selection)
@@ -2729,29 +2759,46 @@ class ReportCache:
             pass
 
     def _write(self, head, arrays):
-        owner = os.stat(self.results)
-        os.makedirs(self.folder, exist_ok=True)
+        """Only the results folder's owner writes its cache. Another user's report (root's
+        included) reads a valid cache but writes none: it would write where the owner can
+        swap a name for a symbolic link (to /etc), or leave files the owner cannot replace."""
+        uid = os.geteuid()
+        if os.stat(self.results).st_uid != uid:
+            return
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.folder, 0o755)
+        place = os.lstat(self.folder)
+        if not stat.S_ISDIR(place.st_mode) or place.st_uid != uid:
+            return  # a symbolic link, or not the owner's: not written through
         fd, temp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.folder)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(head)
                 for values in arrays:
                     values.tofile(handle)
-            if os.geteuid() == 0:  # root's report must not leave the folder's owner a cache
-                os.chown(self.folder, owner.st_uid, owner.st_gid)  # they cannot replace
-                os.chown(temp, owner.st_uid, owner.st_gid)
-            os.chmod(temp, file_mode())
+                os.fchmod(handle.fileno(), file_mode())
             os.replace(temp, self.path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-        # One cache per selection: keep the REPORT_CACHES_KEPT latest used.
-        names = [os.path.join(self.folder, name) for name in os.listdir(self.folder)
-                 if not name.startswith(".")]
-        for stale in sorted(names, key=_mtime_or_zero)[:-REPORT_CACHES_KEPT]:
+        self._prune()
+
+    def _prune(self):
+        """One cache per selection: the REPORT_CACHES_KEPT latest used are kept; temporary
+        files a killed report left behind go after an hour. Nothing else is touched."""
+        names = os.listdir(self.folder)
+        caches = [os.path.join(self.folder, name) for name in names
+                  if _CACHE_NAME_RE.match(name)]
+        for stale in sorted(caches, key=_mtime_or_zero)[:-REPORT_CACHES_KEPT]:
             with contextlib.suppress(OSError):
                 os.unlink(stale)
+        for name in names:
+            path = os.path.join(self.folder, name)
+            if name.startswith(".") and name.endswith(".tmp") and (
+                    _mtime_or_zero(path) < time.time() - 3600):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 def _mtime_or_zero(path):

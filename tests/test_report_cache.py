@@ -2,6 +2,7 @@
 one reads only the ledger's new lines. Its figures must be those of a whole read, whatever was
 done to the ledger or to the cache in between: a cache that does not match is never believed."""
 
+import hashlib
 import json
 import os
 import random
@@ -128,7 +129,18 @@ def flip_a_figure(data):
     return data[:at] + (b"8" if digit == b"9" else b"9") + data[at + 1:]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped", "figure", "garbage", "empty"])
+def claim_too_much(data):
+    """The cache with a length in its head that the file cannot hold, its own SHA-256 made
+    right again: only the check of the lengths against the file's size stands in the way."""
+    _, line, rest = data.split(b"\n", 2)
+    head = json.loads(line)
+    head["runs"][0][1] = 10 ** 13
+    line = json.dumps(head).encode()
+    return hashlib.sha256(line + b"\n" + rest).hexdigest().encode() + b"\n" + line + b"\n" + rest
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "figure", "lengths", "garbage",
+                                    "empty"])
 def test_a_damaged_cache_is_ignored_and_rewritten(grown, damage):
     folder, _ = grown
     truth = whole(folder, "--format", "json")
@@ -138,7 +150,7 @@ def test_a_damaged_cache_is_ignored_and_rewritten(grown, damage):
     data = path.read_bytes()
     damaged = {"truncated": data[:len(data) // 2],
                "flipped": data[:-1000] + bytes([data[-1000] ^ 1]) + data[-999:],
-               "figure": flip_a_figure(data),
+               "figure": flip_a_figure(data), "lengths": claim_too_much(data),
                "garbage": b"\x00\xff" * 100, "empty": b""}[damage]
     path.write_bytes(damaged)
     assert report(folder, "--format", "json") == truth
@@ -227,10 +239,46 @@ def test_a_cache_that_cannot_be_written_costs_only_time(grown):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the report run as root")
-def test_roots_report_leaves_the_cache_to_the_folders_owner(grown):
+def test_another_users_report_writes_no_cache_and_none_through_a_symlink(grown,
+                                                                         tmp_path_factory):
+    """Root's report in a user's folder would write where that user can swap a name for a
+    symbolic link: it writes no cache there. Nor does the owner's, through a symlink."""
     folder, _ = grown
     os.chown(str(folder), 65534, 65534)
-    report(folder)
-    (name,) = caches(folder)
-    for path in (folder / CACHE_DIR, folder / CACHE_DIR / name):
-        assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
+    assert report(folder, "--format", "json") == whole(folder, "--format", "json")
+    assert not (folder / CACHE_DIR).exists()
+    os.chown(str(folder), 0, 0)
+    victim = tmp_path_factory.mktemp("victim")
+    for number in range(20):
+        (victim / ("%020x" % number)).write_text("keep me")
+    (folder / CACHE_DIR).symlink_to(victim)
+    assert report(folder, "--format", "json") == whole(folder, "--format", "json")
+    assert sorted(os.listdir(str(victim))) == ["%020x" % number for number in range(20)]
+
+
+def test_a_cache_is_one_time_zones(tmp_path):
+    """Timestamps without a UTC offset (a hand's edit) are read in local time: a cache
+    written under one TZ is not believed under another."""
+    write(tmp_path, [dict(row, timestamp=row["timestamp"][:19])
+                     for row in generated_rows(random.Random(11), runs=1050)])
+    utc, new_york = {"TZ": "UTC"}, {"TZ": "America/New_York"}
+    for env in (utc, new_york, utc):
+        done = run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path], env=env)
+        cold = run_script(CLIENT_SCRIPT, ["report", "-d", tmp_path, "--no-cache"], env=env)
+        assert done.stdout.split("\n")[:3] == cold.stdout.split("\n")[:3]
+        assert ("05:00" in done.stdout) == (env is new_york)
+    assert len(caches(tmp_path)) == 2
+
+
+def test_lines_ended_by_a_lone_cr_are_rows(tmp_path):
+    """A ledger saved with old Mac line ends (CR) after its header: each CR ends a row, as a
+    text file read with newline="" splits, also at the end of a block read."""
+    rows = generated_rows(random.Random(2), runs=1050)
+    write(tmp_path, rows)
+    lines = ledger_lines(tmp_path)
+    write_lines(tmp_path, [lines[0]] + [line.replace("\n", "\r") for line in lines[1:]])
+    data = json.loads(report(tmp_path, "--format", "json"))
+    assert sum(link["summary"][direction]["count"] + link["summary"][direction]["skipped"]
+               for link in data["links"] for direction in ("forward", "reverse")) == len(rows) - 1
+    # The last: a CR that ends the file may be half of a CRLF being written; no row yet, as
+    # a last line without its LF (2.2 read it so too).
