@@ -1799,12 +1799,6 @@ class LedgerReader:
             yield rows
 
 
-def ledger_chunks(path):
-    """The ledger's rows, a list at a time (see LedgerReader)."""
-    with LedgerReader(path) as reader:
-        yield from reader.chunks()
-
-
 def latest_client(path):
     """The client named by the ledger's latest row that names one (in its last CLIENT_LOOKBACK
     rows), "" when none does. Raises as read_ledger."""
@@ -2629,7 +2623,6 @@ class ReportCache:
     VERSION = 1
     _ARRAYS = ("times", "hours", "received", "first", "second", "failure_times",
                "failure_errors")
-    _TYPECODES = ("i", "b", "d", "d", "d", "d", "l")  # DirectionTally's, in _ARRAYS' order
     _SUMS = ("skipped", "retransmits", "lost_packets", "packets", "bytes", "seconds")
 
     def __init__(self, results, selection, fallback):
@@ -2642,7 +2635,7 @@ class ReportCache:
         key = json.dumps([self.VERSION, chosen, fallback, zone, sys.byteorder,
                           array.array("l").itemsize])
         self.path = os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest()[:20])
-        self.selection, self.fallback, self.key = selection, fallback, key
+        self.selection, self.key = selection, key
 
     def load(self, reader):
         """The ReportTally the cache holds, `reader` resumed after the lines it covers; None
@@ -2666,21 +2659,20 @@ class ReportCache:
             return None
         if not reader.resume(offset, lines, ledger_digest):
             return None
-        try:
-            os.utime(self.path)  # the caches kept are the latest used (see save)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            os.utime(self.path)  # the caches kept are the latest used (see _prune)
         return tally
 
     def _sizes_fit(self, head, handle):
         """True when the arrays the head names fill the rest of the file exactly: a damaged
         head must not make the report read (or allocate) what is not there."""
-        sizes = [("q", length) for _, length in head["runs"]]
+        sizes, blank = [("q", length) for _, length in head["runs"]], DirectionTally(None, 0, True)
+        typecodes = [getattr(blank, attribute).typecode for attribute in self._ARRAYS]
         for item in head["links"]:
             for _, _, lengths in item["sides"]:
                 if len(lengths) != len(self._ARRAYS):
                     return False
-                sizes += zip(self._TYPECODES, lengths)
+                sizes += zip(typecodes, lengths)
         if not all(type(length) is int and length >= 0 for _, length in sizes):
             return False
         left = os.fstat(handle.fileno()).st_size - handle.tell()
@@ -2690,13 +2682,11 @@ class ReportCache:
         tally = ReportTally(self.selection)
         tally.base = head["base"]
 
-        def column(typecode, length):
+        def column(typecode, length):  # a short read fails the content's digest
             data = handle.read(length * array.array(typecode).itemsize)
             digest.update(data)
             values = array.array(typecode)
             values.frombytes(data)
-            if len(values) != length:
-                raise EOFError
             return values
         for key, length in head["runs"]:
             tally.runs[tuple(key)] = column("q", length)
@@ -2718,8 +2708,6 @@ class ReportCache:
                 for attribute, length in zip(self._ARRAYS, lengths):
                     getattr(side, attribute).extend(column(
                         getattr(side, attribute).typecode, length))
-        if handle.read(1):
-            raise EOFError  # more than the head names: not this cache
         return tally
 
     def save(self, tally, reader):
@@ -2745,7 +2733,7 @@ class ReportCache:
                 "errors": link.error_texts(),
                 "error_counts": [link.error_counts[error] for error in link.error_texts()],
                 "skipped_span": link.skipped_span, "sides": sides})
-        head = {"key": self.key, "fallback": self.fallback, "base": tally.base,
+        head = {"key": self.key, "base": tally.base,
                 "ledger": [reader.offset, reader.lines, reader.digest.hexdigest()],
                 "runs": runs, "odd_runs": sorted(tally.odd_runs),
                 "clients": sorted(set().union(*tally.clients.values())), "links": links}

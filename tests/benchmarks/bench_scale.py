@@ -284,9 +284,10 @@ with open(ledger, newline="") as handle:
         pass
 figures.append(("bare csv.reader pass", cpu() - start))
 start = cpu()
-for rows in client.ledger_chunks(ledger):
-    pass
-figures.append(("ledger_chunks (read, split, map)", cpu() - start))
+with client.LedgerReader(ledger) as reader:
+    for rows in reader.chunks():
+        pass
+figures.append(("LedgerReader (read, hash, split, map)", cpu() - start))
 start = cpu()
 tally = client.tally_folders([folder], client.Selection(
     None, None, None, ("forward", "reverse"), None, None, None))
